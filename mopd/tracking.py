@@ -1,0 +1,421 @@
+"""Experiment tracking behind a small protocol: an MLflow adapter and a null tracker.
+
+Stages log through :class:`Tracker`; nothing else in the library imports MLflow.
+
+Why ``MlflowClient`` only (no ``mlflow.start_run``): the pipeline runs stages in Prefect worker
+threads, and MLflow's "active run" is thread-local global state that those threads do not inherit.
+Every call here names its run id explicitly, so any thread (or process, via
+:meth:`MLflowTracker.attach`) can log to any run, and children nest under their parent through the
+``mlflow.parentRunId`` tag.
+
+Metrics are buffered in memory and sent with ``client.log_batch`` (at most 1000 metrics per call,
+MLflow's limit) when the buffer fills, on :meth:`flush`, and on :meth:`end`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+MAX_PARAMS_TAGS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# SQLite allows one writer at a time; serialising this process's writes per store avoids
+# "database is locked" when several stage threads log at once.
+_STORE_LOCKS: dict[str, threading.RLock] = {}
+_STORE_LOCKS_GUARD = threading.Lock()
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What a stage may do with its run. ``run_id`` is None for trackers that persist nothing."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_metric_series(
+        self, name: str, values: Sequence[float], steps: Sequence[int] | None = None
+    ) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_figure(self, fig: Any, name: str) -> None: ...
+
+    def child(self, name: str, **tags: Any) -> Tracker: ...
+
+    def flush(self) -> None: ...
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# shared validation
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts become dotted keys (``{"a": {"b": 1}} -> {"a.b": "1"}``); values become strings."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping, got {type(params).__name__}")
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{full}."))
+        else:
+            flat[full] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def _check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"metric name must be a non-empty string, got {name!r}")
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {name!r} must be a number, got {value!r}") from None
+    return out
+
+
+def _check_series(name: str, values: Sequence[float], steps: Sequence[int] | None) -> list[tuple[int, float]]:
+    values = [float(v) for v in values]
+    steps = list(range(len(values))) if steps is None else [int(s) for s in steps]
+    if len(steps) != len(values):
+        raise ValueError(
+            f"log_metric_series({name!r}): {len(values)} values but {len(steps)} steps; pass one step per value"
+        )
+    return list(zip(steps, values, strict=True))
+
+
+def _check_status(status: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+    return status
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ----------------------------------------------------------------------------------------------
+# null tracker
+
+
+@dataclass
+class NullTracker:
+    """Persists nothing; keeps what it was given in memory so tests can assert on it.
+
+    ``metrics[name]`` is a list of ``(step, value)``; ``children[name]`` the child trackers.
+    """
+
+    name: str = "null"
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    children: dict[str, NullTracker] = field(default_factory=dict)
+    status: str | None = None
+    _auto_step: dict[str, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(flatten_params(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        with self._lock:
+            for name, value in _check_metrics(metrics).items():
+                s = self._auto_step.get(name, 0) if step is None else int(step)
+                self._auto_step[name] = s + 1
+                self.metrics.setdefault(name, []).append((s, value))
+
+    def log_metric_series(
+        self, name: str, values: Sequence[float], steps: Sequence[int] | None = None
+    ) -> None:
+        pairs = _check_series(name, values, steps)
+        with self._lock:
+            self.metrics.setdefault(name, []).extend(pairs)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tags.update({str(k): str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"log_artifact: no such file or directory: {path}")
+        self.artifacts.append((path, artifact_path))
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        self.figures.append(name)
+
+    def child(self, name: str, **tags: Any) -> NullTracker:
+        with self._lock:
+            child = NullTracker(name=name)
+            child.set_tags(tags)
+            self.children[name] = child
+            return child
+
+    def flush(self) -> None:
+        return None
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.status = _check_status(status)
+
+    def last(self, name: str) -> float:
+        """Last logged value of metric ``name`` (KeyError naming it if never logged)."""
+        if name not in self.metrics:
+            raise KeyError(f"metric {name!r} was never logged; logged: {sorted(self.metrics)}")
+        return self.metrics[name][-1][1]
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type is not None else "FINISHED")
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow
+
+
+def default_tracking_uri(project_dir: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project_dir>/.mopd/mlflow.db`` (dir created)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    store_dir = Path(project_dir).resolve() / ".mopd"
+    store_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store_dir / 'mlflow.db'}"
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a local SQLite store, ``<db dir>/mlartifacts`` (so ``.mopd/mlartifacts``); else None,
+    which lets the server choose (an HTTP server proxies artifacts itself)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(tracking_uri[len("sqlite:///"):])
+    art = db_path.parent / "mlartifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    return art.resolve().as_uri()
+
+
+def _store_lock(tracking_uri: str) -> threading.RLock:
+    with _STORE_LOCKS_GUARD:
+        return _STORE_LOCKS.setdefault(tracking_uri, threading.RLock())
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient  # lazy: mlflow import costs ~1-2 s
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # another process created it between our get and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class MLflowTracker:
+    """A :class:`Tracker` over one MLflow run, using ``MlflowClient`` with explicit run ids.
+
+    Thread-safe: a parent and its children may be used from different threads. Use
+    :meth:`start` to create a run and :meth:`attach` to reopen one by id.
+    """
+
+    def __init__(self, client, run_id: str, experiment_id: str, tracking_uri: str) -> None:
+        self._client = client
+        self._run_id = run_id
+        self.experiment_id = experiment_id
+        self.tracking_uri = tracking_uri
+        self._buffer: list[Any] = []  # mlflow.entities.Metric
+        self._auto_step: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._store_lock = _store_lock(tracking_uri)
+        self._ended = False
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        experiment: str,
+        run_name: str,
+        *,
+        tracking_uri: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        artifact_location: str | None = None,
+    ) -> MLflowTracker:
+        """Create a run in ``experiment`` (created if missing, with ``artifact_location`` or, for
+        a local SQLite store, ``<db dir>/mlartifacts``). ``tracking_uri`` None means
+        ``default_tracking_uri(Path.cwd())``. ``parent_run_id`` nests the run under that run."""
+        if not experiment:
+            raise ValueError("experiment must be a non-empty name")
+        if not run_name:
+            raise ValueError("run_name must be a non-empty name")
+        uri = tracking_uri or default_tracking_uri(Path.cwd())
+        client = _client(uri)
+        run_tags = {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()}
+        if parent_run_id is not None:
+            run_tags[PARENT_TAG] = parent_run_id
+        with _store_lock(uri):
+            exp_id = _get_or_create_experiment(
+                client, experiment, artifact_location or default_artifact_location(uri)
+            )
+            run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
+        logger.info("MLflow run %s (%s) started in experiment %r at %s", run_name, run.info.run_id, experiment, uri)
+        return cls(client, run.info.run_id, exp_id, uri)
+
+    @classmethod
+    def attach(cls, run_id: str, tracking_uri: str | None = None) -> MLflowTracker:
+        """Reopen an existing run (e.g. a parent created by another process) to log into it."""
+        from mlflow.exceptions import MlflowException
+
+        uri = tracking_uri or default_tracking_uri(Path.cwd())
+        client = _client(uri)
+        try:
+            with _store_lock(uri):
+                run = client.get_run(run_id)
+        except MlflowException as e:
+            raise ValueError(f"attach: no MLflow run with id {run_id!r} at {uri}: {e}") from e
+        return cls(client, run_id, run.info.experiment_id, uri)
+
+    # -- protocol ----------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            with self._store_lock:
+                self._client.log_batch(self._run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Buffer one value per metric at ``step`` (None: one past that metric's last auto step)."""
+        checked = _check_metrics(metrics)
+        ts = _now_ms()
+        with self._lock:
+            for name, value in checked.items():
+                s = self._auto_step.get(name, 0) if step is None else int(step)
+                self._auto_step[name] = s + 1
+                self._append(name, value, s, ts)
+        self._maybe_flush()
+
+    def log_metric_series(
+        self, name: str, values: Sequence[float], steps: Sequence[int] | None = None
+    ) -> None:
+        """Buffer a whole per-step history of one metric (steps default to 0..len-1)."""
+        pairs = _check_series(name, values, steps)
+        ts = _now_ms()
+        with self._lock:
+            for s, value in pairs:
+                self._append(name, value, s, ts)
+        self._maybe_flush()
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            with self._store_lock:
+                self._client.log_batch(self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"log_artifact: no such file or directory: {path}")
+        with self._store_lock:
+            if path.is_dir():
+                self._client.log_artifacts(self._run_id, str(path), artifact_path)
+            else:
+                self._client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """Save a matplotlib figure as ``figures/<name>`` (``.png`` added if no suffix)."""
+        file = name if Path(name).suffix else f"{name}.png"
+        with self._store_lock:
+            self._client.log_figure(self._run_id, fig, f"figures/{file}")
+
+    def child(self, name: str, **tags: Any) -> MLflowTracker:
+        """A nested run in the same experiment (tag ``mlflow.parentRunId`` = this run)."""
+        exp_name = self._client.get_experiment(self.experiment_id).name
+        return MLflowTracker.start(
+            exp_name, name, tracking_uri=self.tracking_uri, parent_run_id=self._run_id, tags=tags
+        )
+
+    def flush(self) -> None:
+        """Send all buffered metrics, at most 1000 per ``log_batch`` call."""
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+        for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+            with self._store_lock:
+                self._client.log_batch(self._run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush and mark the run terminated. A second call is a no-op."""
+        _check_status(status)
+        if self._ended:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._store_lock:
+                self._client.set_terminated(self._run_id, status=status)
+            self._ended = True
+
+    def __enter__(self) -> MLflowTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type is not None else "FINISHED")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _append(self, name: str, value: float, step: int, ts: int) -> None:
+        from mlflow.entities import Metric
+
+        self._buffer.append(Metric(name, value, ts, step))
+
+    def _maybe_flush(self) -> None:
+        if len(self._buffer) >= MAX_METRICS_PER_BATCH:
+            self.flush()
