@@ -1,0 +1,361 @@
+"""Configuration: `params.yaml` (hyperparameters) and `pipelines.yaml` (domains and pipelines).
+
+Both files load into pydantic models with ``extra="forbid"``. Any wrong key, type or value fails
+before any work with a :class:`ConfigError` naming the file, the dotted key and the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+PIPELINES_FILE = "pipelines.yaml"
+
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Prob = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unparsable or invalid. The message names file, key and value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# params.yaml
+# --------------------------------------------------------------------------------------------
+class TinyProfile(_Strict):
+    """A Qwen3-architecture model built locally from this config (no hub), with a byte-level BPE
+    tokenizer trained on the pipeline's own training text."""
+
+    source: Literal["tiny"] = "tiny"
+    vocab_size: Annotated[int, Field(ge=300, le=65536)] = 512
+    hidden_size: PosInt = 64
+    intermediate_size: PosInt = 192
+    num_hidden_layers: PosInt = 2
+    num_attention_heads: PosInt = 4
+    num_key_value_heads: PosInt = 2
+    head_dim: PosInt = 16
+    max_position_embeddings: PosInt = 256
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyProfile":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
+
+class PretrainedProfile(_Strict):
+    """A real model: a hub id (e.g. ``Qwen/Qwen3-0.6B``) or a local directory, loaded with
+    ``from_pretrained`` by the same code path the tiny profile uses after it is built."""
+
+    source: Literal["pretrained"]
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+Profile = Annotated[TinyProfile | PretrainedProfile, Field(discriminator="source")]
+
+
+class DataParams(_Strict):
+    n_train: PosInt = 2000  # training prompts per domain (synthetic generator)
+    n_eval: PosInt = 64  # held-out evaluation prompts per domain
+
+
+class SFTParams(_Strict):
+    max_steps: PosInt = 300
+    learning_rate: PosFloat = 3e-3
+    batch_size: PosInt = 32
+    warmup_ratio: Prob = 0.05
+    max_length: PosInt = 96
+
+
+class GRPOParams(_Strict):
+    """One teacher's GRPO recipe (TRL GRPOTrainer). Each domain may have its own."""
+
+    max_steps: PosInt = 60
+    learning_rate: PosFloat = 5e-4
+    batch_size: PosInt = 32  # completions per step (prompts per step = batch_size / num_generations)
+    num_generations: Annotated[int, Field(ge=2)] = 8
+    max_completion_length: PosInt = 32
+    temperature: PosFloat = 1.0
+    beta: Annotated[float, Field(ge=0)] = 0.0  # KL coefficient to the reference (0 = none, as DAPO)
+    epsilon: PosFloat = 0.2  # PPO clip
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "GRPOParams":
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                f"({self.num_generations})"
+            )
+        return self
+
+
+class DistillParams(_Strict):
+    """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
+
+    objective: Literal["mopd_pg", "mopd_topk"] = "mopd_pg"
+    max_steps: PosInt = 60
+    learning_rate: PosFloat = 5e-4
+    prompts_per_step: PosInt = 16
+    samples_per_prompt: PosInt = 2
+    max_new_tokens: PosInt = 32
+    temperature: PosFloat = 1.0
+    clip: PosFloat | None = 5.0  # two-sided advantage clip c (§1); null = no clip
+    topk: PosInt = 16  # k of the top-k form (§2)
+    token_mean: bool = False  # False: mean per sequence, then over sequences (§ notation)
+    domain_weights: dict[str, PosFloat] | None = None  # per-batch domain shares; None = uniform
+
+
+MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "sce"]
+
+
+class MergeParams(_Strict):
+    methods: list[MergeMethod] = Field(default_factory=lambda: ["linear", "task_arithmetic"])
+    task_arithmetic_lambda: PosFloat = 0.5
+    density: Annotated[float, Field(gt=0, le=1)] = 0.2
+
+
+class EvaluateParams(_Strict):
+    k: PosInt = 4  # samples per problem for avg@k
+    temperature: PosFloat = 1.0
+    max_new_tokens: PosInt = 32
+    batch_size: PosInt = 64
+
+
+class Params(_Strict):
+    seed: int = 0
+    profile: str = "tiny"
+    profiles: dict[str, Profile] = Field(default_factory=lambda: {"tiny": TinyProfile()})
+    data: DataParams = DataParams()
+    sft: SFTParams = SFTParams()
+    teacher: dict[str, GRPOParams]
+    distill: DistillParams = DistillParams()
+    merge: MergeParams = MergeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _profile_exists(self) -> "Params":
+        if self.profile not in self.profiles:
+            raise ValueError(
+                f"profile {self.profile!r} is not defined under `profiles` "
+                f"(defined: {sorted(self.profiles)})"
+            )
+        return self
+
+    @property
+    def model_profile(self) -> TinyProfile | PretrainedProfile:
+        return self.profiles[self.profile]
+
+
+# --------------------------------------------------------------------------------------------
+# pipelines.yaml
+# --------------------------------------------------------------------------------------------
+class SyntheticSource(_Strict):
+    source: Literal["synthetic"] = "synthetic"
+
+
+class HubSource(_Strict):
+    """A dataset loaded through `datasets.load_dataset` from a hub id (needs network) ..."""
+
+    source: Literal["hub"]
+    id: str = Field(min_length=1)
+    name: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)  # record field -> dataset column
+
+
+class LocalSource(_Strict):
+    """... or from local files (json, jsonl, parquet, csv) by the same code."""
+
+    source: Literal["local"]
+    path: str = Field(min_length=1)
+    eval_path: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+
+
+DataSource = Annotated[SyntheticSource | HubSource | LocalSource, Field(discriminator="source")]
+
+VerifierKind = Literal["math", "code", "if", "mc"]
+
+
+class DomainConfig(_Strict):
+    verifier: VerifierKind
+    data: DataSource = SyntheticSource()
+    benchmarks: list[str] = Field(default_factory=list)  # evaluation columns; default: [<domain>]
+
+
+STAGES = ("data", "base", "sft", "teacher", "distill", "merge", "evaluate")
+
+
+class PipelineConfig(_Strict):
+    domains: list[str] = Field(min_length=1)
+    stages: list[Literal["data", "base", "sft", "teacher", "distill", "merge", "evaluate"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+
+
+class Pipelines(_Strict):
+    domains: dict[str, DomainConfig] = Field(min_length=1)
+    pipelines: dict[str, PipelineConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _domains_known(self) -> "Pipelines":
+        for name, pipe in self.pipelines.items():
+            unknown = [d for d in pipe.domains if d not in self.domains]
+            if unknown:
+                raise ValueError(
+                    f"pipeline {name!r} names unknown domain(s) {unknown}; "
+                    f"defined under `domains`: {sorted(self.domains)}"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+class Config(_Strict):
+    """Both files, validated against each other, plus the pipeline selected to run."""
+
+    params: Params
+    pipelines: Pipelines
+    pipeline: str
+    project_dir: Path
+
+    @property
+    def pipe(self) -> PipelineConfig:
+        return self.pipelines.pipelines[self.pipeline]
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.pipe.domains)
+
+    def domain(self, name: str) -> DomainConfig:
+        return self.pipelines.domains[name]
+
+    def benchmarks(self, domain: str) -> list[str]:
+        return list(self.domain(domain).benchmarks) or [domain]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _user_path(raw: Any, loc: tuple) -> tuple[list[str], Any]:
+    """Map a pydantic error location onto the keys the user wrote, and the value found there.
+
+    pydantic inserts union/discriminator tags (e.g. ``tiny``) into ``loc``; a part that is not a
+    key (or index) of the YAML at that point is such a tag and is dropped."""
+    keys: list[str] = []
+    node: Any = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) or isinstance(node, list):
+            if part == loc[-1]:  # a key that should exist but does not (missing field)
+                keys.append(str(part))
+                return keys, "<missing>"
+            continue
+        else:
+            continue
+        keys.append(str(part))
+    return keys, node
+
+
+def _format_errors(path: Path, exc: ValidationError, raw: dict) -> str:
+    lines = [f"{path}: {exc.error_count()} invalid setting(s):"]
+    for err in exc.errors():
+        keys, value = _user_path(raw, tuple(err["loc"]))
+        key = ".".join(keys) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (remove it or check its spelling)")
+        else:
+            lines.append(f"  {key} = {value!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _validate(model: type[BaseModel], path: Path, raw: dict) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc, raw)) from None
+
+
+def load_params(path: Path | str) -> Params:
+    path = Path(path)
+    return _validate(Params, path, _read_yaml(path))
+
+
+def load_pipelines(path: Path | str) -> Pipelines:
+    path = Path(path)
+    return _validate(Pipelines, path, _read_yaml(path))
+
+
+def load_config(
+    project_dir: Path | str = ".",
+    *,
+    pipeline: str = "full",
+    params_file: str = PARAMS_FILE,
+    pipelines_file: str = PIPELINES_FILE,
+) -> Config:
+    """Load and cross-validate both files. Raises ConfigError before any work is done."""
+    project_dir = Path(project_dir).resolve()
+    params = load_params(project_dir / params_file)
+    pipes = load_pipelines(project_dir / pipelines_file)
+    if pipeline not in pipes.pipelines:
+        raise ConfigError(
+            f"{project_dir / pipelines_file}: pipelines.{pipeline}: no such pipeline "
+            f"(defined: {sorted(pipes.pipelines)})"
+        )
+    domains = pipes.pipelines[pipeline].domains
+    missing = [d for d in domains if d not in params.teacher]
+    if missing:
+        raise ConfigError(
+            f"{project_dir / params_file}: teacher.{missing[0]}: missing recipe for domain "
+            f"{missing[0]!r} of pipeline {pipeline!r} (add a `teacher.{missing[0]}` section)"
+        )
+    weights = params.distill.domain_weights
+    if weights is not None:
+        bad = sorted(set(weights) ^ set(domains))
+        if bad:
+            raise ConfigError(
+                f"{project_dir / params_file}: distill.domain_weights: keys {sorted(weights)} must "
+                f"be exactly the pipeline's domains {domains}"
+            )
+        if not math.isclose(sum(weights.values()), 1.0, rel_tol=1e-6):
+            raise ConfigError(
+                f"{project_dir / params_file}: distill.domain_weights = {weights}: must sum to 1"
+            )
+    return Config(params=params, pipelines=pipes, pipeline=pipeline, project_dir=project_dir)
+
+
+def section(params: Params, dotted: str) -> Any:
+    """The plain-data value of a dotted params key, e.g. ``teacher.math`` (used in cache keys)."""
+    data: Any = params.model_dump(mode="json")
+    for part in dotted.split("."):
+        data = data[part]
+    return data

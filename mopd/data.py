@@ -1,0 +1,78 @@
+"""The data stage's library half: records per domain, written to parquet, read back by stages.
+
+Layout: ``<data_dir>/<domain>/train.parquet`` and ``eval.parquet`` with the record schema of
+:mod:`mopd.domains` (id, domain, prompt, completion, reference). Synthetic domains are generated
+from the seed (evaluation from a separate seed stream); ``hub`` and ``local`` sources go through
+``datasets`` by the same code (:func:`mopd.domains.loaders.load_records`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from mopd.config import DataParams, DomainConfig, HubSource, LocalSource
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+EVAL_SEED_OFFSET = 1_000_003  # evaluation prompts come from a different random stream
+
+
+def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int
+                   ) -> dict[str, list[dict]]:
+    """Train and eval records of one domain."""
+    from mopd.domains.registry import generate
+    from mopd.domains.loaders import load_records
+
+    src = dom.data
+    if src.source == "synthetic":
+        kind = name if name in ("math", "code", "if", "mc") else dom.verifier
+        train = generate(kind, params.n_train, seed)
+        evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET)
+    else:
+        path = src.id if isinstance(src, HubSource) else src.path
+        common = {"columns": dict(src.columns)}
+        if isinstance(src, HubSource):
+            common["name"] = src.name
+        train = load_records(dom.verifier, {"path": path, "split": getattr(src, "split", "train"),
+                                            "limit": params.n_train, **common})
+        eval_path = src.eval_path if isinstance(src, LocalSource) else path
+        eval_split = src.eval_split if isinstance(src, HubSource) else "train"
+        if isinstance(src, LocalSource) and src.eval_path is None:
+            # One local file: hold out its last n_eval rows (documented in README).
+            train, evals = train[: -params.n_eval], train[-params.n_eval:]
+        else:
+            evals = load_records(dom.verifier, {"path": eval_path, "split": eval_split or "test",
+                                                "limit": params.n_eval, **common})
+    for rec in train + evals:
+        rec["domain"] = name
+    if not train or not evals:
+        raise ValueError(f"domain {name!r}: empty train ({len(train)}) or eval ({len(evals)}) split")
+    return {"train": train, "eval": evals}
+
+
+_COLUMNS = ["id", "domain", "prompt", "completion", "reference"]
+
+
+def write_domain(records: dict[str, list[dict]], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, recs in records.items():
+        df = pd.DataFrame([{c: str(r.get(c, "") or "") for c in _COLUMNS} for r in recs])
+        df.to_parquet(out_dir / f"{split}.parquet", index=False)
+
+
+def read_split(data_dir: Path, domain: str, split: str) -> list[dict]:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    path = data_dir / domain / f"{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {split} data for domain {domain!r}")
+    return pd.read_parquet(path).to_dict("records")
+
+
+def corpus(data_dir: Path, domains: list[str]) -> list[str]:
+    """All training text (prompt + gold completion): what the tiny tokenizer is trained on."""
+    return [r["prompt"] + r["completion"] for d in domains for r in read_split(data_dir, d, "train")]

@@ -1,0 +1,122 @@
+"""Models and tokenizers: the tiny embedded default, built locally, and real checkpoints.
+
+Every later stage loads a checkpoint directory with :func:`load_model` / :func:`load_tokenizer`,
+whichever profile produced it: the tiny profile builds a Qwen3-architecture model and a byte-level
+BPE tokenizer and saves them; a pretrained profile loads a hub id or local directory with
+``from_pretrained`` and saves it the same way. Checkpoints are safetensors only: nothing a user or
+a model produced is ever unpickled (``use_safetensors=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from mopd.config import PretrainedProfile, TinyProfile
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts).
+
+    Byte-level, so any string round-trips (no unknown tokens), whatever the model writes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    fast.padding_side = "left"  # decoder-only generation pads on the left
+    return fast
+
+
+def build_tiny_model(profile: TinyProfile, tokenizer, seed: int):
+    """A randomly initialised Qwen3ForCausalLM of the profile's size (seeded)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=profile.hidden_size,
+        intermediate_size=profile.intermediate_size,
+        num_hidden_layers=profile.num_hidden_layers,
+        num_attention_heads=profile.num_attention_heads,
+        num_key_value_heads=profile.num_key_value_heads,
+        head_dim=profile.head_dim,
+        max_position_embeddings=profile.max_position_embeddings,
+        # Untied: every merge method and the chunked LM-head path see an explicit lm_head.
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_base(profile: TinyProfile | PretrainedProfile, texts: Iterable[str], out_dir: Path,
+               seed: int) -> dict[str, float]:
+    """Write the base checkpoint (model + tokenizer) to ``out_dir``; return headline figures."""
+    if isinstance(profile, TinyProfile):
+        tokenizer = build_tokenizer(texts, profile.vocab_size)
+        model = build_tiny_model(profile, tokenizer, seed)
+    else:
+        tokenizer = load_tokenizer(profile.model, revision=profile.revision)
+        model = load_model(profile.model, dtype=profile.dtype, revision=profile.revision)
+    save_checkpoint(model, tokenizer, out_dir)
+    return {"n_params": float(sum(p.numel() for p in model.parameters())),
+            "vocab_size": float(len(tokenizer))}
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path_or_id: str | Path, *, dtype: str = "float32", revision: str | None = None,
+               device: str | torch.device = "cpu"):
+    """Load a causal LM from a local directory or a hub id, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    local = Path(path_or_id)
+    if not local.exists() and (str(path_or_id).startswith((".", "/")) or local.suffix):
+        raise FileNotFoundError(f"model path {local} does not exist")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path_or_id), dtype=_DTYPES[dtype], revision=revision, use_safetensors=True
+    )
+    return model.to(device)
+
+
+def load_tokenizer(path_or_id: str | Path, *, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path_or_id), revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok

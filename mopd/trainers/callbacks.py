@@ -1,0 +1,52 @@
+"""Bridges from TRL/transformers trainers to mopd's Tracker (batched per-step metrics)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import TrainerCallback
+
+
+class TrackerCallback(TrainerCallback):
+    """Forward each `on_log` dict to the tracker as step metrics, and keep a history for plots."""
+
+    def __init__(self, tracker, prefix: str = "train/"):
+        self.tracker = tracker
+        self.prefix = prefix
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {}
+        for key, value in (logs or {}).items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                name = self.prefix + key.replace("/", "_")
+                metrics[name] = float(value)
+                self.history.setdefault(name, []).append((state.global_step, float(value)))
+        if metrics:
+            self.tracker.log_metrics(metrics, step=state.global_step)
+
+
+def common_args(out_dir, max_steps: int, learning_rate: float, seed: int) -> dict:
+    """TrainingArguments shared by every TRL trainer mopd runs: no checkpoints or hub pushes
+    (the stage saves one safetensors checkpoint itself), no external reporters (mopd logs to
+    MLflow through its tracker, with explicit run ids), deterministic seed."""
+    return dict(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=False,
+        use_cpu=not _cuda(),
+        bf16=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,36 @@
+"""Stage `teacher:<domain>`: one RL teacher per domain, GRPO from the SFT checkpoint with the
+domain's verifier as reward (MOPD 3.1). Teachers are independent: one failing stops no other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import read_split
+from mopd.trainers.grpo import train_grpo
+from tasks.plotting import log_curves
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+    """GRPO of the SFT model on ``domain``'s training prompts."""
+    if domain is None:
+        raise ValueError("the teacher stage needs a domain (--domain)")
+    records = read_split(inputs["data"], domain, "train")
+    kind = cfg.domain(domain).verifier
+    history = train_grpo(inputs["sft"] / "model", records, kind, out_dir,
+                         cfg.params.teacher[domain], cfg.params.seed, tracker)
+    log_curves(tracker, history, f"teacher {domain}")
+    rewards = [v for _, v in history.get("train/reward", [])]
+    metrics = {}
+    if rewards:
+        n = max(1, len(rewards) // 4)
+        metrics = {"reward_first_quarter": sum(rewards[:n]) / n,
+                   "reward_last_quarter": sum(rewards[-n:]) / n}
+    return finalize(f"teacher:{domain}", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("teacher", run))
