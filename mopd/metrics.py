@@ -1,19 +1,40 @@
-"""Evaluation metrics (ALGORITHMS §8; MOPD 4.1): avg@k, unbiased pass@k, normalised score."""
+"""Evaluation metrics and diagnostics.
+
+ALGORITHMS §8 (MOPD 4.1): avg@k, unbiased pass@k, normalised score; teacher–student diagnostics
+along rollouts (top-k overlap, symmetric KL, entropy, mean per-token reverse KL).
+ALGORITHMS §7 (M2RL 3.3): weight-shift changed-masks and their Jaccard overlap per parameter group.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
 import numpy as np
 import pandas as pd
+import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pass_at_k", "avg_at_k", "normalized_score"]
+__all__ = [
+    "pass_at_k",
+    "avg_at_k",
+    "normalized_score",
+    "topk_overlap",
+    "topk_overlap_from_logits",
+    "symmetric_kl",
+    "mean_entropy",
+    "mean_reverse_kl_k1",
+    "mean_reverse_kl_full",
+    "changed_mask",
+    "changed_masks",
+    "default_param_group",
+    "jaccard_overlap",
+    "weight_shift_overlap",
+]
 
 
 def _check_count(name: str, value: object) -> int:
@@ -127,3 +148,140 @@ def normalized_score(
     result = pd.DataFrame(out, index=table.index)
     result["score"] = result[list(domains)].mean(axis=1, skipna=True)
     return result
+
+
+# --------------------------------------------------------------------------- diagnostics (§8, §6)
+
+
+def _token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor | None) -> float:
+    if mask_BT is None:
+        return float(values_BT.double().mean())
+    if mask_BT.shape != values_BT.shape:
+        raise ValueError(f"mask_BT shape {tuple(mask_BT.shape)} does not match values {tuple(values_BT.shape)}")
+    m = mask_BT.bool()
+    if not m.any():
+        raise ValueError("mask_BT selects no token")
+    return float(values_BT[m].double().mean())
+
+
+@torch.no_grad()
+def topk_overlap(ids_a_BTK: torch.Tensor, ids_b_BTK: torch.Tensor, mask_BT: torch.Tensor | None = None) -> float:
+    """Top-k overlap ``O_k = E_t |TopK(πa) ∩ TopK(πb)| / k`` (CoPD monitor, §6/§8).
+
+    Args:
+        ids_a_BTK, ids_b_BTK: top-k token ids of the two policies at each position (ids unique per row).
+    """
+    if ids_a_BTK.shape != ids_b_BTK.shape:
+        raise ValueError(f"ids_a_BTK {tuple(ids_a_BTK.shape)} and ids_b_BTK {tuple(ids_b_BTK.shape)} differ")
+    k = ids_a_BTK.shape[-1]
+    inter_BT = (ids_a_BTK[..., :, None] == ids_b_BTK[..., None, :]).any(dim=-1).sum(dim=-1)
+    return _token_mean(inter_BT.double() / k, mask_BT)
+
+
+@torch.no_grad()
+def topk_overlap_from_logits(logits_a_BTV: torch.Tensor, logits_b_BTV: torch.Tensor, *, k: int = 10,
+                             mask_BT: torch.Tensor | None = None) -> float:
+    """``topk_overlap`` of the top-k ids of two logit tensors (B, T, V); k defaults to CoPD's 10."""
+    return topk_overlap(logits_a_BTV.topk(k, dim=-1).indices, logits_b_BTV.topk(k, dim=-1).indices, mask_BT)
+
+
+@torch.no_grad()
+def symmetric_kl(logits_a_BTV: torch.Tensor, logits_b_BTV: torch.Tensor,
+                 mask_BT: torch.Tensor | None = None) -> float:
+    """Mean per-token ``KL(a ‖ b) + KL(b ‖ a)`` over the full vocabulary (sum, not average, of the two)."""
+    la = torch.log_softmax(logits_a_BTV.double(), -1)
+    lb = torch.log_softmax(logits_b_BTV.double(), -1)
+    return _token_mean(((la.exp() - lb.exp()) * (la - lb)).sum(-1), mask_BT)
+
+
+@torch.no_grad()
+def mean_entropy(logits_BTV: torch.Tensor, mask_BT: torch.Tensor | None = None) -> float:
+    """Mean per-token entropy ``-Σ_v p_v log p_v`` (nats) of a policy's logits (B, T, V)."""
+    lp = torch.log_softmax(logits_BTV.double(), -1)
+    return _token_mean(-(lp.exp() * lp).sum(-1), mask_BT)
+
+
+@torch.no_grad()
+def mean_reverse_kl_k1(student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor,
+                       mask_BT: torch.Tensor | None = None) -> float:
+    """Mean per-token reverse KL, K1 estimate ``E_t [s_t - u_t]`` on sampled tokens (what the teacher ships)."""
+    if student_logprobs_BT.shape != teacher_logprobs_BT.shape:
+        raise ValueError(f"student_logprobs_BT {tuple(student_logprobs_BT.shape)} and teacher_logprobs_BT "
+                         f"{tuple(teacher_logprobs_BT.shape)} differ")
+    return _token_mean(student_logprobs_BT - teacher_logprobs_BT, mask_BT)
+
+
+@torch.no_grad()
+def mean_reverse_kl_full(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor,
+                         mask_BT: torch.Tensor | None = None) -> float:
+    """Mean per-token exact reverse KL ``KL(πS ‖ πT)`` over the full vocabulary."""
+    ls = torch.log_softmax(student_logits_BTV.double(), -1)
+    lt = torch.log_softmax(teacher_logits_BTV.double(), -1)
+    return _token_mean((ls.exp() * (ls - lt)).sum(-1), mask_BT)
+
+
+# --------------------------------------------------------------------------- weight shift (§7)
+
+
+@torch.no_grad()
+def changed_mask(w_sft: torch.Tensor, w_rl: torch.Tensor, *, eta: float = 1e-3) -> torch.Tensor:
+    """M2RL 3.3: a weight changed when ``|w_RL - w_SFT| > η · max(|w_RL|, |w_SFT|)``; bool, same shape."""
+    if w_sft.shape != w_rl.shape:
+        raise ValueError(f"weight shapes differ: {tuple(w_sft.shape)} vs {tuple(w_rl.shape)}")
+    a, b = w_sft.double(), w_rl.double()
+    return (b - a).abs() > eta * torch.maximum(a.abs(), b.abs())
+
+
+def changed_masks(sft: Mapping[str, torch.Tensor], rl: Mapping[str, torch.Tensor], *,
+                  eta: float = 1e-3) -> dict[str, torch.Tensor]:
+    """``changed_mask`` for every parameter of two state dicts (same keys required)."""
+    if set(sft) != set(rl):
+        missing, extra = sorted(set(sft) - set(rl)), sorted(set(rl) - set(sft))
+        raise ValueError(f"state dicts differ in keys: missing from rl {missing[:5]}, extra in rl {extra[:5]}")
+    return {name: changed_mask(sft[name], rl[name], eta=eta) for name in sft}
+
+
+def default_param_group(name: str) -> str:
+    """Parameter group of a transformer weight name: embedding, lm_head, norm, attention, mlp or other."""
+    lowered = name.lower()
+    for group, keys in (("embedding", ("embed",)), ("lm_head", ("lm_head",)), ("norm", ("norm",)),
+                        ("attention", ("attn", "q_proj", "k_proj", "v_proj", "o_proj")),
+                        ("mlp", ("mlp", "gate_proj", "up_proj", "down_proj"))):
+        if any(key in lowered for key in keys):
+            return group
+    return "other"
+
+
+def jaccard_overlap(masks_a: Mapping[str, torch.Tensor], masks_b: Mapping[str, torch.Tensor], *,
+                    group_fn: Callable[[str], str] = default_param_group) -> pd.DataFrame:
+    """Jaccard overlap of two domains' changed-masks per parameter group (M2RL 3.3, ALGORITHMS §7).
+
+    Returns a DataFrame indexed by group (plus "all") with columns n_params, rate_a, rate_b, jaccard
+    and random_reference = ``pa·pb / (pa + pb - pa·pb)``, the expected Jaccard of independent random
+    masks with those change rates; it equals ``p² / (2p - p²)`` when pa = pb = p.
+    """
+    if set(masks_a) != set(masks_b):
+        raise ValueError(f"mask dicts differ in keys: {sorted(set(masks_a) ^ set(masks_b))[:5]}")
+    acc: dict[str, list[int]] = {}
+    for name in masks_a:
+        a, b = masks_a[name].bool(), masks_b[name].bool()
+        if a.shape != b.shape:
+            raise ValueError(f"parameter {name!r}: mask shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+        stats = [a.numel(), int(a.sum()), int(b.sum()), int((a & b).sum()), int((a | b).sum())]
+        for group in (group_fn(name), "all"):
+            acc[group] = [x + y for x, y in zip(acc.get(group, [0] * 5), stats)]
+    rows = {}
+    for group, (n, na, nb, inter, union) in acc.items():
+        pa, pb = na / n, nb / n
+        denom = pa + pb - pa * pb
+        rows[group] = {"n_params": n, "rate_a": pa, "rate_b": pb,
+                       "jaccard": inter / union if union else float("nan"),
+                       "random_reference": pa * pb / denom if denom > 0 else float("nan")}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def weight_shift_overlap(sft: Mapping[str, torch.Tensor], rl_a: Mapping[str, torch.Tensor],
+                         rl_b: Mapping[str, torch.Tensor], *, eta: float = 1e-3,
+                         group_fn: Callable[[str], str] = default_param_group) -> pd.DataFrame:
+    """Changed-masks of two RL checkpoints against the same SFT base, then ``jaccard_overlap``."""
+    return jaccard_overlap(changed_masks(sft, rl_a, eta=eta), changed_masks(sft, rl_b, eta=eta), group_fn=group_fn)

@@ -1,21 +1,85 @@
 """Distillation objectives, calibrations and baselines (ALGORITHMS §1–§6), as pure tensor functions."""
 
 from mopd.objectives._common import masked_average
+from mopd.objectives.balancing import (
+    UpsamplePlan,
+    detect_shape,
+    difficulty_histogram,
+    online_balance,
+    upsample_plan,
+)
+from mopd.objectives.calibration import (
+    calibrated_token_advantages,
+    margin,
+    margin_calibrate,
+    margin_calibrate_groups,
+)
 from mopd.objectives.opd import (
     distillation_return,
     opd_advantage,
     pg_loss,
+    pg_per_token,
     topk_distill_loss,
     topk_distill_loss_from_logprobs,
+    topk_distill_per_token,
     trust_probability,
+)
+from mopd.objectives.routing import (
+    combine_teacher_logprobs,
+    copd_advantage,
+    copd_exchange_pairs,
+    routing_weights,
+    teacher_weights,
+    validate_domain_weights,
+)
+from mopd.objectives.tropd import (
+    cosine_prefix_length,
+    entropy_top_mask,
+    generalized_jsd_full,
+    jsd_k1_advantage,
+    jsd_topk_per_token,
+    mask_outlier_advantage,
+    prefix_guidance_loss,
+    reopold_clip_advantage,
+    topk_fkl_per_token,
+    tropd_loss,
+    trust_mask,
 )
 
 __all__ = [
+    "UpsamplePlan",
+    "calibrated_token_advantages",
+    "combine_teacher_logprobs",
+    "copd_advantage",
+    "copd_exchange_pairs",
+    "cosine_prefix_length",
+    "detect_shape",
+    "difficulty_histogram",
     "distillation_return",
+    "entropy_top_mask",
+    "generalized_jsd_full",
+    "jsd_k1_advantage",
+    "jsd_topk_per_token",
+    "margin",
+    "margin_calibrate",
+    "margin_calibrate_groups",
+    "mask_outlier_advantage",
     "masked_average",
+    "online_balance",
     "opd_advantage",
     "pg_loss",
+    "pg_per_token",
+    "prefix_guidance_loss",
+    "reopold_clip_advantage",
+    "routing_weights",
+    "teacher_weights",
     "topk_distill_loss",
     "topk_distill_loss_from_logprobs",
+    "topk_distill_per_token",
+    "topk_fkl_per_token",
+    "tropd_loss",
+    "trust_mask",
     "trust_probability",
+    "upsample_plan",
+    "validate_domain_weights",
 ]

@@ -9,8 +9,10 @@ from mopd.objectives._common import check_mask, check_same_shape, masked_average
 __all__ = [
     "opd_advantage",
     "pg_loss",
+    "pg_per_token",
     "topk_distill_loss",
     "topk_distill_loss_from_logprobs",
+    "topk_distill_per_token",
     "trust_probability",
     "distillation_return",
 ]
@@ -61,6 +63,21 @@ def pg_loss(
     Returns:
         scalar loss.
     """
+    per_token_BT = pg_per_token(logprobs_BT, old_logprobs_BT, advantages_BT, mask_BT,
+                                eps_low=eps_low, eps_high=eps_high)
+    return masked_average(per_token_BT, mask_BT, token_mean=token_mean)
+
+
+def pg_per_token(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> torch.Tensor:
+    """Per-token clipped PG term ``-min(ρ Â, clip(ρ) Â)`` of ``pg_loss``, (B, T); 0 on padding."""
     check_same_shape(logprobs_BT=logprobs_BT, old_logprobs_BT=old_logprobs_BT, advantages_BT=advantages_BT)
     check_mask(mask_BT, logprobs_BT, "logprobs_BT")
     if eps_low < 0 or eps_high < 0:
@@ -68,12 +85,13 @@ def pg_loss(
     adv_BT = advantages_BT.detach()
     log_ratio_BT = logprobs_BT - old_logprobs_BT.detach()
     # Padding positions may hold garbage; zero the log-ratio there so exp() stays finite.
-    log_ratio_BT = torch.where(mask_BT.bool(), log_ratio_BT, torch.zeros_like(log_ratio_BT))
+    valid_BT = mask_BT.bool()
+    log_ratio_BT = torch.where(valid_BT, log_ratio_BT, torch.zeros_like(log_ratio_BT))
+    adv_BT = torch.where(valid_BT, adv_BT, torch.zeros_like(adv_BT))
     ratio_BT = torch.exp(log_ratio_BT)
     unclipped_BT = ratio_BT * adv_BT
     clipped_BT = ratio_BT.clamp(1.0 - eps_low, 1.0 + eps_high) * adv_BT
-    per_token_BT = -torch.minimum(unclipped_BT, clipped_BT)
-    return masked_average(per_token_BT, mask_BT, token_mean=token_mean)
+    return -torch.minimum(unclipped_BT, clipped_BT)
 
 
 def topk_distill_loss_from_logprobs(
