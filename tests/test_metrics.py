@@ -6,8 +6,23 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from mopd.metrics import avg_at_k, normalized_score, pass_at_k
+from mopd.metrics import (
+    avg_at_k,
+    changed_mask,
+    default_param_group,
+    jaccard_overlap,
+    mean_entropy,
+    mean_reverse_kl_full,
+    mean_reverse_kl_k1,
+    normalized_score,
+    pass_at_k,
+    symmetric_kl,
+    topk_overlap,
+    topk_overlap_from_logits,
+    weight_shift_overlap,
+)
 
 
 def _exact_pass(n, c, k):
@@ -86,3 +101,75 @@ def test_normalized_score_degenerate_domain_is_nan_with_warning():
                                student="sft", teacher={"math": "t_math", "if": "t_if"})
     assert out["if"].isna().all()
     assert out.loc["t_math", "score"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------- diagnostics and weight shift
+
+def test_topk_overlap():
+    a = torch.tensor([[[1, 2, 3], [4, 5, 6]]])
+    b = torch.tensor([[[3, 2, 9], [7, 8, 0]]])
+    assert topk_overlap(a, b) == pytest.approx((2 / 3 + 0) / 2)
+    assert topk_overlap(a, b, torch.tensor([[1, 0]])) == pytest.approx(2 / 3)
+    logits = torch.randn(2, 4, 30, generator=torch.Generator().manual_seed(0))
+    assert topk_overlap_from_logits(logits, logits * 2.0, k=10) == 1.0
+
+
+def _naive_kl(la, lb):
+    return sum(math.exp(x) * (x - y) for x, y in zip(la, lb))
+
+
+def test_full_vocab_diagnostics_vs_naive():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    toks = [(i, j) for i in range(2) for j in range(3)]
+    sym = np.mean([_naive_kl(la[i, j].tolist(), lb[i, j].tolist()) + _naive_kl(lb[i, j].tolist(), la[i, j].tolist())
+                   for i, j in toks])
+    assert symmetric_kl(a, b) == pytest.approx(sym, rel=1e-12)
+    rkl = np.mean([_naive_kl(la[i, j].tolist(), lb[i, j].tolist()) for i, j in toks])
+    assert mean_reverse_kl_full(a, b) == pytest.approx(rkl, rel=1e-12)
+    ent = np.mean([-sum(math.exp(x) * x for x in la[i, j].tolist()) for i, j in toks])
+    assert mean_entropy(a) == pytest.approx(ent, rel=1e-12)
+    assert mean_entropy(torch.zeros(1, 1, 8)) == pytest.approx(math.log(8))
+    assert mean_reverse_kl_k1(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-3.0, 0.0]]),
+                              torch.tensor([[1, 0]])) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="selects no token"):
+        mean_entropy(a, torch.zeros(2, 3))
+
+
+def test_changed_mask_rule():
+    sft = torch.tensor([1.0, 1.0, 0.0, -2.0])
+    rl = torch.tensor([1.0005, 1.002, 0.0, -2.01])
+    assert changed_mask(sft, rl, eta=1e-3).tolist() == [False, True, False, True]
+
+
+def test_jaccard_overlap_and_random_reference():
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    p = 0.3
+    masks_a = {"model.layers.0.mlp.up_proj.weight": torch.rand(n, generator=g) < p,
+               "model.layers.0.self_attn.q_proj.weight": torch.rand(n, generator=g) < p}
+    masks_b = {k: torch.rand(n, generator=g) < p for k in masks_a}
+    df = jaccard_overlap(masks_a, masks_b)
+    assert set(df.index) == {"mlp", "attention", "all"}
+    ref = p * p / (2 * p - p * p)
+    assert df.loc["all", "random_reference"] == pytest.approx(ref, rel=0.02)
+    assert df.loc["all", "jaccard"] == pytest.approx(ref, rel=0.02)  # independent masks hit the reference
+    # exact Jaccard on a small case
+    small = jaccard_overlap({"w": torch.tensor([1, 1, 0, 0], dtype=torch.bool)},
+                            {"w": torch.tensor([1, 0, 1, 0], dtype=torch.bool)})
+    assert small.loc["all", "jaccard"] == pytest.approx(1 / 3)
+    assert small.loc["other", "rate_a"] == 0.5
+    assert default_param_group("model.embed_tokens.weight") == "embedding"
+    assert default_param_group("model.layers.3.input_layernorm.weight") == "norm"
+
+
+def test_weight_shift_overlap_end_to_end():
+    sft = {"lm_head.weight": torch.ones(4)}
+    rl_a = {"lm_head.weight": torch.tensor([2.0, 2.0, 1.0, 1.0])}
+    rl_b = {"lm_head.weight": torch.tensor([2.0, 1.0, 1.0, 1.0])}
+    df = weight_shift_overlap(sft, rl_a, rl_b)
+    assert df.loc["lm_head", "jaccard"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="differ in keys"):
+        weight_shift_overlap(sft, {"x": torch.ones(4)}, rl_b)
