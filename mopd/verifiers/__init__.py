@@ -1,0 +1,93 @@
+"""Verifiers: ``verify(kind, response, reference) -> Verdict`` for math, code, if, mc.
+
+Verifiers never raise on model output (garbage, empty, huge, bytes): they return reward 0 and a
+reason. The one exception is set-up: code verification raises ``SandboxUnavailable`` when no
+safe sandbox can run here and unsandboxed execution was not explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from mopd.verifiers.choice import verify_mc
+from mopd.verifiers.code_exec import default_sandbox, verify_code
+from mopd.verifiers.ifeval import verify_if
+from mopd.verifiers.math_answer import verify_math
+from mopd.verifiers.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+from mopd.verifiers.verdict import Verdict
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VERIFIERS", "Sandbox", "SandboxLimits", "SandboxUnavailable", "Verdict", "verify",
+           "verify_batch"]
+
+VERIFIERS: dict[str, Callable[[object, str], Verdict]] = {
+    "math": verify_math,
+    "code": verify_code,
+    "if": verify_if,
+    "mc": verify_mc,
+}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in VERIFIERS:
+        raise ValueError(f"unknown verifier kind {kind!r}; known: {sorted(VERIFIERS)}")
+
+
+def verify(domain_kind: str, response: object, reference: str) -> Verdict:
+    """Score one response. ``domain_kind`` is a verifier kind ("math", "code", "if", "mc")."""
+    _check_kind(domain_kind)
+    fn = VERIFIERS[domain_kind]
+    try:
+        return fn(response, reference)
+    except SandboxUnavailable:
+        raise
+    except Exception as exc:  # last line of defence: a verifier bug must not kill a run
+        logger.exception("%s verifier crashed on a response", domain_kind)
+        return Verdict(0.0, f"verifier error: {type(exc).__name__}")
+
+
+def verify_batch(kinds: Sequence[str], responses: Sequence[object], references: Sequence[str],
+                 *, workers: int | None = None, sandbox: Sandbox | None = None) -> list[Verdict]:
+    """Score many responses; code runs in ``workers`` parallel sandboxes (default: CPU count).
+
+    Returns verdicts in input order. Math/if/mc run in the calling thread (they are CPU-bound
+    Python, and math-verify's timeouts need the main thread).
+    """
+    if not len(kinds) == len(responses) == len(references):
+        raise ValueError(f"verify_batch: lengths differ (kinds {len(kinds)}, "
+                         f"responses {len(responses)}, references {len(references)})")
+    for kind in set(kinds):
+        _check_kind(kind)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    verdicts: list[Verdict | None] = [None] * len(kinds)
+    code_idx = [i for i, k in enumerate(kinds) if k == "code"]
+    futures = {}
+    if code_idx:
+        box = sandbox or default_sandbox()
+        box.mode  # noqa: B018 - set up (and raise SandboxUnavailable) before fanning out
+        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        futures = {i: pool.submit(_verify_code_safe, responses[i], references[i], box)
+                   for i in code_idx}
+    for i, kind in enumerate(kinds):
+        if kind != "code":
+            verdicts[i] = verify(kind, responses[i], references[i])
+    if code_idx:
+        for i, future in futures.items():
+            verdicts[i] = future.result()
+        pool.shutdown()
+    return verdicts  # type: ignore[return-value]
+
+
+def _verify_code_safe(response: object, reference: str, sandbox: Sandbox) -> Verdict:
+    try:
+        return verify_code(response, reference, sandbox)
+    except SandboxUnavailable:
+        raise
+    except Exception as exc:
+        logger.exception("code verifier crashed on a response")
+        return Verdict(0.0, f"verifier error: {type(exc).__name__}")

@@ -1,0 +1,296 @@
+"""Run model-written Python against test code in a throwaway sandbox.
+
+Each program gets a fresh process tree inside bubblewrap (``bwrap``):
+
+- new user, pid, network, ipc, uts, cgroup and mount namespaces (``--unshare-all``): no network
+  (only a loopback with nothing on it), no view of host processes (the parent is not even
+  visible), no nested user namespaces (``--disable-userns``), no capabilities;
+- root filesystem = read-only binds of ``/usr`` (and ``/lib``, ``/bin``... as on the host) plus the
+  interpreter's prefix; the only writable place is a size-capped tmpfs (``/tmp``, the working
+  directory) that vanishes with the sandbox, so nothing is written on the host;
+- uid/gid 65534 (nobody) inside; when the host process is root, bwrap itself is started as
+  65534 too, so even an escape lands on an unprivileged user;
+- empty environment (``--clearenv`` and an empty ``env=``): no inherited secrets;
+- rlimits set by the in-sandbox runner before any model code runs: address space, CPU seconds,
+  processes, file size, open files, no core dumps; the host enforces a wall-clock deadline and an
+  output cap, and kills the whole sandbox (``--die-with-parent`` + pid namespace) on either.
+
+If bwrap is missing or unusable, running code raises :class:`SandboxUnavailable`, unless the
+caller opts into the weaker mode (``allow_unsandboxed=True`` or ``MOPD_ALLOW_UNSANDBOXED=1``):
+a plain subprocess with the same rlimits, empty environment, temporary working directory, new
+session, and (as root) uid 65534 — but shared network and filesystem. A warning is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NOBODY = 65534
+RUNNER_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
+_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+class SandboxUnavailable(RuntimeError):
+    """bwrap is missing or cannot start here, and unsandboxed execution was not allowed."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-program limits. ``memory_bytes`` is RLIMIT_AS (virtual address space)."""
+
+    wall_s: float = 5.0
+    cpu_s: int = 3
+    memory_bytes: int = 512 << 20
+    nproc: int = 16
+    file_bytes: int = 4 << 20
+    tmpfs_bytes: int = 16 << 20
+    nofile: int = 64
+    output_bytes: int = 64 << 10
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not value > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of one program: ``status`` is "passed" or why not; ``output`` its (capped) output."""
+
+    status: str
+    detail: str = ""
+    output: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def _allow_unsandboxed_from_env() -> bool:
+    return os.environ.get("MOPD_ALLOW_UNSANDBOXED", "").strip().lower() in ("1", "true", "yes")
+
+
+class Sandbox:
+    """Runs ``code`` then ``tests`` (asserts) in one sandboxed interpreter; thread-safe.
+
+    ``python``: interpreter to run inside (default: the first of $MOPD_SANDBOX_PYTHON, this
+    interpreter's base executable, /usr/bin/python3 that works in the sandbox).
+    """
+
+    def __init__(self, limits: SandboxLimits | None = None, *, allow_unsandboxed: bool | None = None,
+                 python: str | None = None) -> None:
+        self.limits = limits or SandboxLimits()
+        self.allow_unsandboxed = (_allow_unsandboxed_from_env() if allow_unsandboxed is None
+                                  else allow_unsandboxed)
+        self._python_choice = python
+        self._mode: str | None = None  # "bwrap" | "unsandboxed", decided on first use
+        self._python: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def mode(self) -> str:
+        self._ensure_ready()
+        assert self._mode is not None
+        return self._mode
+
+    def run(self, code: str, tests: str) -> RunResult:
+        """Execute ``code`` then ``tests``; never raises for anything the program does."""
+        self._ensure_ready()
+        return self._execute(code, tests, self._mode or "bwrap", self._python or "")
+
+    # ------------------------------------------------------------------------------- set-up
+
+    def _ensure_ready(self) -> None:
+        with self._lock:
+            if self._mode is None:
+                self._mode, self._python = self._select_mode()
+
+    def _candidates(self) -> list[str]:
+        names = [self._python_choice, os.environ.get("MOPD_SANDBOX_PYTHON"),
+                 getattr(sys, "_base_executable", None), sys.executable, "/usr/bin/python3",
+                 shutil.which("python3")]
+        seen, out = set(), []
+        for name in names:
+            if name and os.path.exists(name):
+                real = os.path.realpath(name)
+                if real not in seen:
+                    seen.add(real)
+                    out.append(real)
+        return out
+
+    def _select_mode(self) -> tuple[str, str]:
+        problems = []
+        if shutil.which("bwrap") is None:
+            problems.append("bwrap not found on PATH (apt-get install bubblewrap)")
+        else:
+            for python in self._candidates():
+                probe = self._execute("x = 6 * 7", "assert x == 42", "bwrap", python)
+                if probe.passed:
+                    logger.info("sandbox: bwrap with %s", python)
+                    return "bwrap", python
+                problems.append(f"{python}: {probe.status} {probe.detail} {probe.output[-300:]}")
+        message = "code sandbox unusable: " + "; ".join(problems)
+        if not self.allow_unsandboxed:
+            raise SandboxUnavailable(
+                message + ". Refusing to run model-written code without it; set "
+                "allow_unsandboxed=True or MOPD_ALLOW_UNSANDBOXED=1 to accept a weaker sandbox "
+                "(rlimits and a clean environment, but shared network and filesystem)."
+            )
+        logger.warning("%s. RUNNING MODEL CODE UNSANDBOXED (allow_unsandboxed): rlimits and a "
+                       "clean environment only; network and filesystem are shared.", message)
+        return "unsandboxed", os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+    # ------------------------------------------------------------------------------ running
+
+    def _bwrap_argv(self, python: str) -> list[str]:
+        argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+                "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
+                "--ro-bind", "/usr", "/usr"]
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                argv += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                argv += ["--ro-bind", top, top]
+        prefix = os.path.dirname(os.path.dirname(python))
+        if not prefix.startswith("/usr/") and prefix != "/usr":
+            argv += ["--ro-bind", prefix, prefix]
+        argv += ["--proc", "/proc", "--dev", "/dev",
+                 "--size", str(self.limits.tmpfs_bytes), "--tmpfs", "/tmp",
+                 "--uid", str(NOBODY), "--gid", str(NOBODY), "--chdir", "/tmp"]
+        for key, value in _ENV.items():
+            argv += ["--setenv", key, value]
+        return argv + ["--", python, "-I", "-S", "-c", RUNNER_SOURCE]
+
+    def _execute(self, code: str, tests: str, mode: str, python: str) -> RunResult:
+        nonce = secrets.token_hex(16)
+        payload = json.dumps({"code": code, "tests": tests, "nonce": nonce,
+                              "limits": asdict(self.limits)}).encode("utf-8", "replace")
+        as_nobody = os.geteuid() == 0
+        workdir = None
+        if mode == "bwrap":
+            argv, cwd = self._bwrap_argv(python), "/"
+        else:
+            workdir = tempfile.mkdtemp(prefix="mopd-sandbox-")
+            if as_nobody:
+                os.chown(workdir, NOBODY, NOBODY)
+            argv, cwd = [python, "-I", "-S", "-c", RUNNER_SOURCE], workdir
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=dict(_ENV, HOME=cwd), start_new_session=True, close_fds=True,
+                **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
+            )
+        except OSError as exc:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            return RunResult("sandbox error", f"cannot start: {exc}")
+        try:
+            return self._collect(proc, payload, nonce)
+        finally:
+            _kill_group(proc)
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _collect(self, proc: subprocess.Popen, payload: bytes, nonce: str) -> RunResult:
+        """Feed the payload, read both pipes under the deadline and output cap, classify."""
+        deadline = time.monotonic() + self.limits.wall_s
+        try:
+            proc.stdin.write(payload)  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass  # the program died before reading: classified below
+        status_buf, out_buf, over = _read_pipes(proc, deadline, self.limits.output_bytes)
+        timed_out = time.monotonic() >= deadline
+        if over or timed_out:
+            _kill_group(proc)
+        try:
+            code = proc.wait(timeout=max(0.1, deadline + 1.0 - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code = proc.wait()
+        output = out_buf.decode("utf-8", "replace")
+        report = _find_report(status_buf, nonce)
+        if report is not None:
+            return RunResult(report.get("status", "error"), report.get("detail", ""), output)
+        if over:
+            return RunResult("output limit", f"over {self.limits.output_bytes} bytes", output)
+        if timed_out:
+            return RunResult("timeout", f"wall clock {self.limits.wall_s}s", output)
+        return RunResult(*_classify_exit(code), output)
+
+
+def _read_pipes(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool]:
+    """Read stdout (runner status) and stderr (program output) until EOF, deadline or cap."""
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    with selectors.DefaultSelector() as sel:
+        for pipe in bufs:
+            sel.register(pipe, selectors.EVENT_READ)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for key, _ in sel.select(timeout=remaining):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                bufs[key.fileobj] += chunk
+                if len(bufs[key.fileobj]) > cap:
+                    return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr][:cap]), True
+    return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), False
+
+
+def _find_report(status_buf: bytes, nonce: str) -> dict | None:
+    for line in reversed(status_buf.decode("utf-8", "replace").splitlines()):
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and report.get("nonce") == nonce:
+            return report
+    return None
+
+
+def _classify_exit(code: int) -> tuple[str, str]:
+    """Exit status without a runner report (bwrap reports a signal death as 128 + signal)."""
+    signum = -code if code < 0 else code - 128 if code > 128 else 0
+    if signum == signal.SIGXCPU:
+        return "timeout", "cpu time limit"
+    if signum == signal.SIGKILL:
+        return "killed", "SIGKILL (memory or limit)"
+    if signum > 0:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        return "crashed", f"signal {name}"
+    return "exited early", f"exit code {code} before the tests finished"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the program's process group (bwrap's pid namespace dies with it).
+
+    Also after the leader exited: in unsandboxed mode forked children may still hold the group.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None and not pipe.closed:
+            pipe.close()

@@ -1,0 +1,173 @@
+"""Synthetic domains, the registry and the real-data loader (local files only, never the hub)."""
+
+import json
+
+import pytest
+
+from mopd.domains import DOMAINS, DataSource, Domain, generate, get_domain, load_records
+from mopd.verifiers import verify, verify_batch
+
+KINDS = ["math", "code", "if", "mc"]
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache_in_tmp(tmp_path, monkeypatch):
+    """Keep the `datasets` Arrow cache out of ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+@pytest.mark.parametrize("domain", KINDS)
+def test_generate_is_deterministic_and_well_formed(domain):
+    recs = generate(domain, 300, seed=7)
+    assert recs == generate(domain, 300, seed=7)
+    assert recs[:50] == generate(domain, 50, seed=7)  # prefix-stable in n
+    assert recs != generate(domain, 300, seed=8)
+    assert len({r["id"] for r in recs}) == 300
+    tag = f"[{domain}] "
+    for r in recs:
+        assert set(r) == {"id", "domain", "prompt", "completion", "reference"}
+        assert all(isinstance(v, str) for v in r.values())
+        assert r["domain"] == domain and r["prompt"].startswith(tag)
+        assert len(r["prompt"]) <= 48, r["prompt"]
+        assert len(r["completion"]) <= 32, r["completion"]
+
+
+@pytest.mark.parametrize("domain", KINDS)
+def test_gold_completions_score_one_and_prompt_determines_answer(domain):
+    recs = generate(domain, 200, seed=1)
+    kind = get_domain(domain).verifier
+    verdicts = verify_batch([kind] * len(recs), [r["completion"] for r in recs],
+                            [r["reference"] for r in recs])
+    assert [v.reward for v in verdicts] == [1.0] * len(recs), [v for v in verdicts if v.reward < 1]
+    by_prompt: dict[str, set[str]] = {}
+    for r in recs:
+        by_prompt.setdefault(r["prompt"], set()).add(r["completion"])
+    assert all(len(c) == 1 for c in by_prompt.values())  # deterministic prompt -> answer
+
+
+@pytest.mark.parametrize("domain", KINDS)
+def test_other_records_gold_mostly_fails(domain):
+    """Answers are not constant: a record's gold scored against the next record's reference."""
+    recs = generate(domain, 60, seed=3)
+    kind = get_domain(domain).verifier
+    rewards = [verify(kind, a["completion"], b["reference"]).reward
+               for a, b in zip(recs, recs[1:])]
+    assert sum(rewards) / len(rewards) < 0.7
+
+
+def test_math_has_a_spread_of_difficulty():
+    prompts = [r["prompt"] for r in generate("math", 400, seed=0)]
+    assert any("*" in p for p in prompts) and any(p.count("+") + p.count("-") + p.count("*") == 2
+                                                  for p in prompts)
+    assert sum(len(p) <= len("[math] 9+9=") for p in prompts) > 40  # some easy single digits
+
+
+def test_registry_and_errors():
+    assert sorted(DOMAINS) == sorted(KINDS)
+    assert get_domain("math").format_prompt("1+1=") == "[math] 1+1="
+    with pytest.raises(ValueError, match="unknown domain 'chess'"):
+        get_domain("chess")
+    with pytest.raises(ValueError, match="unknown domain 'chess'"):
+        generate("chess", 3, 0)
+    with pytest.raises(ValueError, match="n must be"):
+        generate("math", -1, 0)
+    with pytest.raises(ValueError, match="verifier 'poetry'"):
+        Domain("x", "poetry", "{question}")
+    with pytest.raises(ValueError, match="question"):
+        Domain("x", "math", "no field")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_load_gsm8k_and_math_style(tmp_path):
+    src = _write_jsonl(tmp_path / "gsm.jsonl", [
+        {"question": "Tom has 3 apples and buys 4.", "answer": "3+4=7\n#### 7"},
+        {"question": "Big", "answer": "so #### 1,200"},
+    ])
+    recs = load_records("math", src)
+    assert [r["reference"] for r in recs] == ["7", "1200"]
+    assert recs[0]["prompt"] == "[math] Tom has 3 apples and buys 4."
+    assert recs[0]["id"] == "math-gsm_jsonl-train-000000"
+    assert verify("math", recs[1]["completion"], recs[1]["reference"]).reward == 1.0
+    import pandas as pd
+
+    pq = tmp_path / "math.parquet"
+    pd.DataFrame({"problem": ["Half?"], "solution": ["It is $\\boxed{\\frac{1}{2}}$."]}).to_parquet(pq)
+    recs = load_records("math", {"path": str(pq), "cache_dir": str(tmp_path / "c2"),
+                                 "columns": {"prompt": "problem", "reference": "solution"}})
+    assert (tmp_path / "c2").is_dir()
+    assert recs[0]["reference"] == "\\frac{1}{2}"
+    assert verify("math", "the answer is 0.5", recs[0]["reference"]).reward == 1.0
+
+
+def test_load_mbpp_and_humaneval_style(tmp_path):
+    src = _write_jsonl(tmp_path / "mbpp.jsonl", [
+        {"text": "Add one.", "code": "def inc(x):\n    return x + 1",
+         "test_list": ["assert inc(1) == 2", "assert inc(-1) == 0"]},
+    ])
+    recs = load_records("code", DataSource(src, columns={"prompt": "text", "reference": "test_list",
+                                                         "completion": "code"}))
+    assert recs[0]["reference"] == "assert inc(1) == 2\nassert inc(-1) == 0"
+    assert verify("code", recs[0]["completion"], recs[0]["reference"]).reward == 1.0
+    csv = tmp_path / "he.csv"
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["def add(a, b):\n"], "test": ["def check(c):\n    assert c(1, 2) == 3"],
+                  "entry_point": ["add"]}).to_csv(csv, index=False)
+    recs = load_records("code", {"path": str(csv), "columns": {
+        "prompt": "prompt", "reference": "test", "entry_point": "entry_point"}})
+    assert recs[0]["reference"].endswith("check(add)")
+    assert verify("code", "def add(a, b):\n    return a + b", recs[0]["reference"]).reward == 1.0
+    assert verify("code", "def add(a, b):\n    return a - b", recs[0]["reference"]).reward == 0.0
+
+
+def test_load_ifeval_style(tmp_path):
+    src = _write_jsonl(tmp_path / "ifeval.json", [
+        {"key": 1, "prompt": "Write about cats.",
+         "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words",
+                                 "change_case:english_capital"],
+         "kwargs": [{}, {"relation": "at least", "num_words": 3}, {}]},
+    ])
+    recs = load_records("if", src)
+    cons = json.loads(recs[0]["reference"])
+    assert cons == [{"kind": "no_commas"}, {"kind": "word_count", "min": 3}, {"kind": "uppercase"}]
+    assert verify("if", "CATS ARE GREAT", recs[0]["reference"]).reward == 1.0
+    assert verify("if", "cats, are great", recs[0]["reference"]).reward == pytest.approx(1 / 3)
+
+
+def test_load_mc_with_choice_list(tmp_path):
+    src = _write_jsonl(tmp_path / "mc.jsonl", [
+        {"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1},
+        {"question": "Sky?", "choices": ["blue", "red"], "answer": "blue"},
+        {"question": "Q?", "choices": ["x", "y"], "answer": "b"},
+    ])
+    recs = load_records("mc", src)
+    assert [r["reference"] for r in recs] == ["B", "A", "B"]
+    assert recs[0]["prompt"] == "[mc] 2+2? A)3 B)4 C)5"
+    assert verify("mc", recs[0]["completion"], "B").reward == 1.0
+
+
+def test_loader_errors_name_the_problem(tmp_path):
+    src = _write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "1"}])
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['answer', 'question'\]; available: \['a', 'q'\]"):
+        load_records("math", src)
+    with pytest.raises(ValueError, match="unknown domain 'bio'"):
+        load_records("bio", src)
+    with pytest.raises(ValueError, match="required field 'reference'"):
+        load_records("math", {"path": src, "columns": {"prompt": "q"}})
+    with pytest.raises(ValueError, match=r"unknown record field\(s\) \['answer'\]"):
+        load_records("math", {"path": src, "columns": {"prompt": "q", "reference": "a",
+                                                       "answer": "a"}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colums'\]"):
+        load_records("math", {"path": src, "colums": {}})
+    bad_mc = _write_jsonl(tmp_path / "m.jsonl", [{"question": "?", "choices": ["a"], "answer": "zz"}])
+    with pytest.raises(ValueError, match="mc answer 'zz'"):
+        load_records("mc", bad_mc)
+    recs = load_records("math", {"path": src, "columns": {"prompt": "q", "reference": "a",
+                                                          "id": "q"}, "limit": 1})
+    assert recs[0]["id"] == "x"
