@@ -24,6 +24,14 @@ from mopd.objectives.opd import (
     topk_distill_per_token,
     trust_probability,
 )
+from mopd.objectives.registry import (
+    OBJECTIVES,
+    DistillBatch,
+    ObjectiveFn,
+    get_objective,
+    register_objective,
+    required_fields,
+)
 from mopd.objectives.routing import (
     combine_teacher_logprobs,
     copd_advantage,
@@ -47,6 +55,12 @@ from mopd.objectives.tropd import (
 )
 
 __all__ = [
+    "OBJECTIVES",
+    "DistillBatch",
+    "ObjectiveFn",
+    "get_objective",
+    "register_objective",
+    "required_fields",
     "UpsamplePlan",
     "calibrated_token_advantages",
     "combine_teacher_logprobs",

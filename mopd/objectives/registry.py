@@ -1,0 +1,241 @@
+"""Objective registry: the distillation trainer picks an objective by config name.
+
+Adding an objective = one function ``fn(batch: DistillBatch, **params) -> (loss, metrics)`` plus one
+``@register_objective("name", requires=(...))`` line. ``requires`` lists the ``DistillBatch`` fields
+the function needs; they are checked before it runs and a missing one raises a clear error.
+
+| name           | required fields (besides mask_BT)                                              |
+|----------------|--------------------------------------------------------------------------------|
+| mopd_pg        | student_logprobs_BT, teacher_logprobs_BT (or advantages_BT)                    |
+| mopd_topk      | student_topk_logprobs_BTK, teacher_topk_logprobs_BTK                           |
+| tropd          | student_logprobs_BT, teacher_logprobs_BT, student/teacher_topk_logprobs_BTK    |
+| reopold_clip   | student_logprobs_BT, teacher_logprobs_BT                                       |
+| mask_outlier   | student_logprobs_BT, teacher_logprobs_BT                                       |
+| entropy_opd    | student_logprobs_BT, teacher_logprobs_BT, student_entropy_BT                   |
+| jsd            | student_logprobs_BT, teacher_logprobs_BT, student/teacher_topk_logprobs_BTK    |
+| topk_fkl       | student_topk_logprobs_BTK, teacher_topk_logprobs_BTK                           |
+
+``old_student_logprobs_BT`` defaults to the detached current log-probs (one optimiser step per
+rollout batch, ρ = 1). ``advantages_BT``, when given, replaces ``u - s`` in the PG objectives
+(Uni-OPD calibrated advantages, CoPD cross-branch advantages, weighted multi-teacher rewards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mopd.objectives._common import masked_average
+from mopd.objectives.opd import opd_advantage, pg_per_token, topk_distill_per_token
+from mopd.objectives.tropd import (
+    entropy_top_mask,
+    jsd_k1_advantage,
+    jsd_topk_per_token,
+    mask_outlier_advantage,
+    prefix_guidance_loss,
+    reopold_clip_advantage,
+    topk_fkl_per_token,
+    trust_mask,
+)
+
+__all__ = ["DistillBatch", "ObjectiveFn", "OBJECTIVES", "register_objective", "get_objective", "required_fields"]
+
+ObjectiveFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class DistillBatch:
+    """Tensors one distillation step may need; each objective uses a subset (see module table).
+
+    Shapes: B sequences × T positions (response positions; ``mask_BT`` marks real response tokens),
+    K teacher top-k entries per position.
+    """
+
+    mask_BT: torch.Tensor
+    student_logprobs_BT: torch.Tensor | None = None  # with grad
+    old_student_logprobs_BT: torch.Tensor | None = None
+    teacher_logprobs_BT: torch.Tensor | None = None
+    advantages_BT: torch.Tensor | None = None
+    teacher_topk_ids_BTK: torch.Tensor | None = None
+    teacher_topk_logprobs_BTK: torch.Tensor | None = None
+    student_topk_logprobs_BTK: torch.Tensor | None = None  # student log-probs at the teacher's ids, with grad
+    student_entropy_BT: torch.Tensor | None = None
+    prefix_student_logprobs_BT: torch.Tensor | None = None  # TrOPD off-policy prefix tokens, with grad
+    prefix_mask_BT: torch.Tensor | None = None
+
+    def require(self, names: tuple[str, ...], objective: str) -> None:
+        """Raise ValueError naming every required field that is None."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"objective {objective!r} needs DistillBatch field(s) {missing}, which are None")
+
+
+OBJECTIVES: dict[str, ObjectiveFn] = {}
+_REQUIRES: dict[str, tuple[str, ...]] = {}
+_FIELDS = {f.name for f in dataclasses.fields(DistillBatch)}
+
+
+def register_objective(name: str, *, requires: tuple[str, ...]) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator: add ``fn`` to ``OBJECTIVES`` under ``name``; ``requires`` are DistillBatch field names."""
+    unknown = sorted(set(requires) - _FIELDS)
+    if unknown:
+        raise ValueError(f"objective {name!r}: unknown DistillBatch field(s) {unknown}")
+
+    def wrap(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+
+        def checked(batch: DistillBatch, **params) -> tuple[torch.Tensor, dict[str, float]]:
+            batch.require(_REQUIRES[name], name)
+            return fn(batch, **params)
+
+        checked.__name__, checked.__doc__ = fn.__name__, fn.__doc__
+        checked.__wrapped__ = fn  # type: ignore[attr-defined]
+        OBJECTIVES[name] = checked
+        _REQUIRES[name] = tuple(requires)
+        return checked
+
+    return wrap
+
+
+def get_objective(name: str) -> ObjectiveFn:
+    """Objective function registered under ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; valid names: {sorted(OBJECTIVES)}") from None
+
+
+def required_fields(name: str) -> tuple[str, ...]:
+    """DistillBatch fields the objective ``name`` needs."""
+    get_objective(name)
+    return _REQUIRES[name]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _old(batch: DistillBatch) -> torch.Tensor:
+    old = batch.old_student_logprobs_BT
+    return batch.student_logprobs_BT.detach() if old is None else old
+
+
+def _pg(batch: DistillBatch, adv_BT: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    return pg_per_token(batch.student_logprobs_BT, _old(batch), adv_BT, batch.mask_BT,
+                        eps_low=eps_low, eps_high=eps_high)
+
+
+def _mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
+    m = mask_BT.bool()
+    return float(values_BT.detach()[m].double().mean()) if m.any() else 0.0
+
+
+def _k1_metrics(batch: DistillBatch) -> dict[str, float]:
+    if batch.teacher_logprobs_BT is None or batch.student_logprobs_BT is None:
+        return {}
+    return {"reverse_kl_k1": _mean(batch.student_logprobs_BT - batch.teacher_logprobs_BT, batch.mask_BT)}
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+@register_objective("mopd_pg", requires=("student_logprobs_BT", "mask_BT"))
+def mopd_pg(batch: DistillBatch, *, clip: float | None = 5.0, eps_low: float = 0.2, eps_high: float = 0.2,
+            token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§1 K1 policy-gradient OPD. Uses ``advantages_BT`` when given, else clip(u - s)."""
+    if batch.advantages_BT is not None:
+        adv_BT = batch.advantages_BT.detach()
+    else:
+        batch.require(("teacher_logprobs_BT",), "mopd_pg")
+        adv_BT = opd_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, clip=clip)
+    loss = masked_average(_pg(batch, adv_BT, eps_low, eps_high), batch.mask_BT, token_mean=token_mean)
+    return loss, {"loss": float(loss.detach()), "advantage_mean": _mean(adv_BT, batch.mask_BT), **_k1_metrics(batch)}
+
+
+@register_objective("mopd_topk", requires=("student_topk_logprobs_BTK", "teacher_topk_logprobs_BTK", "mask_BT"))
+def mopd_topk(batch: DistillBatch, *, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§2 top-k distillation with the -p+q truncation correction."""
+    per_BT = topk_distill_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK.detach())
+    loss = masked_average(per_BT, batch.mask_BT, token_mean=token_mean)
+    return loss, {"loss": float(loss.detach()), **_k1_metrics(batch)}
+
+
+_TROPD_FIELDS = ("student_logprobs_BT", "teacher_logprobs_BT", "student_topk_logprobs_BTK",
+                 "teacher_topk_logprobs_BTK", "mask_BT")
+
+
+@register_objective("tropd", requires=_TROPD_FIELDS)
+def tropd(batch: DistillBatch, *, clip: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
+          prefix_beta: float = 0.001, generator: torch.Generator | None = None,
+          token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§5 TrOPD: K1 PG on Bernoulli-trusted tokens, top-k FKL on outliers, β·NLL on teacher prefixes."""
+    trust_BT = trust_mask(batch.teacher_logprobs_BT, batch.student_logprobs_BT, generator=generator)
+    adv_BT = opd_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, clip=clip)
+    pg_BT = _pg(batch, adv_BT, eps_low, eps_high)
+    fkl_BT = topk_fkl_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK)
+    per_BT = torch.where(trust_BT, pg_BT, fkl_BT)
+    loss = masked_average(per_BT, batch.mask_BT, token_mean=token_mean)
+    metrics = {"trust_fraction": _mean(trust_BT.double(), batch.mask_BT), **_k1_metrics(batch)}
+    if batch.prefix_student_logprobs_BT is not None:
+        if batch.prefix_mask_BT is None:
+            raise ValueError("objective 'tropd': prefix_student_logprobs_BT given without prefix_mask_BT")
+        guide = prefix_guidance_loss(batch.prefix_student_logprobs_BT, batch.prefix_mask_BT, beta=prefix_beta,
+                                     token_mean=token_mean)
+        metrics["prefix_loss"] = float(guide.detach())
+        loss = loss + guide
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def _pg_with(batch: DistillBatch, adv_BT: torch.Tensor, mask_BT: torch.Tensor, eps_low: float, eps_high: float,
+             token_mean: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = masked_average(_pg(batch, adv_BT, eps_low, eps_high), mask_BT, token_mean=token_mean)
+    return loss, {"loss": float(loss.detach()), "advantage_mean": _mean(adv_BT, mask_BT), **_k1_metrics(batch)}
+
+
+@register_objective("reopold_clip", requires=("student_logprobs_BT", "teacher_logprobs_BT", "mask_BT"))
+def reopold_clip(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
+                 token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§5 baseline Clip Outlier (REOPOLD): PG with r = max(u - s, τ)."""
+    adv_BT = reopold_clip_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, tau=tau)
+    return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
+
+
+@register_objective("mask_outlier", requires=("student_logprobs_BT", "teacher_logprobs_BT", "mask_BT"))
+def mask_outlier(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
+                 token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§5 baseline Mask Outlier: PG with r = 1[u - s > τ](u - s)."""
+    adv_BT = mask_outlier_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, tau=tau)
+    return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
+
+
+@register_objective("entropy_opd",
+                    requires=("student_logprobs_BT", "teacher_logprobs_BT", "student_entropy_BT", "mask_BT"))
+def entropy_opd(batch: DistillBatch, *, frac: float = 0.2, clip: float | None = None, eps_low: float = 0.2,
+                eps_high: float = 0.2, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§5 baseline Entropy-OPD: §1 PG only on the top ``frac`` highest-entropy tokens of the batch."""
+    sel_BT = entropy_top_mask(batch.student_entropy_BT, batch.mask_BT, frac=frac)
+    adv_BT = opd_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, clip=clip)
+    return _pg_with(batch, adv_BT, sel_BT, eps_low, eps_high, token_mean)
+
+
+@register_objective("jsd", requires=_TROPD_FIELDS)
+def jsd(batch: DistillBatch, *, beta: float = 0.5, eps_low: float = 0.2, eps_high: float = 0.2,
+        token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§5 baseline JSD(β): β·top-k KL(q ‖ m) (direct) + (1-β)·K1 KL(p ‖ m) (policy gradient)."""
+    direct_BT = jsd_topk_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK, beta=beta)
+    adv_BT = jsd_k1_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, beta=beta)
+    per_BT = direct_BT + _pg(batch, adv_BT, eps_low, eps_high)
+    loss = masked_average(per_BT, batch.mask_BT, token_mean=token_mean)
+    return loss, {"loss": float(loss.detach()), "jsd_topk": _mean(direct_BT, batch.mask_BT), **_k1_metrics(batch)}
+
+
+@register_objective("topk_fkl", requires=("student_topk_logprobs_BTK", "teacher_topk_logprobs_BTK", "mask_BT"))
+def topk_fkl(batch: DistillBatch, *, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """§5 baseline top-k forward KL on every token (TrOPD Table 1: collapses; kept as a baseline)."""
+    per_BT = topk_fkl_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK)
+    loss = masked_average(per_BT, batch.mask_BT, token_mean=token_mean)
+    return loss, {"loss": float(loss.detach()), **_k1_metrics(batch)}
