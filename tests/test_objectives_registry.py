@@ -82,7 +82,7 @@ def test_objective_matches_naive_value_and_gradient(name, params):
     batch, s_logits = _batch(1)
     loss, metrics = get_objective(name)(batch, **params)
     ref = _naive(name, batch, **params)
-    assert loss.item() == pytest.approx(float(ref), rel=1e-10, abs=1e-12)
+    assert loss.item() == pytest.approx(float(ref.detach()), rel=1e-10, abs=1e-12)
     assert metrics["loss"] == pytest.approx(loss.item())
     g_impl = torch.autograd.grad(loss, s_logits, retain_graph=True)[0]
     g_ref = torch.autograd.grad(ref, s_logits)[0]
@@ -106,9 +106,9 @@ def test_tropd_objective_combines_trust_pg_fkl_and_prefix():
                 per[b][t] = (lq_k.exp() * (lq_k - lp_k)).sum()
     guide = 0.1 * _seq_mean([[-x for x in row] for row in batch.prefix_student_logprobs_BT], m)
     ref = _seq_mean(per, m) + guide
-    assert loss.item() == pytest.approx(float(ref), rel=1e-10)
+    assert loss.item() == pytest.approx(float(ref.detach()), rel=1e-10)
     assert metrics["trust_fraction"] == pytest.approx(float(trust[m.bool()].double().mean()))
-    assert metrics["prefix_loss"] == pytest.approx(float(guide))
+    assert metrics["prefix_loss"] == pytest.approx(float(guide.detach()))
     torch.testing.assert_close(torch.autograd.grad(loss, s_logits, retain_graph=True)[0],
                                torch.autograd.grad(ref, s_logits)[0])
 
@@ -126,7 +126,7 @@ def test_entropy_opd_uses_only_high_entropy_tokens():
     per = [[-float(adv[b, t]) * torch.exp(batch.student_logprobs_BT[b, t] - batch.student_logprobs_BT[b, t].detach())
             for t in range(m.shape[1])] for b in range(m.shape[0])]
     ref = _seq_mean(per, sel)
-    assert loss.item() == pytest.approx(float(ref), rel=1e-10)
+    assert loss.item() == pytest.approx(float(ref.detach()), rel=1e-10)
 
 
 def test_mopd_pg_uses_given_advantages():
