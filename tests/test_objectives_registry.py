@@ -157,7 +157,7 @@ def test_registry_errors_and_extension():
     @register_objective("test_only_sum", requires=("student_logprobs_BT",))
     def _sum(b, *, scale=1.0):
         loss = scale * b.student_logprobs_BT.sum()
-        return loss, {"loss": float(loss)}
+        return loss, {"loss": float(loss.detach())}
 
     try:
         loss, _ = get_objective("test_only_sum")(batch, scale=2.0)
