@@ -133,17 +133,24 @@ class Sandbox:
                     out.append(real)
         return out
 
+    def _probe(self, mode: str, problems: list[str]) -> str | None:
+        """First candidate interpreter that runs a known-good program in ``mode``, or None."""
+        for python in self._candidates():
+            probe = self._execute("x = 6 * 7", "assert x == 42", mode, python)
+            if probe.passed:
+                return python
+            problems.append(f"{mode} {python}: {probe.status} {probe.detail} {probe.output[-300:]}")
+        return None
+
     def _select_mode(self) -> tuple[str, str]:
-        problems = []
+        problems: list[str] = []
         if shutil.which("bwrap") is None:
             problems.append("bwrap not found on PATH (apt-get install bubblewrap)")
         else:
-            for python in self._candidates():
-                probe = self._execute("x = 6 * 7", "assert x == 42", "bwrap", python)
-                if probe.passed:
-                    logger.info("sandbox: bwrap with %s", python)
-                    return "bwrap", python
-                problems.append(f"{python}: {probe.status} {probe.detail} {probe.output[-300:]}")
+            python = self._probe("bwrap", problems)
+            if python is not None:
+                logger.info("sandbox: bwrap with %s", python)
+                return "bwrap", python
         message = "code sandbox unusable: " + "; ".join(problems)
         if not self.allow_unsandboxed:
             raise SandboxUnavailable(
@@ -153,7 +160,10 @@ class Sandbox:
             )
         logger.warning("%s. RUNNING MODEL CODE UNSANDBOXED (allow_unsandboxed): rlimits and a "
                        "clean environment only; network and filesystem are shared.", message)
-        return "unsandboxed", os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+        python = self._probe("unsandboxed", problems)
+        if python is None:
+            raise SandboxUnavailable("no interpreter runs even unsandboxed: " + "; ".join(problems))
+        return "unsandboxed", python
 
     # ------------------------------------------------------------------------------ running
 

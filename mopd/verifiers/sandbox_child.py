@@ -35,6 +35,7 @@ def _set_limits(lim):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
     pairs = ((resource.RLIMIT_AS, lim["memory_bytes"]), (resource.RLIMIT_NPROC, lim["nproc"]),
              (resource.RLIMIT_FSIZE, lim["file_bytes"]), (resource.RLIMIT_NOFILE, lim["nofile"]),
+             (resource.RLIMIT_STACK, min(lim["memory_bytes"] // 4, 64 << 20)),
              (resource.RLIMIT_CORE, 0))
     for res, value in pairs:
         resource.setrlimit(res, (value, value))
@@ -72,7 +73,8 @@ def main():
         except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in source
             line = getattr(exc, "lineno", None)
             report("syntax error" if where == "solution" else "bad tests",
-                   f"{type(exc).__name__} in {where} line {line}")
+                   f"{type(exc).__name__} in {where}"
+                   + (f" line {line}" if line else f": {str(exc)[:100]}"))
         except BaseException as exc:
             report(*_classify(exc, where))
     del cfg
