@@ -12,19 +12,24 @@ import re
 from mopd.verifiers.verdict import Verdict, as_text
 
 _LETTERS = "A-J"
-_ANSWER_RE = re.compile(rf"answer\s*(?:is|:|=)?\s*:?\s*\(?\**([{_LETTERS}])\b", re.I)
+# "answer" in any case; the letter upper case, or any case inside parentheses ("answer is a
+# number" must not read as A).
+_ANSWER_RE = re.compile(
+    rf"(?i:answer)\s*(?i:is|:|=)?\s*:?\s*"
+    rf"(?:\(([{_LETTERS}{_LETTERS.lower()}])\)|\**([{_LETTERS}])\b)"
+)
 _PAREN_RE = re.compile(rf"\(([{_LETTERS}])\)")
-_LONE_RE = re.compile(rf"^\s*\(?([{_LETTERS}])\)?[.)]?\s*$")
+_LONE_RE = re.compile(rf"^\s*\(?([{_LETTERS}])\)?[.)]?\s*$", re.I)
 
 
 def extract_choice(response: str) -> str | None:
     """The chosen letter (upper case) or None."""
     found = _ANSWER_RE.findall(response)
     if found:
-        return found[-1].upper()
+        return "".join(found[-1]).upper()
     lone = _LONE_RE.match(response)
     if lone:
-        return lone.group(1)
+        return lone.group(1).upper()
     parens = set(_PAREN_RE.findall(response))
     if len(parens) == 1:
         return parens.pop()

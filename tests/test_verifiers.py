@@ -1,0 +1,228 @@
+"""Tables for the math, if and mc verifiers, and the verify/verify_batch entry points."""
+
+import json
+import logging
+
+import pytest
+
+from mopd.verifiers import Verdict, verify, verify_batch
+from mopd.verifiers.choice import extract_choice
+from mopd.verifiers.ifeval import CHECKERS, from_ifeval
+from mopd.verifiers.math_answer import extract_answer, last_boxed
+
+# (response, reference, expected reward)
+MATH_TABLE = [
+    ("\\boxed{22}", "22", 1.0),
+    ("The answer is 22.", "22", 1.0),
+    ("so x = 5 and then 7", "7", 1.0),  # last number
+    ("answer: 1,200", "1200", 1.0),
+    ("\\boxed{22.0}", "22", 1.0),
+    ("\\boxed{-0.50}", "-1/2", 1.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{1/2}", "\\frac12", 1.0),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0),
+    ("\\boxed{\\sqrt{4}}", "2", 1.0),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),
+    ("\\boxed{x+1}", "1+x", 1.0),
+    ("\\boxed{3}", "\\frac{6}{2}", 1.0),
+    ("\\boxed{(1,2)}", "(1,2)", 1.0),
+    ("\\boxed{\\pi}", "\\pi", 1.0),
+    ("\\boxed{\\frac{1}{2}} then \\boxed{3}", "3", 1.0),  # the last box counts
+    ("\\boxed{9999999999999999999999}", "9999999999999999999999", 1.0),
+    # false positives that must be rejected
+    ("\\boxed{-3}", "3", 0.0),
+    ("\\boxed{22}", "23", 0.0),
+    ("22 then 23", "22", 0.0),
+    ("\\boxed{x+2}", "x+1", 0.0),
+    ("\\boxed{\\frac{1}{3}}", "0.33", 0.0),
+    ("\\boxed{2}", "\\sqrt{8}", 0.0),
+    ("\\boxed{22} is wrong, the answer is 23", "22", 1.0),  # a box beats prose
+    ("\\boxed{23}, not 22", "22", 0.0),
+    ("\\boxed{220}", "22", 0.0),
+    ("\\boxed{2.2}", "22", 0.0),
+    ("\\boxed{x}", "y", 0.0),
+    ("", "5", 0.0),
+    ("no numbers here", "5", 0.0),
+    ("\\boxed{}", "5", 0.0),
+]
+
+
+@pytest.mark.parametrize("response,reference,expected", MATH_TABLE)
+def test_math_table(response, reference, expected):
+    verdict = verify("math", response, reference)
+    assert verdict.reward == expected, verdict
+
+
+def test_math_extraction_and_reasons():
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{unclosed") is None
+    assert extract_answer("The answer is $\\frac{3}{4}$.") == "\\frac{3}{4}"
+    assert extract_answer("nothing") is None
+    assert verify("math", "", "5").reason == "no answer found"
+    assert verify("math", "\\boxed{4}", "5").reason == "wrong answer '4'"
+    assert verify("math", "\\boxed{" + "1+" * 500 + "1}", "5").reason == "answer too long"
+
+
+GARBAGE = [b"\xff\xfe\x00\x80", b"", "", None, 3.5, ["list"], "\x00" * 10, "}" * 10_000,
+           "\\boxed{" * 5_000, "x" * 1_000_000, "\\boxed{\\frac{1}{0}}", "\\boxed{\\left(}"]
+
+
+@pytest.mark.parametrize("kind,reference", [("math", "5"), ("if", '[{"kind": "uppercase"}]'),
+                                            ("mc", "B")])
+def test_garbage_never_raises(kind, reference):
+    for response in GARBAGE:
+        verdict = verify(kind, response, reference)
+        assert isinstance(verdict, Verdict) and verdict.reward == 0.0 and verdict.reason
+
+
+def test_bytes_are_decoded():
+    assert verify("math", b"\\boxed{5}", "5").reward == 1.0
+    assert verify("mc", b"Answer: B", "B").reward == 1.0
+
+
+# (response, constraint, satisfied?)
+IF_TABLE = [
+    ("CAT CAT", {"kind": "uppercase"}, True),
+    ("CAT Cat", {"kind": "uppercase"}, False),
+    ("123", {"kind": "uppercase"}, False),  # no letters is not upper case
+    ("cat cat", {"kind": "lowercase"}, True),
+    ("cat Cat", {"kind": "lowercase"}, False),
+    ("a b c", {"kind": "word_count", "n": 3}, True),
+    ("a b c d", {"kind": "word_count", "n": 3}, False),
+    ("a b c d", {"kind": "word_count", "min": 3}, True),
+    ("a b", {"kind": "word_count", "min": 3}, False),
+    ("a b", {"kind": "word_count", "max": 2}, True),
+    ("a b c", {"kind": "word_count", "max": 2}, False),
+    ("One. Two! Three?", {"kind": "sentence_count", "n": 3}, True),
+    ("One. Two", {"kind": "sentence_count", "n": 3}, False),
+    ("p1\n\np2\n\n\np3", {"kind": "paragraph_count", "n": 3}, True),
+    ("p1\np2", {"kind": "paragraph_count", "n": 2}, False),  # single newline: one paragraph
+    ("a * * * b", {"kind": "paragraph_count", "n": 2, "separator": "* * *"}, True),
+    ("I like Cats", {"kind": "keyword", "word": "cat"}, True),
+    ("I like dogs", {"kind": "keyword", "word": "cat"}, False),
+    ("cat cat", {"kind": "keyword", "word": "cat", "min": 3}, False),
+    ("cat dog", {"kind": "keywords", "words": ["cat", "dog"]}, True),
+    ("cat", {"kind": "keywords", "words": ["cat", "dog"]}, False),
+    ("a nice day", {"kind": "forbidden", "words": ["bad"]}, True),
+    ("a BAD day", {"kind": "forbidden", "words": ["bad"]}, False),
+    ("a badge", {"kind": "forbidden", "word": "bad"}, True),  # whole words only
+    ('{"a": 1}', {"kind": "json_format"}, True),
+    ('```json\n{"a": [1, 2]}\n```', {"kind": "json_format"}, True),
+    ("{'a': 1}", {"kind": "json_format"}, False),
+    ("Dear [name], at [address]", {"kind": "placeholders", "min": 2}, True),
+    ("Dear [name]", {"kind": "placeholders", "min": 2}, False),
+    ("Hello there, friend", {"kind": "starts_with", "phrase": "hello"}, True),
+    ("Oh hello there", {"kind": "starts_with", "phrase": "hello"}, False),
+    ("That is all!", {"kind": "ends_with", "phrase": "all!"}, True),
+    ("That is all! Not.", {"kind": "ends_with", "phrase": "all!"}, False),
+    ("- a\n- b\n* c", {"kind": "bullet_count", "n": 3}, True),
+    ("- a\n-b\nc - d", {"kind": "bullet_count", "n": 3}, False),
+    ("banana", {"kind": "letter_frequency", "letter": "a", "n": 3}, True),
+    ("banana", {"kind": "letter_frequency", "letter": "a", "max": 2}, False),
+    ("no commas here", {"kind": "no_commas"}, True),
+    ("one, two", {"kind": "no_commas"}, False),
+    ('"quoted"', {"kind": "quotation"}, True),
+    ('"half', {"kind": "quotation"}, False),
+    ("<<My Title>>\nbody", {"kind": "title"}, True),
+    ("<<>> body", {"kind": "title"}, False),
+    ("body\nP.S. bye", {"kind": "postscript"}, True),
+    ("no ps here", {"kind": "postscript"}, False),
+    ("THE BIG dog", {"kind": "capital_words", "min": 2}, True),
+    ("The Big dog", {"kind": "capital_words", "min": 2}, False),
+]
+
+
+@pytest.mark.parametrize("response,constraint,ok", IF_TABLE)
+def test_if_table(response, constraint, ok):
+    verdict = verify("if", response, json.dumps([constraint]))
+    assert verdict.reward == float(ok), verdict
+
+
+def test_if_table_covers_every_checker():
+    assert {c["kind"] for _, c, _ in IF_TABLE} == set(CHECKERS)
+    assert len(CHECKERS) >= 12
+
+
+def test_if_fraction_and_all_modes():
+    cons = [{"kind": "uppercase"}, {"kind": "word_count", "n": 3}, {"kind": "keyword", "word": "cat"},
+            {"kind": "no_commas"}]
+    v = verify("if", "CAT, CAT", json.dumps(cons))
+    assert v.reward == 0.5 and v.reason == "failed: word_count, no_commas"
+    v = verify("if", "CAT, CAT", json.dumps({"mode": "all", "constraints": cons}))
+    assert v.reward == 0.0
+    v = verify("if", "CAT CAT CAT", json.dumps({"mode": "all", "constraints": cons}))
+    assert (v.reward, v.reason) == (1.0, "all constraints met")
+
+
+def test_if_bad_references_score_zero_and_log(caplog):
+    with caplog.at_level(logging.WARNING, logger="mopd.verifiers.ifeval"):
+        v = verify("if", "x", '[{"kind": "haiku_form"}]')
+    assert v.reward == 0.0 and v.reason == "unknown constraint kind(s) ['haiku_form']"
+    assert "haiku_form" in caplog.text
+    assert verify("if", "x", "not json").reason.startswith("bad reference: reference is not JSON")
+    assert verify("if", "x", "[]").reason.startswith("bad reference")
+    assert verify("if", "x", '{"mode": "most", "constraints": [{"kind": "uppercase"}]}'
+                  ).reason == "bad reference: mode must be 'fraction' or 'all', got 'most'"
+    assert verify("if", "a b", '[{"kind": "word_count"}]'
+                  ).reason == "bad reference: word_count: needs 'n', 'min' or 'max'"
+    assert verify("if", "a", '[{"kind": "keyword"}]').reason.startswith("bad reference: keyword")
+
+
+def test_from_ifeval():
+    assert from_ifeval("length_constraints:number_words",
+                       {"relation": "less than", "num_words": 50}) == {"kind": "word_count",
+                                                                       "max": 49}
+    assert from_ifeval("keywords:letter_frequency", {"letter": "z", "let_frequency": 2,
+                                                     "let_relation": "at least"}) == {
+        "kind": "letter_frequency", "letter": "z", "min": 2}
+    assert from_ifeval("keywords:existence", {"keywords": ["a", "b"]}) == {
+        "kind": "keywords", "words": ["a", "b"]}
+    assert from_ifeval("language:response_language", {"language": "fr"}) == {
+        "kind": "ifeval:language:response_language"}
+
+
+MC_TABLE = [
+    ("Answer: B", "B", 1.0),
+    ("answer is (b)", "B", 1.0),
+    ("I think (C) is right", "C", 1.0),
+    ("D", "D", 1.0),
+    (" d. ", "D", 1.0),
+    ("A) no... final answer: C", "C", 1.0),
+    ("Answer: A", "B", 0.0),
+    ("(A) or (B)", "B", 0.0),  # ambiguous: not guessed
+    ("Because of this", "B", 0.0),  # a capital letter inside words is not a choice
+    ("", "A", 0.0),
+    ("The answer is a number", "A", 0.0),
+    ("Answer: (a)", "A", 1.0),
+    ("The answer is A? no, Answer: B", "A", 0.0),  # the last explicit answer counts
+]
+
+
+@pytest.mark.parametrize("response,reference,expected", MC_TABLE)
+def test_mc_table(response, reference, expected):
+    assert verify("mc", response, reference).reward == expected
+
+
+def test_mc_extraction_and_bad_reference():
+    assert extract_choice("Answer: **B**") == "B"
+    assert verify("mc", "Answer: B", "BB").reason.startswith("bad reference")
+
+
+def test_verify_batch_order_and_errors():
+    kinds = ["math", "mc", "if", "math", "code"]
+    responses = ["\\boxed{3}", "Answer: C", "HI", "7", "def f():\n    return 1"]
+    references = ["3", "B", '[{"kind": "uppercase"}]', "8", "assert f() == 1"]
+    rewards = [v.reward for v in verify_batch(kinds, responses, references, workers=2)]
+    assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert verify_batch([], [], []) == []
+    with pytest.raises(ValueError, match="lengths differ"):
+        verify_batch(["math"], [], ["1"])
+    with pytest.raises(ValueError, match="unknown verifier kind 'chess'"):
+        verify_batch(["chess"], ["x"], ["1"])
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        verify_batch(["math"], ["1"], ["1"], workers=0)
+    with pytest.raises(ValueError, match="unknown verifier kind 'poetry'"):
+        verify("poetry", "x", "y")
+    with pytest.raises(ValueError, match=r"reward must lie in \[0, 1\]"):
+        Verdict(1.5, "x")
