@@ -30,7 +30,7 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
     args = SFTConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed),
         per_device_train_batch_size=params.batch_size,
-        warmup_ratio=params.warmup_ratio,
+        warmup_steps=params.warmup_ratio,  # a float < 1 is a ratio of max_steps in transformers 5
         lr_scheduler_type="cosine",
         max_length=params.max_length,
         completion_only_loss=True,

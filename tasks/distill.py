@@ -1,0 +1,37 @@
+"""Stage `distill`: MOPD, the student distilled on-policy from every domain's teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import read_split
+from mopd.trainers.distill import train_mopd
+from tasks.plotting import log_curves
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+    """MOPD from the SFT student with each domain routed to its own teacher (ALGORITHMS §1-§3)."""
+    from mopd.verifiers import verify_batch
+
+    kinds = {d: cfg.domain(d).verifier for d in cfg.domains}
+
+    def score(d, texts, refs):
+        return [v.reward for v in verify_batch([kinds[d]] * len(texts), texts, refs)]
+
+    prompts = {d: read_split(inputs["data"], d, "train") for d in cfg.domains}
+    teachers = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.domains}
+    history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, cfg.params.distill,
+                         cfg.params.seed, tracker, score_fn=score)
+    log_curves(tracker, history, "MOPD distillation")
+    n = max(1, len(history["distill/reverse_kl"]) // 4)
+    kl = [v for _, v in history["distill/reverse_kl"]]
+    metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n}
+    return finalize("distill", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("distill", run))

@@ -1,0 +1,36 @@
+"""Stage `merge`: the Param-Merge baselines (MOPD 4.1, M2RL): mergekit merges of the teachers
+with base = the SFT checkpoint, one output directory per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.merging import merge
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+    """One merged checkpoint per configured method under <out_dir>/<method>/."""
+    p = cfg.params.merge
+    teachers = [inputs[f"teacher:{d}"] / "model" for d in cfg.domains]
+    per_method = {
+        "linear": {},
+        "task_arithmetic": {"lambda": p.task_arithmetic_lambda},
+        "ties": {"density": p.density},
+        "dare_ties": {"density": p.density, "seed": cfg.params.seed},
+        "dare_linear": {"density": p.density, "seed": cfg.params.seed},
+        "sce": {},
+    }
+    for method in p.methods:
+        merge(method, base=inputs["sft"] / "model", models=teachers, out_dir=out_dir / method,
+              params=per_method[method])
+    metrics = {"n_merges": len(p.methods)}
+    tracker.log_metrics(metrics)
+    return finalize("merge", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("merge", run))
