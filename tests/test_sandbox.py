@@ -3,7 +3,6 @@
 import logging
 import os
 import shutil
-import signal
 import socket
 import time
 import uuid
@@ -13,8 +12,8 @@ import pytest
 from mopd.verifiers import Sandbox, SandboxLimits, SandboxUnavailable, verify
 from mopd.verifiers.code_exec import verify_code
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="bubblewrap (bwrap) not installed: apt-get install bubblewrap")
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                 reason="bubblewrap (bwrap) not installed: apt-get install bubblewrap")
 
 LIMITS = SandboxLimits(wall_s=3.0, cpu_s=1, memory_bytes=256 << 20)
 _CHILD_MARK = b"runs INSIDE the sandbox"  # text of the runner, present in every child's argv
@@ -22,6 +21,8 @@ _CHILD_MARK = b"runs INSIDE the sandbox"  # text of the runner, present in every
 
 @pytest.fixture(scope="module")
 def box():
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
     sandbox = Sandbox(LIMITS)
     assert sandbox.mode == "bwrap"  # bwrap installed but unusable must fail loudly, not skip
     return sandbox
@@ -65,8 +66,10 @@ def test_runs_as_nobody_with_empty_environment(box, monkeypatch):
             "for p in glob.glob('/proc/*/environ'):\n"
             "    try:\n        leaks += ['proc'] if b'hunter2' in open(p, 'rb').read() else []\n"
             "    except OSError:\n        pass\n"
-            "uid = os.getuid()\n")
-    v = verify_code(code, "assert leaks == [], leaks\nassert uid == 65534, uid", box)
+            "uid = os.getuid()\n"
+            "nnp = [l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')]\n")
+    tests = "assert leaks == [], leaks\nassert uid == 65534, uid\nassert nnp == ['NoNewPrivs:\\t1\\n']"
+    v = verify_code(code, tests, box)
     assert (v.reward, v.reason) == (1.0, "passed")
     res = box.run("import os\nprint(dict(os.environ))", "assert True")
     assert res.passed and "hunter2" not in res.output and "MOPD_TEST_SECRET" not in res.output
@@ -184,7 +187,18 @@ def test_refuses_without_bwrap_unless_allowed(monkeypatch, caplog):
     assert Sandbox(LIMITS, allow_unsandboxed=True).mode == "unsandboxed"
 
 
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop to 65534 only happens as root")
+def test_privilege_drop_without_setpriv(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "setpriv" else real_which(name))
+    box = Sandbox(LIMITS)
+    assert box.mode == "bwrap"
+    res = box.run("import os\nids = (os.getuid(), os.getgid(), os.getgroups())",
+                  "assert ids == (65534, 65534, []), ids")
+    assert res.passed, res
+
+
 def test_limits_validation():
     with pytest.raises(ValueError, match="SandboxLimits.wall_s must be > 0"):
         SandboxLimits(wall_s=0)
-    assert signal.SIGKILL  # (used by the classifier) sanity of the platform

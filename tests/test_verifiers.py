@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -209,6 +210,8 @@ def test_mc_extraction_and_bad_reference():
     assert verify("mc", "Answer: B", "BB").reason.startswith("bad reference")
 
 
+@pytest.mark.skipif(shutil.which("bwrap") is None,
+                    reason="code verification needs bubblewrap (apt-get install bubblewrap)")
 def test_verify_batch_order_and_errors():
     kinds = ["math", "mc", "if", "math", "code"]
     responses = ["\\boxed{3}", "Answer: C", "HI", "7", "def f():\n    return 1"]

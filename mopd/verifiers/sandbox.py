@@ -23,8 +23,8 @@ session, and (as root) uid 65534 — but shared network and filesystem. A warnin
 
 from __future__ import annotations
 
-import json
 import logging
+import marshal
 import os
 import secrets
 import selectors
@@ -188,8 +188,8 @@ class Sandbox:
 
     def _execute(self, code: str, tests: str, mode: str, python: str) -> RunResult:
         nonce = secrets.token_hex(16)
-        payload = json.dumps({"code": code, "tests": tests, "nonce": nonce,
-                              "limits": asdict(self.limits)}).encode("utf-8", "replace")
+        payload = marshal.dumps({"code": _clean(code), "tests": _clean(tests), "nonce": nonce,
+                                 "limits": asdict(self.limits)})
         as_nobody = os.geteuid() == 0
         workdir = None
         if mode == "bwrap":
@@ -199,11 +199,12 @@ class Sandbox:
             if as_nobody:
                 os.chown(workdir, NOBODY, NOBODY)
             argv, cwd = [python, "-I", "-S", "-c", RUNNER_SOURCE], workdir
+        argv, drop = _drop_privileges(argv) if as_nobody else (argv, {})
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=cwd, env=dict(_ENV, HOME=cwd), start_new_session=True, close_fds=True,
-                **({"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}),
+                **drop,
             )
         except OSError as exc:
             if workdir:
@@ -236,12 +237,25 @@ class Sandbox:
         output = out_buf.decode("utf-8", "replace")
         report = _find_report(status_buf, nonce)
         if report is not None:
-            return RunResult(report.get("status", "error"), report.get("detail", ""), output)
+            return RunResult(report[0], report[1], output)
         if over:
             return RunResult("output limit", f"over {self.limits.output_bytes} bytes", output)
         if timed_out:
             return RunResult("timeout", f"wall clock {self.limits.wall_s}s", output)
         return RunResult(*_classify_exit(code), output)
+
+
+def _drop_privileges(argv: list[str]) -> tuple[list[str], dict]:
+    """Run ``argv`` as uid/gid 65534 with no supplementary groups and no new privileges.
+
+    Through ``setpriv`` when present: Popen's own ``user=``/``group=`` forbid vfork, so the host
+    would fork its whole address space per program (~30 ms with torch loaded, vs ~7 ms).
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                "--no-new-privs", "--", *argv], {}
+    return argv, {"user": NOBODY, "group": NOBODY, "extra_groups": []}
 
 
 def _read_pipes(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool]:
@@ -265,14 +279,17 @@ def _read_pipes(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[byte
     return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), False
 
 
-def _find_report(status_buf: bytes, nonce: str) -> dict | None:
+def _clean(text: str) -> str:
+    """Text that encodes as UTF-8 (lone surrogates from odd decoders become U+FFFD)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _find_report(status_buf: bytes, nonce: str) -> tuple[str, str] | None:
+    """``(status, detail)`` from the last ``nonce<TAB>status<TAB>detail`` line, or None."""
     for line in reversed(status_buf.decode("utf-8", "replace").splitlines()):
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(report, dict) and report.get("nonce") == nonce:
-            return report
+        parts = line.split("\t", 2)
+        if len(parts) == 3 and parts[0] == nonce:
+            return parts[1], parts[2]
     return None
 
 
