@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--latex", type=int, default=200)
     args = parser.parse_args()
     cores = _pin_two_cores()
-    print(f"load average before: {os.getloadavg()[0]:.2f} (other work on the cores skews wall rates)")
+    print(f"load average before: {os.getloadavg()[0]:.2f} "
+          "(other work on the same cores lowers the wall-clock rates)")
     prog_rate, prog_pass = bench_programs(args.programs, workers=cores)
     print(f"code: {prog_rate:8.1f} programs/s on {cores} cores (wall), {args.programs} programs, "
           f"{prog_pass:.0%} passed, sandbox={default_sandbox().mode} (target >= 40/s)")

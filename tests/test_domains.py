@@ -106,7 +106,8 @@ def test_load_gsm8k_and_math_style(tmp_path):
     import pandas as pd
 
     pq = tmp_path / "math.parquet"
-    pd.DataFrame({"problem": ["Half?"], "solution": ["It is $\\boxed{\\frac{1}{2}}$."]}).to_parquet(pq)
+    solution = "It is $\\boxed{\\frac{1}{2}}$."
+    pd.DataFrame({"problem": ["Half?"], "solution": [solution]}).to_parquet(pq)
     recs = load_records("math", {"path": str(pq), "cache_dir": str(tmp_path / "c2"),
                                  "columns": {"prompt": "problem", "reference": "solution"}})
     assert (tmp_path / "c2").is_dir()
@@ -127,7 +128,8 @@ def test_load_mbpp_and_humaneval_style(tmp_path):
     csv = tmp_path / "he.csv"
     import pandas as pd
 
-    pd.DataFrame({"prompt": ["def add(a, b):\n"], "test": ["def check(c):\n    assert c(1, 2) == 3"],
+    pd.DataFrame({"prompt": ["def add(a, b):\n"],
+                  "test": ["def check(c):\n    assert c(1, 2) == 3"],
                   "entry_point": ["add"]}).to_csv(csv, index=False)
     recs = load_records("code", {"path": str(csv), "columns": {
         "prompt": "prompt", "reference": "test", "entry_point": "entry_point"}})
@@ -164,7 +166,8 @@ def test_load_mc_with_choice_list(tmp_path):
 
 def test_loader_errors_name_the_problem(tmp_path):
     src = _write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "1"}])
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['answer', 'question'\]; available: \['a', 'q'\]"):
+    missing = r"missing column\(s\) \['answer', 'question'\]; available: \['a', 'q'\]"
+    with pytest.raises(ValueError, match=missing):
         load_records("math", src)
     with pytest.raises(ValueError, match="unknown domain 'bio'"):
         load_records("bio", src)
@@ -175,7 +178,8 @@ def test_loader_errors_name_the_problem(tmp_path):
                                                        "answer": "a"}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['colums'\]"):
         load_records("math", {"path": src, "colums": {}})
-    bad_mc = _write_jsonl(tmp_path / "m.jsonl", [{"question": "?", "choices": ["a"], "answer": "zz"}])
+    bad_mc = _write_jsonl(tmp_path / "m.jsonl",
+                          [{"question": "?", "choices": ["a"], "answer": "zz"}])
     with pytest.raises(ValueError, match="mc answer 'zz'"):
         load_records("mc", bad_mc)
     recs = load_records("math", {"path": src, "columns": {"prompt": "q", "reference": "a",

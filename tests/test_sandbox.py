@@ -12,8 +12,8 @@ import pytest
 from mopd.verifiers import Sandbox, SandboxLimits, SandboxUnavailable, verify
 from mopd.verifiers.code_exec import verify_code
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                 reason="bubblewrap (bwrap) not installed: apt-get install bubblewrap")
+NO_BWRAP = "bubblewrap (bwrap) not installed: apt-get install bubblewrap"
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason=NO_BWRAP)
 
 LIMITS = SandboxLimits(wall_s=3.0, cpu_s=1, memory_bytes=256 << 20)
 _CHILD_MARK = b"runs INSIDE the sandbox"  # text of the runner, present in every child's argv
@@ -22,7 +22,7 @@ _CHILD_MARK = b"runs INSIDE the sandbox"  # text of the runner, present in every
 @pytest.fixture(scope="module")
 def box():
     if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap (bwrap) not installed: apt-get install bubblewrap")
+        pytest.skip(NO_BWRAP)
     sandbox = Sandbox(LIMITS)
     assert sandbox.mode == "bwrap"  # bwrap installed but unusable must fail loudly, not skip
     return sandbox
@@ -68,7 +68,8 @@ def test_runs_as_nobody_with_empty_environment(box, monkeypatch):
             "    except OSError:\n        pass\n"
             "uid = os.getuid()\n"
             "nnp = [l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')]\n")
-    tests = "assert leaks == [], leaks\nassert uid == 65534, uid\nassert nnp == ['NoNewPrivs:\\t1\\n']"
+    tests = ("assert leaks == [], leaks\nassert uid == 65534, uid\n"
+             "assert nnp == ['NoNewPrivs:\\t1\\n'], nnp")
     v = verify_code(code, tests, box)
     assert (v.reward, v.reason) == (1.0, "passed")
     res = box.run("import os\nprint(dict(os.environ))", "assert True")
@@ -191,7 +192,8 @@ def test_refuses_without_bwrap_unless_allowed(monkeypatch, caplog):
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop to 65534 only happens as root")
 def test_privilege_drop_without_setpriv(monkeypatch):
     real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name: None if name == "setpriv" else real_which(name))
+    monkeypatch.setattr(shutil, "which",
+                        lambda name: None if name == "setpriv" else real_which(name))
     box = Sandbox(LIMITS)
     assert box.mode == "bwrap"
     res = box.run("import os\nids = (os.getuid(), os.getgid(), os.getgroups())",

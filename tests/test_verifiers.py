@@ -146,8 +146,8 @@ def test_if_table_covers_every_checker():
 
 
 def test_if_fraction_and_all_modes():
-    cons = [{"kind": "uppercase"}, {"kind": "word_count", "n": 3}, {"kind": "keyword", "word": "cat"},
-            {"kind": "no_commas"}]
+    cons = [{"kind": "uppercase"}, {"kind": "word_count", "n": 3},
+            {"kind": "keyword", "word": "cat"}, {"kind": "no_commas"}]
     v = verify("if", "CAT, CAT", json.dumps(cons))
     assert v.reward == 0.5 and v.reason == "failed: word_count, no_commas"
     v = verify("if", "CAT, CAT", json.dumps({"mode": "all", "constraints": cons}))

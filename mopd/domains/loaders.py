@@ -146,7 +146,7 @@ def math_reference(raw: Any) -> str:
 
 
 def code_reference(raw: Any, setup: Any = None, entry_point: Any = None) -> str:
-    """Assert code: MBPP test lists are joined; HumanEval ``check`` gets called on the entry point."""
+    """Assert code: MBPP test lists joined; HumanEval's ``check`` called on the entry point."""
     tests = "\n".join(map(str, raw)) if isinstance(raw, (list, tuple)) else str(raw)
     if setup:
         tests = f"{setup}\n{tests}"

@@ -3,7 +3,8 @@
 Every generator maps ``random.Random`` -> one raw example ``(question, completion, reference)``.
 Constraints the tiny pipeline relies on (checked by tests/test_domains.py):
 - prompt (``"[tag] " + question``) is at most ~48 characters, the gold completion at most 32;
-- the answer is a deterministic function of the prompt, so a ~2M-parameter model can learn part of it;
+- the answer is a deterministic function of the prompt, so a ~2M-parameter model can learn part
+  of it;
 - each domain mixes levels of difficulty (copy-like items up to multi-step ones), so SFT gets some
   right and RL still has room to improve.
 """

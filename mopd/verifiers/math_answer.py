@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
 _PLAIN_NUMBER_RE = re.compile(rf"^\s*(?:{_NUMBER})\s*$")
-_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:\n|$)", re.I)
+_ANSWER_IS_RE = re.compile(
+    r"answer\s*(?:is|:|=)\s*:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:\n|$)", re.I
+)
 _MAX_ANSWER_CHARS = 200  # longer "answers" are not sent to sympy
 
 

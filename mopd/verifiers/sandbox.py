@@ -92,8 +92,8 @@ class Sandbox:
     interpreter's base executable, /usr/bin/python3 that works in the sandbox).
     """
 
-    def __init__(self, limits: SandboxLimits | None = None, *, allow_unsandboxed: bool | None = None,
-                 python: str | None = None) -> None:
+    def __init__(self, limits: SandboxLimits | None = None, *,
+                 allow_unsandboxed: bool | None = None, python: str | None = None) -> None:
         self.limits = limits or SandboxLimits()
         self.allow_unsandboxed = (_allow_unsandboxed_from_env() if allow_unsandboxed is None
                                   else allow_unsandboxed)
@@ -168,8 +168,9 @@ class Sandbox:
     # ------------------------------------------------------------------------------ running
 
     def _bwrap_argv(self, python: str) -> list[str]:
-        argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
-                "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
+        argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user",
+                "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--clearenv",
                 "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
@@ -214,18 +215,17 @@ class Sandbox:
             return self._collect(proc, payload, nonce)
         finally:
             _kill_group(proc)
+            try:
+                proc.wait(timeout=5)  # normally already reaped by _collect; never leave a zombie
+            except subprocess.TimeoutExpired:
+                logger.error("sandbox process %d did not die after SIGKILL", proc.pid)
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     def _collect(self, proc: subprocess.Popen, payload: bytes, nonce: str) -> RunResult:
         """Feed the payload, read both pipes under the deadline and output cap, classify."""
         deadline = time.monotonic() + self.limits.wall_s
-        try:
-            proc.stdin.write(payload)  # type: ignore[union-attr]
-            proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass  # the program died before reading: classified below
-        status_buf, out_buf, over = _read_pipes(proc, deadline, self.limits.output_bytes)
+        status_buf, out_buf, over = _pump(proc, payload, deadline, self.limits.output_bytes)
         timed_out = time.monotonic() >= deadline
         if over or timed_out:
             _kill_group(proc)
@@ -258,17 +258,34 @@ def _drop_privileges(argv: list[str]) -> tuple[list[str], dict]:
     return argv, {"user": NOBODY, "group": NOBODY, "extra_groups": []}
 
 
-def _read_pipes(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, bool]:
-    """Read stdout (runner status) and stderr (program output) until EOF, deadline or cap."""
+def _pump(proc: subprocess.Popen, payload: bytes, deadline: float,
+          cap: int) -> tuple[bytes, bytes, bool]:
+    """Write ``payload`` to stdin while reading stdout (runner status) and stderr (program
+    output), all non-blocking, until EOF on both, the deadline, or ``cap`` bytes on one pipe.
+
+    Returns (stdout, stderr capped at ``cap``, whether the cap was exceeded).
+    """
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    view, stdin = memoryview(payload), proc.stdin
+    os.set_blocking(stdin.fileno(), False)  # type: ignore[union-attr]
     with selectors.DefaultSelector() as sel:
+        sel.register(stdin, selectors.EVENT_WRITE)
         for pipe in bufs:
             sel.register(pipe, selectors.EVENT_READ)
-        while sel.get_map():
+        while any(key.fileobj is not stdin for key in sel.get_map().values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             for key, _ in sel.select(timeout=remaining):
+                if key.fileobj is stdin:
+                    try:
+                        view = view[os.write(key.fd, view[:65536]):]
+                    except OSError:  # the program exited without reading: classified later
+                        view = view[:0]
+                    if not view:
+                        sel.unregister(stdin)
+                        stdin.close()  # type: ignore[union-attr]
+                    continue
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
