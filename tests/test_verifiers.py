@@ -65,6 +65,29 @@ def test_math_extraction_and_reasons():
     assert verify("math", "\\boxed{" + "1+" * 500 + "1}", "5").reason == "answer too long"
 
 
+def test_math_explosive_answers_are_rejected_fast_in_any_thread():
+    """math-verify's timeout needs the main thread; these would hang sympy in a worker."""
+    import threading
+    import time
+
+    bombs = ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{2^3^4^5}", "\\boxed{2**3**4**5}",
+             "\\boxed{2^{123456789}}", "\\boxed{(10^{100})!}", "\\boxed{99999!}"]
+    out: list = []
+
+    def worker():
+        start = time.monotonic()
+        out.extend(verify("math", b, "5") for b in bombs)
+        out.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive() and out[-1] < 1.0
+    assert all(v.reason.startswith("answer too large") for v in out[:-1])
+    assert verify("math", "\\boxed{2^{10}}", "1024").reward == 1.0  # ordinary powers still work
+    assert verify("math", "\\boxed{5!}", "120").reward == 1.0
+
+
 GARBAGE = [b"\xff\xfe\x00\x80", b"", "", None, 3.5, ["list"], "\x00" * 10, "}" * 10_000,
            "\\boxed{" * 5_000, "x" * 1_000_000, "\\boxed{\\frac{1}{0}}", "\\boxed{\\left(}"]
 

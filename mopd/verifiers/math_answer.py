@@ -25,6 +25,14 @@ _ANSWER_IS_RE = re.compile(
     r"answer\s*(?:is|:|=)\s*:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:\n|$)", re.I
 )
 _MAX_ANSWER_CHARS = 200  # longer "answers" are not sent to sympy
+# Inputs that make sympy evaluate astronomically large numbers: nested powers (9^{9^{9}},
+# 2^3^4), 7+ digit exponents, factorials of 5+ digit numbers or of expressions. math-verify's
+# own timeout works only in the main thread (signal.alarm); verifiers also run in worker threads,
+# so these are rejected up front, the same way in every thread.
+_EXPLOSIVE_RE = re.compile(
+    r"\^\s*\{[^{}]*(?:\^|\*\*)|\^\s*[\w.]+\s*(?:\^|\*\*)|\*\*[^*]*\*\*"
+    r"|(?:\^|\*\*)\s*\{?\s*-?\d{7,}|(?:\d{5,}|[)}\]])\s*!"
+)
 
 
 def last_boxed(text: str) -> str | None:
@@ -97,6 +105,8 @@ def verify_math(response: object, reference: str) -> Verdict:
         return Verdict(float(ok), "correct" if ok else f"wrong answer {candidate[:40]!r}")
     if ref_value is not None and not any(ch.isdigit() for ch in candidate):
         return Verdict(0.0, f"wrong answer {candidate[:40]!r}")  # no digit cannot equal a number
+    if _EXPLOSIVE_RE.search(candidate):
+        return Verdict(0.0, f"answer too large to evaluate {candidate[:40]!r}")
     try:
         ok = _math_verify_equal(candidate, str(reference))
     except Exception as exc:  # math-verify/sympy on hostile input: never raise on model output
