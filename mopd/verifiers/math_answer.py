@@ -25,13 +25,15 @@ _ANSWER_IS_RE = re.compile(
     r"answer\s*(?:is|:|=)\s*:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:\n|$)", re.I
 )
 _MAX_ANSWER_CHARS = 200  # longer "answers" are not sent to sympy
-# Inputs that make sympy evaluate astronomically large numbers: nested powers (9^{9^{9}},
-# 2^3^4), 7+ digit exponents, factorials of 5+ digit numbers or of expressions. math-verify's
-# own timeout works only in the main thread (signal.alarm); verifiers also run in worker threads,
-# so these are rejected up front, the same way in every thread.
+# Inputs that make sympy grind: nested powers (9^{9^{9}}, 2^3^4), 6+ digit exponents of
+# numbers, 3+ digit exponents of symbols or brackets ((x+1)^{999} expands for seconds),
+# factorials of 5+ digit numbers or of expressions. math-verify's own timeout works only in the
+# main thread (signal.alarm) and verifiers also run in worker threads, so these are rejected up
+# front, the same way in every thread.
 _EXPLOSIVE_RE = re.compile(
     r"\^\s*\{[^{}]*(?:\^|\*\*)|\^\s*[\w.]+\s*(?:\^|\*\*)|\*\*[^*]*\*\*"
-    r"|(?:\^|\*\*)\s*\{?\s*-?\d{7,}|(?:\d{5,}|[)}\]])\s*!"
+    r"|(?:\^|\*\*)\s*\{?\s*-?\d{6,}|[)}\]A-Za-z]\s*(?:\^|\*\*)\s*\{?\s*-?\d{3,}"
+    r"|(?:\d{5,}|[)}\]])\s*!"
 )
 
 
