@@ -54,13 +54,23 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _chunk_logprobs(h_cH: torch.Tensor, weight_VH: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-softmax (c, V), logsumexp (c,)) of one chunk; the logits buffer is reused in place."""
-    z_cV = (h_cH @ weight_VH.T).to(_compute_dtype(h_cH))
+def _new_buffer(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, chunk: int) -> torch.Tensor:
+    """One reusable (chunk, V) block: fresh allocations per chunk cost page faults on CPU."""
+    return hidden_NH.new_empty(min(chunk, hidden_NH.shape[0]), weight_VH.shape[0], dtype=_compute_dtype(hidden_NH))
+
+
+def _shifted_logits(h_cH: torch.Tensor, weight_VH: torch.Tensor, temperature: float,
+                    buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z - max z (c, V) written into ``buf``, row max (c,)) for ``z = h Wᵀ / τ``."""
+    c = h_cH.shape[0]
+    if h_cH.dtype == buf.dtype and weight_VH.dtype == buf.dtype:
+        z_cV = torch.mm(h_cH, weight_VH.T, out=buf[:c])
+    else:  # e.g. bf16 weights: float32 logits need a cast, hence a temporary
+        z_cV = buf[:c].copy_(h_cH @ weight_VH.T)
     if temperature != 1.0:
         z_cV.div_(temperature)
-    lse_c = torch.logsumexp(z_cV, dim=-1)
-    return z_cV.sub_(lse_c[:, None]), lse_c
+    mx_c = z_cV.amax(dim=-1)
+    return z_cV.sub_(mx_c[:, None]), mx_c
 
 
 def _rowdot(a_cV: torch.Tensor, b_cV: torch.Tensor) -> torch.Tensor:
@@ -75,7 +85,10 @@ def _backprop_chunk(grad_z_cV: torch.Tensor, h_cH: torch.Tensor, weight_VH: torc
         grad_z_cV.div_(temperature)
     g_cV = grad_z_cV.to(weight_VH.dtype)
     if grad_h_NH is not None:
-        grad_h_NH[sl] = g_cV @ weight_VH
+        if grad_h_NH.dtype == g_cV.dtype:
+            torch.mm(g_cV, weight_VH, out=grad_h_NH[sl])
+        else:
+            grad_h_NH[sl].copy_(g_cV @ weight_VH)
     if grad_w_VH is not None:
         grad_w_VH.addmm_(g_cV.T, h_cH.to(weight_VH.dtype))
 
@@ -95,36 +108,40 @@ class _ChunkedLogprobs(torch.autograd.Function):
         cdt = _compute_dtype(hidden_NH)
         logp_NK = hidden_NH.new_empty(N, K, dtype=cdt)
         ent_N = hidden_NH.new_empty(N, dtype=cdt)
-        lse_N = hidden_NH.new_empty(N, dtype=cdt)
+        logs_N = hidden_NH.new_empty(N, dtype=cdt)  # log Σ exp(z - max): the shifted log-normaliser
+        zbuf, ebuf = _new_buffer(hidden_NH, weight_VH, chunk), _new_buffer(hidden_NH, weight_VH, chunk)
         for start in range(0, N, chunk):
             sl = slice(start, start + chunk)
-            logp_cV, lse_N[sl] = _chunk_logprobs(hidden_NH[sl], weight_VH, temperature)
-            logp_NK[sl] = logp_cV.gather(-1, ids_NK[sl])
-            ent_N[sl] = -_rowdot(logp_cV.exp(), logp_cV)  # H = -Σ p log p
-        ctx.save_for_backward(hidden_NH, weight_VH, ids_NK, lse_N, ent_N)
+            zs_cV, _ = _shifted_logits(hidden_NH[sl], weight_VH, temperature, zbuf)
+            e_cV = torch.exp(zs_cV, out=ebuf[: zs_cV.shape[0]])
+            s_c = e_cV.sum(-1)
+            logs_N[sl] = s_c.log()
+            logp_NK[sl] = zs_cV.gather(-1, ids_NK[sl]) - logs_N[sl, None]
+            ent_N[sl] = logs_N[sl] - _rowdot(e_cV, zs_cV) / s_c  # H = log s - Σ p (z - max)
+        ctx.save_for_backward(hidden_NH, weight_VH, ids_NK, logs_N, ent_N)
         ctx.chunk, ctx.temperature = chunk, temperature
         return logp_NK, ent_N
 
     @staticmethod
     def backward(ctx, grad_logp_NK, grad_ent_N):
-        hidden_NH, weight_VH, ids_NK, lse_N, ent_N = ctx.saved_tensors
+        hidden_NH, weight_VH, ids_NK, logs_N, ent_N = ctx.saved_tensors
         grad_h_NH, grad_w_VH = _grad_buffers(ctx, hidden_NH, weight_VH)
         if grad_logp_NK is None:
-            grad_logp_NK = torch.zeros_like(ids_NK, dtype=lse_N.dtype)
+            grad_logp_NK = torch.zeros_like(ids_NK, dtype=logs_N.dtype)
         gsum_N = grad_logp_NK.sum(-1)
+        zbuf, pbuf = _new_buffer(hidden_NH, weight_VH, ctx.chunk), _new_buffer(hidden_NH, weight_VH, ctx.chunk)
         for start in range(0, hidden_NH.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             h_cH = hidden_NH[sl]
-            logp_cV, _ = _chunk_logprobs(h_cH, weight_VH, ctx.temperature)
-            p_cV = logp_cV.exp()
-            # d log p_k / dz = onehot_k - p ;  dH/dz = -p (log p + H)
-            coef_cV = logp_cV  # reuse the buffer: coef = gsum + g_ent (log p + H)
+            zs_cV, _ = _shifted_logits(h_cH, weight_VH, ctx.temperature, zbuf)
+            logp_cV = zs_cV.sub_(logs_N[sl, None])
+            p_cV = torch.exp(logp_cV, out=pbuf[: logp_cV.shape[0]])
+            # d log p_k / dz = onehot_k - p ;  dH/dz = -p (log p + H); coef = gsum + g_ent (log p + H)
             if grad_ent_N is not None:
-                coef_cV.add_(ent_N[sl, None]).mul_(grad_ent_N[sl, None]).add_(gsum_N[sl, None])
+                coef_cV = logp_cV.add_(ent_N[sl, None]).mul_(grad_ent_N[sl, None]).add_(gsum_N[sl, None])
             else:
-                coef_cV.zero_().add_(gsum_N[sl, None])
+                coef_cV = logp_cV.zero_().add_(gsum_N[sl, None])
             grad_z_cV = coef_cV.mul_(p_cV).neg_()
-            del p_cV
             grad_z_cV.scatter_add_(-1, ids_NK[sl], grad_logp_NK[sl].to(grad_z_cV.dtype))
             _backprop_chunk(grad_z_cV, h_cH, weight_VH, ctx.temperature, grad_h_NH, grad_w_VH, sl)
         return grad_h_NH, grad_w_VH, None, None, None
@@ -164,19 +181,24 @@ class _ChunkedTopkLoss(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, ids_NK, extra_NK, weights_N, loss_fn, chunk, temperature):
         grad_h_NH, grad_w_VH = _grad_buffers(ctx, hidden_NH, weight_VH)
         total = torch.zeros((), dtype=_compute_dtype(hidden_NH), device=hidden_NH.device)
+        zbuf = _new_buffer(hidden_NH, weight_VH, chunk)  # the only (chunk, V) block
         for start in range(0, hidden_NH.shape[0], chunk):
             sl = slice(start, start + chunk)
             h_cH = hidden_NH[sl]
-            logp_cV, _ = _chunk_logprobs(h_cH, weight_VH, temperature)
-            leaf_cK = logp_cV.gather(-1, ids_NK[sl]).requires_grad_(True)
+            zs_cV, _ = _shifted_logits(h_cH, weight_VH, temperature, zbuf)
+            zs_cK = zs_cV.gather(-1, ids_NK[sl])  # before exp: keeps tiny log-probs finite
+            p_cV = zs_cV.exp_()
+            s_c = p_cV.sum(-1)
+            leaf_cK = (zs_cK - s_c.log()[:, None]).requires_grad_(True)
             with torch.enable_grad():
                 part = (weights_N[sl].to(leaf_cK.dtype) * loss_fn(leaf_cK, extra_NK[sl])).sum()
                 (g_cK,) = torch.autograd.grad(part, leaf_cK)
             total += part.detach()
             if grad_h_NH is None and grad_w_VH is None:
                 continue
-            grad_z_cV = logp_cV.exp_().mul_(-g_cK.sum(-1, keepdim=True))  # -p Σ_k g_k ...
-            grad_z_cV.scatter_add_(-1, ids_NK[sl], g_cK)  # ... + onehot-weighted g
+            # d/dz Σ_k g_k log p_k = onehot-weighted g - p Σ_k g_k
+            grad_z_cV = p_cV.mul_((-g_cK.sum(-1) / s_c)[:, None])
+            grad_z_cV.scatter_add_(-1, ids_NK[sl], g_cK)
             _backprop_chunk(grad_z_cV, h_cH, weight_VH, temperature, grad_h_NH, grad_w_VH, sl)
         ctx.save_for_backward(*(g for g in (grad_h_NH, grad_w_VH) if g is not None))
         ctx.has = (grad_h_NH is not None, grad_w_VH is not None)

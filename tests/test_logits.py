@@ -123,3 +123,20 @@ def test_chunked_errors():
         chunked_gather_logprobs(h, w, ids, chunk=0)
     with pytest.raises(ValueError, match="target_N must be 1-D"):
         chunked_token_logprobs(h, w, ids)
+
+
+def test_bfloat16_inputs_compute_in_float32():
+    h, w, ids, tlp = _inputs(8, N=9, H=8, V=31, dtype=torch.float32)
+    hb, wb = h.detach().bfloat16().requires_grad_(True), w.detach().bfloat16().requires_grad_(True)
+    lp, ent = chunked_token_logprobs(hb, wb, ids[:, 0], chunk=4)
+    assert lp.dtype == torch.float32
+    full = torch.log_softmax(hb.float() @ wb.float().T, -1)
+    torch.testing.assert_close(lp, full.gather(-1, ids[:, :1])[:, 0], rtol=1e-2, atol=1e-2)
+    loss = chunked_topk_distill_loss(hb, wb, ids, tlp, torch.full((9,), 1 / 9), chunk=4)
+    loss.backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    h32, w32 = hb.detach().float().requires_grad_(True), wb.detach().float().requires_grad_(True)
+    ref = chunked_topk_distill_loss(h32, w32, ids, tlp, torch.full((9,), 1 / 9), chunk=4)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-3)
+    torch.testing.assert_close(hb.grad.float(), h32.grad, rtol=2e-2, atol=2e-3)
