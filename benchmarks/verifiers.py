@@ -12,7 +12,7 @@ import random
 import time
 
 from mopd.domains import generate
-from mopd.verifiers import verify, verify_batch
+from mopd.verifiers import default_workers, verify, verify_batch
 from mopd.verifiers.code_exec import default_sandbox
 
 
@@ -22,7 +22,7 @@ def _pin_two_cores() -> int:
     return len(cpus)
 
 
-def bench_programs(n: int, workers: int) -> tuple[float, float]:
+def bench_programs(n: int, workers: int | None) -> tuple[float, float]:
     """(programs/s, share passed) over synthetic code records: 3/4 gold, 1/4 wrong answers.
 
     Wall-clock: other work on the same cores lowers it (the load average is printed first).
@@ -68,12 +68,16 @@ def main() -> None:
     parser.add_argument("--programs", type=int, default=400)
     parser.add_argument("--answers", type=int, default=20_000)
     parser.add_argument("--latex", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel sandboxes (default: verify_batch's, 4 x cores)")
     args = parser.parse_args()
     cores = _pin_two_cores()
     print(f"load average before: {os.getloadavg()[0]:.2f} "
           "(other work on the same cores lowers the wall-clock rates)")
-    prog_rate, prog_pass = bench_programs(args.programs, workers=cores)
-    print(f"code: {prog_rate:8.1f} programs/s on {cores} cores (wall), {args.programs} programs, "
+    workers = args.workers or default_workers()
+    prog_rate, prog_pass = bench_programs(args.programs, workers=workers)
+    print(f"code: {prog_rate:8.1f} programs/s on {cores} cores (wall), {workers} workers, "
+          f"{args.programs} programs, "
           f"{prog_pass:.0%} passed, sandbox={default_sandbox().mode} (target >= 40/s)")
     math_rate, math_ok = bench_math(args.answers)
     print(f"math: {math_rate:8.0f} answers/s (1 thread), {args.answers} answers, "
