@@ -160,6 +160,12 @@ def test_load_mc_with_choice_list(tmp_path):
     ])
     recs = load_records("mc", src)
     assert [r["reference"] for r in recs] == ["B", "A", "B"]
+    arc = _write_jsonl(tmp_path / "arc.jsonl", [
+        {"question": "Hot?", "choices": {"text": ["ice", "fire"], "label": ["A", "B"]},
+         "answerKey": "B"}])
+    recs_arc = load_records("mc", {"path": arc, "columns": {
+        "prompt": "question", "choices": "choices", "reference": "answerKey"}})
+    assert recs_arc[0]["prompt"] == "[mc] Hot? A)ice B)fire" and recs_arc[0]["reference"] == "B"
     assert recs[0]["prompt"] == "[mc] 2+2? A)3 B)4 C)5"
     assert verify("mc", recs[0]["completion"], "B").reward == 1.0
 
@@ -182,6 +188,10 @@ def test_loader_errors_name_the_problem(tmp_path):
                           [{"question": "?", "choices": ["a"], "answer": "zz"}])
     with pytest.raises(ValueError, match="mc answer 'zz'"):
         load_records("mc", bad_mc)
+    empty = _write_jsonl(tmp_path / "e.jsonl", [{"question": "x", "answer": "1"},
+                                                {"question": "y", "answer": None}])
+    with pytest.raises(ValueError, match="math-e_jsonl-train-000001: empty reference"):
+        load_records("math", empty)
     recs = load_records("math", {"path": src, "columns": {"prompt": "q", "reference": "a",
                                                           "id": "q"}, "limit": 1})
     assert recs[0]["id"] == "x"

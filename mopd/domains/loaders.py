@@ -114,6 +114,8 @@ def _load_table(src: DataSource):
 def _to_record(spec: Domain, columns: dict[str, str], row: dict, default_id: str) -> dict:
     question = str(row[columns["prompt"]])
     raw_ref = row[columns["reference"]]
+    if raw_ref is None or (isinstance(raw_ref, (str, list)) and not raw_ref):
+        raise ValueError(f"{default_id}: empty reference in column {columns['reference']!r}")
     completion = row[columns["completion"]] if "completion" in columns else None
     if spec.verifier == "math":
         reference = math_reference(raw_ref)
@@ -124,7 +126,7 @@ def _to_record(spec: Domain, columns: dict[str, str], row: dict, default_id: str
     elif spec.verifier == "if":
         reference = if_reference(raw_ref, row.get(columns.get("kwargs", "")))
     else:
-        choices = row.get(columns.get("choices", ""))
+        choices = _choice_texts(row.get(columns.get("choices", "")))
         if choices is not None:
             question += " " + " ".join(f"{chr(65 + i)}){c}" for i, c in enumerate(choices))
         reference = mc_reference(raw_ref, choices)
@@ -132,6 +134,17 @@ def _to_record(spec: Domain, columns: dict[str, str], row: dict, default_id: str
     record_id = str(row[columns["id"]]) if "id" in columns else default_id
     return {"id": record_id, "domain": spec.name, "prompt": spec.format_prompt(question),
             "completion": "" if completion is None else str(completion), "reference": reference}
+
+
+def _choice_texts(choices: Any) -> list[str] | None:
+    """Choice texts from a list, or from ARC's ``{"text": [...], "label": [...]}``."""
+    if choices is None:
+        return None
+    if isinstance(choices, Mapping):
+        if "text" not in choices:
+            raise ValueError(f"mc choices mapping needs a 'text' list, got keys {sorted(choices)}")
+        choices = choices["text"]
+    return [str(c) for c in choices]
 
 
 def math_reference(raw: Any) -> str:
