@@ -1,0 +1,88 @@
+"""Static checks of containers/ (Docker cannot run here): the compose file parses and is
+consistent, and the Dockerfiles' dependency extraction works on the real pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTAINERS = ROOT / "containers"
+
+
+def _compose() -> dict:
+    return yaml.safe_load((CONTAINERS / "compose.yaml").read_text())
+
+
+def test_compose_services_and_wiring():
+    c = _compose()
+    services = c["services"]
+    assert {"prefect-server", "mlflow", "worker"} <= set(services)
+    assert "4200:4200" in services["prefect-server"]["ports"]
+    assert "5000:5000" in services["mlflow"]["ports"]
+    assert "sqlite" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    mlflow_cmd = " ".join(services["mlflow"]["command"])
+    assert "--backend-store-uri=sqlite:////data/mlflow/" in mlflow_cmd
+    assert "--artifacts-destination=/data/mlflow/" in mlflow_cmd
+    # every named volume used by a service is declared
+    declared = set(c["volumes"])
+    for svc in services.values():
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0]
+            if not src.startswith((".", "/")):
+                assert src in declared, f"volume {src} not declared"
+
+    for name in ("worker", "worker-gpu"):
+        w = services[name]
+        assert w["command"] == ["python", "-m", "flows.serve"]
+        assert "..:/app" in w["volumes"]  # the project is mounted
+        env = w["environment"]
+        api, ml = urlparse(env["PREFECT_API_URL"]), urlparse(env["MLFLOW_TRACKING_URI"])
+        assert (api.hostname, api.port, api.path) == ("prefect-server", 4200, "/api")
+        assert (ml.hostname, ml.port) == ("mlflow", 5000)
+        assert set(w["depends_on"]) == {"prefect-server", "mlflow"}
+    # MLflow 3 answers 403 to Host headers it does not allow: the worker's must be allowed
+    allowed = re.search(r"--allowed-hosts=(\S+)", mlflow_cmd).group(1).split(",")
+    assert "mlflow:5000" in allowed and "mlflow" in allowed
+    assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_compose_builds_point_at_dockerfiles():
+    c = _compose()
+    for svc in c["services"].values():
+        build = svc.get("build")
+        if build:
+            assert (CONTAINERS / build["context"]).resolve() == ROOT
+            assert (ROOT / build["dockerfile"]).is_file()
+
+
+def _run_extraction(dockerfile: str) -> list[str]:
+    """Run the Dockerfile's `python -c "import tomllib ..."` line against the real pyproject."""
+    text = (CONTAINERS / dockerfile).read_text()
+    m = re.search(r'python -c "(import tomllib;.*?)"\s*\\', text)
+    assert m, f"no tomllib extraction in {dockerfile}"
+    out = subprocess.run([sys.executable, "-c", m.group(1)], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_dockerfile_cpu():
+    text = (CONTAINERS / "Dockerfile.cpu").read_text()
+    assert re.findall(r"^FROM .*$", text, re.M) == ["FROM python:3.11-slim"]
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "bubblewrap" in text and "pip install ." in text
+    reqs = _run_extraction("Dockerfile.cpu")
+    assert "torch==2.13.0" in reqs and any(r.startswith("mergekit") for r in reqs)
+    assert not any(r.startswith("vllm") for r in reqs)
+
+
+def test_dockerfile_cuda():
+    text = (CONTAINERS / "Dockerfile.cuda").read_text()
+    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", text)
+    assert 'pip install ".[gpu]"' in text and "bubblewrap" in text
+    reqs = _run_extraction("Dockerfile.cuda")
+    assert any(r.startswith("vllm") for r in reqs)
