@@ -66,6 +66,25 @@ def test_other_records_gold_mostly_fails(domain):
     assert sum(rewards) / len(rewards) < 0.7
 
 
+def test_exclude_prompts_gives_disjoint_eval_sets():
+    train = generate("math", 500, seed=0)
+    seen = {r["prompt"] for r in train}
+    evals = generate("math", 200, seed=1, exclude_prompts=seen)
+    assert len(evals) == 200 and not seen & {r["prompt"] for r in evals}
+    assert evals == generate("math", 200, seed=1, exclude_prompts=seen)
+
+
+
+def test_exclude_prompts_that_cannot_be_met_raises(monkeypatch):
+    from mopd.domains import registry
+
+    one = Domain("one", "math", "[one] {question}", lambda rng: ("1+1=", "\\boxed{2}", "2"))
+    monkeypatch.setattr(registry, "DOMAINS", {"one": one})
+    assert len(generate("one", 3, seed=0)) == 3
+    with pytest.raises(ValueError, match=r"only 0 of 5 prompts found outside exclude_prompts"):
+        generate("one", 5, seed=0, exclude_prompts={"[one] 1+1="})
+
+
 def test_math_has_a_spread_of_difficulty():
     prompts = [r["prompt"] for r in generate("math", 400, seed=0)]
     assert any("*" in p for p in prompts) and any(p.count("+") + p.count("-") + p.count("*") == 2

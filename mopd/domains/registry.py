@@ -12,7 +12,7 @@ the verifier needs (final answer, Python assert code, JSON constraint list, answ
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -73,11 +73,14 @@ def get_domain(name: str) -> Domain:
         raise ValueError(f"unknown domain {name!r}; known domains: {sorted(DOMAINS)}") from None
 
 
-def generate(domain: str, n: int, seed: int) -> list[dict]:
-    """``n`` synthetic records of ``domain``, a pure function of ``(domain, n, seed)``.
+def generate(domain: str, n: int, seed: int, *,
+             exclude_prompts: Collection[str] = ()) -> list[dict]:
+    """``n`` synthetic records of ``domain``, a pure function of the arguments.
 
     Ids are ``"{domain}-s{seed}-{index:06d}"``: unique within a call, distinct across seeds,
-    and the first ``k`` records do not depend on ``n``. Prompts may repeat (easy items are few).
+    and the first ``k`` records do not depend on ``n``. Prompts may repeat, within a call and
+    across seeds (easy items are few): pass the training prompts as ``exclude_prompts`` to draw
+    an evaluation set that does not overlap them.
     """
     spec = get_domain(domain)
     if spec.generator is None:
@@ -85,9 +88,18 @@ def generate(domain: str, n: int, seed: int) -> list[dict]:
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     rng = random.Random(f"mopd-{domain}-{seed}")  # str seeds hash deterministically (sha512)
-    records = []
-    for index in range(n):
+    excluded = frozenset(exclude_prompts)
+    records: list[dict] = []
+    attempts = 0
+    while len(records) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise ValueError(f"generate({domain!r}): only {len(records)} of {n} prompts found "
+                             f"outside exclude_prompts ({len(excluded)} excluded)")
         question, completion, reference = spec.generator(rng)
+        if excluded and spec.format_prompt(question) in excluded:
+            continue
+        index = len(records)
         records.append({
             "id": f"{domain}-s{seed}-{index:06d}",
             "domain": domain,
