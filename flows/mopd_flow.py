@@ -24,6 +24,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
 from mopd.config import load_config
 from mopd.graph import StageSpec, build_graph, cache_key, levels
@@ -123,7 +124,9 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
                 status[spec.name] = "failed"
                 logger.error("%s failed: %s", spec.name, state.message)
 
-    summary = {"status": status, "parent_run_id": parent.run_id}
+    summary = {"status": status, "parent_run_id": parent.run_id,
+               "dvc": sync_lock(project, pipeline, list(results))}
+    logger.info("dvc.lock: %s", summary["dvc"])
     _finish(parent, project, results, summary)
     failed = [k for k, v in status.items() if v == "failed"]
     if failed:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +105,19 @@ def config_sections(cfg: Config, spec: StageSpec) -> dict[str, Any]:
     return out
 
 
-@lru_cache(maxsize=None)
-def code_version(project_dir: Path, module: str) -> str:
-    """sha256 over the stage module and the library's Python sources (the code a stage runs)."""
+def code_version(module: str) -> str:
+    """sha256 over the stage module, the stage runner and the library's Python sources: the code
+    a stage runs (wherever the packages are imported from)."""
+    import importlib.util
+
+    import mopd
+
     h = hashlib.sha256()
-    files = [project_dir / (module.replace(".", "/") + ".py"), project_dir / "tasks" / "cli.py"]
-    files += sorted((project_dir / "mopd").rglob("*.py"))
+    stage_file = Path(importlib.util.find_spec(module).origin)
+    files = [stage_file, stage_file.parent / "cli.py", *sorted(Path(mopd.__file__).parent.rglob("*.py"))]
     for f in files:
-        if f.is_file():
-            h.update(str(f.relative_to(project_dir)).encode())
-            h.update(f.read_bytes())
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 
@@ -126,16 +128,6 @@ def cache_key(cfg: Config, spec: StageSpec, upstream_hashes: dict[str, str]) -> 
         "pipeline": cfg.pipeline,
         "config": config_sections(cfg, spec),
         "upstream": {u: upstream_hashes[u] for u in spec.upstream},
-        "code": code_version(cfg.project_dir, spec.module),
+        "code": code_version(spec.module),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class RunSummary:
-    """What one pipeline run did with each stage: computed | cached | failed | skipped."""
-
-    status: dict[str, str] = field(default_factory=dict)
-
-    def recomputed(self) -> set[str]:
-        return {k for k, v in self.status.items() if v == "computed"}

@@ -1,0 +1,56 @@
+# mopd — two commands: `make demo` and `make test`. Everything else is a convenience.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STATE := .mopd
+export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MOPD_PROJECT_DIR := $(CURDIR)
+
+.PHONY: install system demo test test-fast ui server repro bench clean
+
+# torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The code-domain verifier runs model-written programs inside bubblewrap (a Debian package).
+system:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "mopd: bubblewrap (bwrap) is missing: install it (sudo apt-get install bubblewrap)" >&2; exit 1; fi; }
+
+demo: install system
+	@mkdir -p $(PREFECT_HOME)
+	$(BIN)/python -m flows.demo
+
+test: install system
+	$(BIN)/python -m pytest -q
+
+test-fast: install system
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: install
+	@mkdir -p $(STATE)/mlartifacts
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(STATE)/mlflow.db \
+	  --default-artifact-root $(CURDIR)/$(STATE)/mlartifacts --host 127.0.0.1 --port 5000
+
+server: install
+	@mkdir -p $(PREFECT_HOME)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+repro: install system
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+bench: install system
+	$(BIN)/python benchmarks/objectives.py
+	$(BIN)/python benchmarks/verifiers.py
+
+clean:
+	rm -rf artifacts $(STATE)

@@ -1,0 +1,102 @@
+"""`make demo`: start a local Prefect server (SQLite under .mopd/prefect), serve `mopd/full`,
+trigger `prefect deployment run mopd/full --watch`, print the score table and where to look,
+then stop what it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PROJECT = Path(os.environ.get("MOPD_PROJECT_DIR", Path.cwd())).resolve()
+PORT = int(os.environ.get("MOPD_PREFECT_PORT", "4200"))
+API = f"http://127.0.0.1:{PORT}/api"
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    home = PROJECT / ".mopd" / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": API,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MOPD_PROJECT_DIR": str(PROJECT),
+            "PREFECT_UI_URL": f"http://127.0.0.1:{PORT}"}
+
+
+def _wait_http(url: str, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit(f"demo: {what} did not answer at {url} within {seconds:.0f} s")
+
+
+def _wait_deployment(env: dict, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        r = subprocess.run([BIN / "prefect", "deployment", "inspect", "mopd/full"], env=env,
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(2)
+    raise SystemExit("demo: deployment mopd/full was not registered in time")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _print_scores() -> None:
+    import pandas as pd
+
+    ev = PROJECT / "artifacts" / "evaluate"
+    for name, title in (("avg_at_k.csv", "avg@k per domain"),
+                        ("normalized.csv", "MOPD normalised score (0 = SFT student, 1 = teacher)")):
+        if (ev / name).is_file():
+            print(f"\n{title}:\n" + pd.read_csv(ev / name, index_col=0).round(3).to_string())
+
+
+def main() -> int:
+    env = _env()
+    logs = PROJECT / ".mopd" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server = serve = None
+    try:
+        print(f"demo: starting Prefect server on 127.0.0.1:{PORT} (log: {logs}/prefect-server.log)")
+        server = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(PORT)], env=env, cwd=PROJECT, start_new_session=True,
+                                  stdout=open(logs / "prefect-server.log", "w"), stderr=subprocess.STDOUT)
+        _wait_http(f"{API}/health", 120, "the Prefect server")
+        print(f"demo: serving deployment mopd/full (log: {logs}/serve.log)")
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], env=env, cwd=PROJECT,
+                                 start_new_session=True, stdout=open(logs / "serve.log", "w"),
+                                 stderr=subprocess.STDOUT)
+        _wait_deployment(env, 120)
+        t0 = time.time()
+        run = subprocess.run([BIN / "prefect", "deployment", "run", "mopd/full", "--watch",
+                              "--watch-interval", "5"], env=env, cwd=PROJECT)
+        print(f"demo: pipeline run took {time.time() - t0:.0f} s (exit code {run.returncode})")
+        _print_scores()
+        print(f"\nPrefect UI (while a server runs): http://127.0.0.1:{PORT}  — restart it with "
+              f"`make server`\nMLflow UI: `make ui` then http://127.0.0.1:5000\n"
+              f"Artifacts: {PROJECT / 'artifacts'}   Flow log: {logs}/serve.log")
+        return run.returncode
+    finally:
+        _stop(serve)
+        _stop(server)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Configuration: every shipped YAML loads; every kind of mistake fails before any work with a
+message naming the file, the key and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mopd.config import ConfigError, PretrainedProfile, load_config, load_params, load_pipelines
+from tests.conftest import ROOT, micro_params, write_params
+
+
+def test_shipped_files_load():
+    cfg = load_config(ROOT)
+    assert cfg.domains == ["math", "code", "if"]
+    assert set(cfg.params.teacher) >= set(cfg.domains)
+    assert isinstance(cfg.params.profiles["qwen3-0.6b"], PretrainedProfile)
+    assert load_pipelines(ROOT / "pipelines.yaml").domains["gsm8k"].data.source == "hub"
+
+
+def _project(tmp_path: Path, params: dict, pipelines: dict | None = None) -> Path:
+    write_params(tmp_path, params)
+    pipes = pipelines or yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    return tmp_path
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda p: p["sft"].update(max_stepz=3), ["params.yaml", "sft.max_stepz", "unknown key"]),
+    (lambda p: p["teacher"]["math"].update(learning_rate="fast"),
+     ["params.yaml", "teacher.math.learning_rate", "'fast'"]),
+    (lambda p: p["teacher"]["code"].update(max_steps=-1), ["teacher.code.max_steps", "-1", "greater than 0"]),
+    (lambda p: p["teacher"]["if"].update(batch_size=6, num_generations=4),
+     ["teacher.if", "batch_size (6) must be a multiple of num_generations (4)"]),
+    (lambda p: p.update(profile="huge"), ["profile 'huge' is not defined"]),
+    (lambda p: p["profiles"]["tiny"].update(hidden_size="big"), ["profiles.tiny.hidden_size", "'big'"]),
+    (lambda p: p["distill"].update(objective="magic"), ["distill.objective", "'magic'"]),
+    (lambda p: p["merge"].update(methods=["linear", "soup"]), ["merge.methods.1", "'soup'"]),
+    (lambda p: p["teacher"].pop("code"), ["teacher.code", "missing recipe"]),
+    (lambda p: p["distill"].update(domain_weights={"math": 0.5, "code": 0.2, "if": 0.2}),
+     ["distill.domain_weights", "sum to 1"]),
+])
+def test_params_errors_name_file_key_value(tmp_path, mutate, expected):
+    params = micro_params()
+    mutate(params)
+    project = _project(tmp_path, params)
+    with pytest.raises(ConfigError) as err:
+        load_config(project)
+    for fragment in expected:
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_pipelines_errors(tmp_path):
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["domains"]["math"]["verifier"] = "abacus"
+    pipes["pipelines"]["full"]["domains"].append("chemistry")
+    project = _project(tmp_path, micro_params(), pipes)
+    with pytest.raises(ConfigError) as err:
+        load_config(project)
+    msg = str(err.value)
+    assert "pipelines.yaml" in msg and "domains.math.verifier = 'abacus'" in msg
+
+
+def test_unknown_domain_and_pipeline(tmp_path):
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"]["full"]["domains"].append("chemistry")
+    project = _project(tmp_path, micro_params(), pipes)
+    with pytest.raises(ConfigError, match="unknown domain.*chemistry"):
+        load_config(project)
+    project = _project(tmp_path, micro_params())
+    with pytest.raises(ConfigError, match="pipelines.nightly: no such pipeline"):
+        load_config(project, pipeline="nightly")
+
+
+def test_yaml_syntax_and_missing_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="params.yaml: not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match="nothere.yaml: file not found"):
+        load_params(tmp_path / "nothere.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(tmp_path / "list.yaml")

@@ -1,0 +1,120 @@
+"""The `mopd` flow on the real Prefect engine (temporary SQLite server) over micro stages:
+caching across runs, selective recomputation, a failing teacher, stale cache entries, MLflow."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import micro_params, write_params
+
+pytestmark = pytest.mark.slow
+
+ALL = {"data", "base", "sft", "teacher:math", "teacher:code", "teacher:if", "distill", "merge",
+       "evaluate"}
+
+
+@pytest.fixture
+def prefect_env(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def _run(project, **kw):
+    """Run the flow, return {stage: status} (also when the flow itself fails)."""
+    import json
+
+    from flows.mopd_flow import mopd
+
+    state = mopd(project_dir=str(project), return_state=True, **kw)
+    status = json.loads((project / ".mopd" / "last_run.json").read_text())["status"]
+    return state, status
+
+
+def _by(status, kind):
+    return {k for k, v in status.items() if v == kind}
+
+
+def test_flow_caches_reruns_and_recovers(micro_project, prefect_env, monkeypatch):
+    project = micro_project
+    # 1. Everything computes the first time.
+    state, status = _run(project)
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == ALL
+
+    # 2. Nothing changed: every stage is a cache hit, except that a cache hit whose files were
+    #    deleted is recomputed (and, merges being deterministic, nothing downstream changes).
+    (project / "artifacts" / "merge" / "linear" / "model.safetensors").unlink()
+    state, status = _run(project)
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == {"merge"}
+    assert _by(status, "cached") == ALL - {"merge"}
+
+    # 3. One teacher's learning rate changes: exactly it and what depends on it recompute.
+    params = micro_params()
+    params["teacher"]["math"]["learning_rate"] = 1.0e-3
+    write_params(project, params)
+    state, status = _run(project)
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == {"teacher:math", "distill", "merge", "evaluate"}
+
+    # 4. A teacher raises (all teachers forced to run): the other teachers complete, the
+    #    stages that need every teacher are skipped, the flow fails.
+    monkeypatch.setenv("MOPD_FAIL_STAGES", "teacher:code")
+    state, status = _run(project, rerun=["teacher"])
+    assert state.is_failed()
+    assert status["teacher:code"] == "failed"
+    assert status["teacher:math"] == status["teacher:if"] == "computed"
+    assert _by(status, "skipped") == {"distill", "merge", "evaluate"}
+
+    # 5. The next run recomputes only the failed teacher and what depends on it.
+    monkeypatch.delenv("MOPD_FAIL_STAGES")
+    state, status = _run(project)
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == {"teacher:code", "distill", "merge", "evaluate"}
+
+    # MLflow (SQLite store in the project): the last parent run has a child per stage.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / '.mopd' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mopd")
+    parents = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"])
+    assert len(parents) == 5
+    last = parents[0]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{last.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == ALL
+    assert {c.data.tags.get("cache", "miss") for c in children} == {"hit", "miss"}
+    computed = [c for c in children if c.data.tags["stage"] == "teacher:code"][0]
+    assert "teacher.code.learning_rate" in computed.data.params or computed.data.params
+    assert any(k.startswith("train/") for k in client.get_run(computed.info.run_id).data.metrics)
+    arts = {a.path for a in client.list_artifacts(last.info.run_id)}
+    assert {"avg_at_k.csv", "normalized.csv", "normalized.png"} <= arts
+    assert any(k.startswith("normalized/mopd/") for k in last.data.metrics)
+
+
+def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):
+    params = micro_params()
+    params["teacher"]["math"]["learning_rate"] = "fast"
+    write_params(micro_project, params)
+    from flows.mopd_flow import mopd
+
+    state = mopd(project_dir=str(micro_project), return_state=True)
+    assert state.is_failed()
+    assert "teacher.math.learning_rate" in state.message or "learning_rate" in str(state.result(raise_on_failure=False))
+    assert not (micro_project / "artifacts").exists()
+
+
+def test_flow_rejects_unknown_rerun(micro_project, prefect_env):
+    from flows.mopd_flow import mopd
+
+    state = mopd(project_dir=str(micro_project), rerun=["teachr"], return_state=True)
+    assert state.is_failed()
+    assert "teachr" in str(state.result(raise_on_failure=False))
+    assert not (micro_project / "artifacts").exists()
