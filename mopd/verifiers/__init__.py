@@ -34,7 +34,7 @@ VERIFIERS: dict[str, Callable[[object, str], Verdict]] = {
 
 def default_workers() -> int:
     """Parallel sandboxes used by verify_batch when ``workers`` is not given."""
-    return 4 * len(os.sched_getaffinity(0))
+    return min(16, 4 * len(os.sched_getaffinity(0)))
 
 
 def _check_kind(kind: str) -> None:
@@ -59,7 +59,7 @@ def verify_batch(kinds: Sequence[str], responses: Sequence[object], references: 
                  *, workers: int | None = None, sandbox: Sandbox | None = None) -> list[Verdict]:
     """Score many responses; code runs in ``workers`` parallel sandboxes.
 
-    ``workers`` defaults to 4 x the CPU count: much of a sandbox's life is kernel namespace
+    ``workers`` defaults to 4 x the CPU count (at most 16): much of a sandbox's life is kernel namespace
     set-up and tear-down latency rather than CPU, so on 2 cores 8 workers verify ~2.5x more
     programs per second than 2 (see benchmarks/verifiers.py). Returns verdicts in input order.
     Math/if/mc run in the calling thread (CPU-bound Python; math-verify's timeouts need the

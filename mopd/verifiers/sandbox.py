@@ -51,12 +51,19 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-program limits. ``memory_bytes`` is RLIMIT_AS (virtual address space)."""
+    """Per-program limits. ``memory_bytes`` is RLIMIT_AS (virtual address space) *per process*.
+
+    ``nproc`` counts the sandbox's tasks (bwrap's init, the interpreter, its threads and
+    children), so 4 leaves room for two extra threads/processes. rlimits are per process, so
+    one sandbox can hold up to about ``(nproc - 1) * memory_bytes + tmpfs_bytes`` of memory and
+    ``verify_batch`` runs several sandboxes at once: bound the verifier with a container or
+    cgroup memory limit when running untrusted code at scale.
+    """
 
     wall_s: float = 5.0
     cpu_s: int = 3
-    memory_bytes: int = 512 << 20
-    nproc: int = 16
+    memory_bytes: int = 256 << 20
+    nproc: int = 4
     file_bytes: int = 4 << 20
     tmpfs_bytes: int = 16 << 20
     nofile: int = 64
