@@ -108,7 +108,7 @@ def merge(
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     try:
-        _run(config, tmp, seed=resolved["seed"])
+        _run(config, tmp, seed=resolved["seed"] if method.startswith("dare_") else None)
         _copy_tokenizer(base, tmp)
         (tmp / CONFIG_FILE).write_text(config_yaml)
         _check_output(tmp)
@@ -220,7 +220,13 @@ def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
     return json.loads((path / "config.json").read_text())
 
 
-def _run(config, out: Path, *, seed: int) -> None:
+def _run(config, out: Path, *, seed: int | None) -> None:
+    """mergekit on CPU. ``seed`` (DARE only) goes through ``transformers.set_seed``, which reseeds
+    the process-global random/numpy/torch generators: their states are restored afterwards."""
+    import random
+
+    import numpy as np
+    import torch
     from mergekit.merge import MergeOptions, run_merge
 
     options = MergeOptions(
@@ -235,7 +241,13 @@ def _run(config, out: Path, *, seed: int) -> None:
         random_seed=seed,
         quiet=True,
     )
-    run_merge(config, str(out), options)
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        run_merge(config, str(out), options)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 def _copy_tokenizer(base: Path, out: Path) -> None:

@@ -124,6 +124,9 @@ def test_dare_drops_80_percent_seeded(ckpts, tmp_path):
     b = _sd(base)
     w = "model.layers.1.mlp.down_proj.weight"  # 32 x 64 entries
     runs = {}
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
         out = merge("dare_linear", base=base, models=teachers[:1], out_dir=tmp_path / name, params={"seed": seed})
         runs[name] = _sd(out)[w]
@@ -131,6 +134,7 @@ def test_dare_drops_80_percent_seeded(ckpts, tmp_path):
     assert 0.15 < changed < 0.25  # drop p = 0.8 (M2RL mask ratio), binomial noise over 2048 entries
     assert torch.equal(runs["a"], runs["b"])
     assert not torch.equal(runs["a"], runs["c"])
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's global RNG stream is untouched
 
 
 def test_dare_ties_and_sce_run(ckpts, tmp_path):
