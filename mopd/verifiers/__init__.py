@@ -74,20 +74,18 @@ def verify_batch(kinds: Sequence[str], responses: Sequence[object], references: 
         raise ValueError(f"workers must be >= 1, got {workers}")
     verdicts: list[Verdict | None] = [None] * len(kinds)
     code_idx = [i for i, k in enumerate(kinds) if k == "code"]
-    futures = {}
-    if code_idx:
-        box = sandbox or default_sandbox()
-        box.mode  # noqa: B018 - set up (and raise SandboxUnavailable) before fanning out
-        pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+    if not code_idx:
+        return [verify(k, r, ref) for k, r, ref in zip(kinds, responses, references)]
+    box = sandbox or default_sandbox()
+    box.mode  # noqa: B018 - set up (and raise SandboxUnavailable) before fanning out
+    with ThreadPoolExecutor(max_workers=min(len(code_idx), workers or default_workers())) as pool:
         futures = {i: pool.submit(_verify_code_safe, responses[i], references[i], box)
                    for i in code_idx}
-    for i, kind in enumerate(kinds):
-        if kind != "code":
-            verdicts[i] = verify(kind, responses[i], references[i])
-    if code_idx:
+        for i, kind in enumerate(kinds):  # the rest runs here while the sandboxes work
+            if kind != "code":
+                verdicts[i] = verify(kind, responses[i], references[i])
         for i, future in futures.items():
             verdicts[i] = future.result()
-        pool.shutdown()
     return verdicts  # type: ignore[return-value]
 
 
