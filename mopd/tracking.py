@@ -378,7 +378,8 @@ class MLflowTracker:
 
     def child(self, name: str, **tags: Any) -> MLflowTracker:
         """A nested run in the same experiment (tag ``mlflow.parentRunId`` = this run)."""
-        exp_name = self._client.get_experiment(self.experiment_id).name
+        with self._store_lock:
+            exp_name = self._client.get_experiment(self.experiment_id).name
         return MLflowTracker.start(
             exp_name, name, tracking_uri=self.tracking_uri, parent_run_id=self._run_id, tags=tags
         )
