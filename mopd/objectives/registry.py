@@ -46,7 +46,7 @@ __all__ = ["DistillBatch", "ObjectiveFn", "OBJECTIVES", "register_objective", "g
 ObjectiveFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean ==
 class DistillBatch:
     """Tensors one distillation step may need; each objective uses a subset (see module table).
 
