@@ -2,7 +2,7 @@
 
 Layout: ``<data_dir>/<domain>/train.parquet`` and ``eval.parquet`` with the record schema of
 :mod:`mopd.domains` (id, domain, prompt, completion, reference). Synthetic domains are generated
-from the seed (evaluation from a separate seed stream); ``hub`` and ``local`` sources go through
+from the seed (evaluation from a separate seed stream, excluding every training prompt); ``hub`` and ``local`` sources go through
 ``datasets`` by the same code (:func:`mopd.domains.loaders.load_records`).
 """
 
@@ -24,14 +24,16 @@ EVAL_SEED_OFFSET = 1_000_003  # evaluation prompts come from a different random 
 def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int
                    ) -> dict[str, list[dict]]:
     """Train and eval records of one domain."""
-    from mopd.domains.registry import generate
+    from mopd.domains import generate
     from mopd.domains.loaders import load_records
 
     src = dom.data
     if src.source == "synthetic":
         kind = name if name in ("math", "code", "if", "mc") else dom.verifier
         train = generate(kind, params.n_train, seed)
-        evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET)
+        # Held out: evaluation prompts never occur in training.
+        evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET,
+                         exclude_prompts={r["prompt"] for r in train})
     else:
         path = src.id if isinstance(src, HubSource) else src.path
         common = {"columns": dict(src.columns)}

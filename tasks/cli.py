@@ -9,6 +9,7 @@ stage's `run(cfg, inputs, out_dir, tracker, domain=...)`, and writes `result.jso
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
 # Fault injection for resilience tests and drills: a comma-separated list of stage names that
 # raise before doing any work (e.g. MOPD_FAIL_STAGES=teacher:code). Never set in normal runs.
 FAIL_ENV = "MOPD_FAIL_STAGES"
+CONFIG_FILE = "stage_config.json"
 
 StageFn = Callable[..., Result]
 
@@ -51,6 +53,11 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    # Provenance: every output carries the configuration it was made with, so a changed setting
+    # changes the stage's content hash (and reruns what depends on it) even when the weights
+    # happen to come out identical (e.g. a GRPO run whose groups all had equal rewards).
+    sections = config_sections(cfg, spec)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
 
     tags = {"stage": name, "pipeline": cfg.pipeline, "cache_key": key}
     if spec.domain:
@@ -58,7 +65,7 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     tracker = (MLflowTracker.start(EXPERIMENT, name, tracking_uri=default_tracking_uri(project),
                                    parent_run_id=parent_run_id, tags=tags)
                if track else NullTracker())
-    tracker.log_params(config_sections(cfg, spec))
+    tracker.log_params(sections)
     t0 = time.time()
     try:
         result = run(cfg, inputs, out_dir, tracker, domain=spec.domain)

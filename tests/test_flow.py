@@ -64,13 +64,15 @@ def test_flow_caches_reruns_and_recovers(micro_project, prefect_env, monkeypatch
     assert state.is_completed(), state.message
     assert _by(status, "computed") == {"teacher:math", "distill", "merge", "evaluate"}
 
-    # 4. A teacher raises (all teachers forced to run): the other teachers complete, the
-    #    stages that need every teacher are skipped, the flow fails.
+    # 4. SFT changes, so every teacher must be recomputed, and one of them raises: the other
+    #    teachers complete, the stages that need every teacher are skipped, the flow fails.
+    params["sft"]["learning_rate"] = 1.0e-3
+    write_params(project, params)
     monkeypatch.setenv("MOPD_FAIL_STAGES", "teacher:code")
-    state, status = _run(project, rerun=["teacher"])
+    state, status = _run(project)
     assert state.is_failed()
+    assert status["sft"] == status["teacher:math"] == status["teacher:if"] == "computed"
     assert status["teacher:code"] == "failed"
-    assert status["teacher:math"] == status["teacher:if"] == "computed"
     assert _by(status, "skipped") == {"distill", "merge", "evaluate"}
 
     # 5. The next run recomputes only the failed teacher and what depends on it.
@@ -79,6 +81,11 @@ def test_flow_caches_reruns_and_recovers(micro_project, prefect_env, monkeypatch
     assert state.is_completed(), state.message
     assert _by(status, "computed") == {"teacher:code", "distill", "merge", "evaluate"}
 
+    # 6. `rerun` forces a stage whatever the cache says.
+    state, status = _run(project, rerun=["merge"])
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == {"merge"}
+
     # MLflow (SQLite store in the project): the last parent run has a child per stage.
     from mlflow.tracking import MlflowClient
 
@@ -86,14 +93,16 @@ def test_flow_caches_reruns_and_recovers(micro_project, prefect_env, monkeypatch
     exp = client.get_experiment_by_name("mopd")
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'",
                                  order_by=["attributes.start_time DESC"])
-    assert len(parents) == 5
+    assert len(parents) == 6
     last = parents[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{last.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == ALL
-    assert {c.data.tags.get("cache", "miss") for c in children} == {"hit", "miss"}
-    computed = [c for c in children if c.data.tags["stage"] == "teacher:code"][0]
-    assert "teacher.code.learning_rate" in computed.data.params or computed.data.params
-    assert any(k.startswith("train/") for k in client.get_run(computed.info.run_id).data.metrics)
+    assert {c.data.tags["stage"] for c in children if c.data.tags.get("cache") != "hit"} == {"merge"}
+    teacher = [r for r in client.search_runs([exp.experiment_id], "tags.stage = 'teacher:code'")
+               if r.data.tags.get("cache") != "hit"][0]
+    assert teacher.data.params["teacher.code.learning_rate"] == str(params["teacher"]["code"]["learning_rate"])
+    history = client.get_metric_history(teacher.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2]  # per-step metrics, one point per GRPO step
     arts = {a.path for a in client.list_artifacts(last.info.run_id)}
     assert {"avg_at_k.csv", "normalized.csv", "normalized.png"} <= arts
     assert any(k.startswith("normalized/mopd/") for k in last.data.metrics)
