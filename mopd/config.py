@@ -107,7 +107,10 @@ class GRPOParams(_Strict):
 class DistillParams(_Strict):
     """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
 
-    objective: Literal["mopd_pg", "mopd_topk"] = "mopd_pg"
+    # A name in mopd.objectives.OBJECTIVES (tests check this list against the registry).
+    objective: Literal["mopd_pg", "mopd_topk", "tropd", "reopold_clip", "mask_outlier",
+                       "entropy_opd", "jsd", "topk_fkl"] = "mopd_pg"
+    objective_params: dict[str, float | int | bool | None] = Field(default_factory=dict)
     max_steps: PosInt = 60
     learning_rate: PosFloat = 5e-4
     prompts_per_step: PosInt = 16

@@ -2,8 +2,7 @@
 
 Sampling is plain ancestral sampling at a temperature (top-k and top-p disabled: transformers
 defaults to top_k=50, which would make the sampled policy differ from the model whose log-probs
-we compute). Scoring packs prompt + completion right-padded and reads each completion token's
-log-prob from one forward pass.
+we compute). `pack` lays prompt + completion out right-padded for scoring.
 """
 
 from __future__ import annotations
@@ -74,11 +73,3 @@ def pack(samples: list[Sample], pad_id: int, device=None):
         attn[b, : len(seq)] = 1
         comp[b, len(s.prompt_ids): len(seq)] = 1.0
     return ids.to(device), attn.to(device), comp.to(device)
-
-
-def token_logprobs(model, input_ids_BT, attention_mask_BT, *, temperature: float = 1.0) -> torch.Tensor:
-    """log p(x_t | x_<t) for every position t >= 1 (position 0 gets 0): ``logprobs_BT``."""
-    logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits[:, :-1]
-    logprobs_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    picked_BT = logprobs_BTV.gather(-1, input_ids_BT[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(picked_BT, (1, 0))

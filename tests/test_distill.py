@@ -11,8 +11,10 @@ import torch
 
 from mopd.config import DistillParams, TinyProfile
 from mopd.models import build_base, load_model, load_tokenizer
-from mopd.rollout import pack, sample, token_logprobs
-from mopd.trainers.distill import draw_domains, teacher_scores, train_mopd
+from mopd.objectives import OBJECTIVES
+from mopd.rollout import pack, sample
+from mopd.trainers.distill import (draw_domains, objective_kwargs, student_quantities,
+                                   teacher_scores, train_mopd)
 from mopd.tracking import NullTracker
 
 TEXTS = [f"[math] {a}+{b}=\\boxed{{{a + b}}}" for a in range(15) for b in range(15)]
@@ -26,6 +28,13 @@ def two_models(tmp_path_factory):
     build_base(SMALL, TEXTS, root / "a", seed=0)
     build_base(SMALL, TEXTS, root / "b", seed=1)
     return root / "a", root / "b"
+
+
+def full_logits_reference(model, ids_BT, attn_BT):
+    """Naive reference: log-probs of every token and the full log-softmax, position-aligned."""
+    logits = model(input_ids=ids_BT, attention_mask=attn_BT).logits[:, :-1].double()
+    logp_BTV = torch.nn.functional.pad(torch.log_softmax(logits, -1), (0, 0, 1, 0))
+    return logp_BTV.gather(-1, ids_BT[..., None]).squeeze(-1), logp_BTV
 
 
 def test_draw_domains_keeps_exact_shares():
@@ -44,17 +53,45 @@ def test_teacher_scores_route_each_row_to_its_domain(two_models):
     ids, attn, mask = pack(samples, tok.pad_token_id)
     u, top_ids, top_lp = teacher_scores({"x": ta, "y": tb}, {"x": [0, 2], "y": [1, 3]}, ids, attn, topk=4)
     with torch.no_grad():
-        ref_a, ref_b = token_logprobs(ta, ids, attn), token_logprobs(tb, ids, attn)
+        ref_a, ref_b = full_logits_reference(ta, ids, attn)[0], full_logits_reference(tb, ids, attn)[0]
     m = mask.bool()
     for row, ref in ((0, ref_a), (2, ref_a), (1, ref_b), (3, ref_b)):
-        assert torch.allclose(u[row][m[row]], ref[row][m[row]], atol=1e-5)
+        assert torch.allclose(u[row][m[row]].double(), ref[row][m[row]], atol=1e-5)
     assert not torch.allclose(ref_a[m], ref_b[m], atol=1e-3)  # the two teachers really differ
     assert top_ids.shape == (4, ids.shape[1], 4)
     # the sampled token's teacher log-prob never exceeds the teacher's best log-prob there
     assert bool((u[m] <= top_lp[..., 0][m] + 1e-6).all())
 
 
-@pytest.mark.parametrize("objective", ["mopd_pg", "mopd_topk"])
+def test_student_quantities_match_full_logits(two_models):
+    a, _ = two_models
+    model, tok = load_model(a), load_tokenizer(a)
+    samples = sample(model, tok, ["[math] 1+2=", "[math] 13+4="], n=2, max_new_tokens=5, temperature=1.0, seed=1)
+    ids, attn, mask = pack(samples, tok.pad_token_id)
+    top_ids = torch.randint(0, model.config.vocab_size, (*ids.shape, 3))
+    s, s_top, ent = student_quantities(model, ids, attn, topk_ids_BTK=top_ids, entropy=True, chunk=7)
+    ref_s, ref_logp = full_logits_reference(model, ids, attn)
+    m = mask.bool()
+    assert torch.allclose(s[m].double(), ref_s[m], atol=1e-5)
+    assert torch.allclose(s_top[m].double(), ref_logp.gather(-1, top_ids)[m], atol=1e-5)
+    ref_ent = -(ref_logp.exp() * ref_logp).sum(-1)
+    assert torch.allclose(ent[m].double(), ref_ent[m], atol=1e-5)
+    s.sum().backward()  # differentiable through the chunked path
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_config_objectives_are_the_registry():
+    from typing import get_args
+
+    from mopd.config import DistillParams
+
+    assert set(get_args(DistillParams.model_fields["objective"].annotation)) == set(OBJECTIVES)
+    assert objective_kwargs("mopd_pg", DistillParams(clip=3.0)) == {"clip": 3.0, "token_mean": False}
+    with pytest.raises(ValueError, match=r"\['warp'\] not accepted by objective 'mopd_topk'"):
+        objective_kwargs("mopd_topk", DistillParams(objective="mopd_topk", objective_params={"warp": 1.0}))
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_distill_with_teacher_equal_to_student_has_zero_kl(two_models, tmp_path, objective):
     a, b = two_models
     params = DistillParams(objective=objective, max_steps=2, prompts_per_step=2, samples_per_prompt=2,

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import micro_params, write_params
+from tests.conftest import _sh, dvc_env, micro_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,19 @@ def _by(status, kind):
     return {k for k, v in status.items() if v == kind}
 
 
-def test_flow_caches_reruns_and_recovers(micro_project, prefect_env, monkeypatch):
-    project = micro_project
-    # 1. Everything computes the first time.
+def _dvc_status(project) -> str:
+    env = dvc_env()
+    return _sh([env["PATH"].split(":")[0] + "/dvc", "status"], project, env)
+
+
+def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
+    project = dvc_project
+    # 1. Everything computes the first time; dvc.lock then records Prefect's work, so DVC does
+    #    not call every stage stale.
     state, status = _run(project)
     assert state.is_completed(), state.message
     assert _by(status, "computed") == ALL
+    assert "up to date" in _dvc_status(project)
 
     # 2. Nothing changed: every stage is a cache hit, except that a cache hit whose files were
     #    deleted is recomputed (and, merges being deterministic, nothing downstream changes).
@@ -63,6 +70,7 @@ def test_flow_caches_reruns_and_recovers(micro_project, prefect_env, monkeypatch
     state, status = _run(project)
     assert state.is_completed(), state.message
     assert _by(status, "computed") == {"teacher:math", "distill", "merge", "evaluate"}
+    assert "up to date" in _dvc_status(project)
 
     # 4. SFT changes, so every teacher must be recomputed, and one of them raises: the other
     #    teachers complete, the stages that need every teacher are skipped, the flow fails.

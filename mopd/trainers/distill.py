@@ -5,10 +5,15 @@ Each step: draw prompts with the configured per-batch domain shares (§3), the *
 domain routes to (one teacher forward pass over prompt + completion), and the student takes one
 gradient step on
 
+the objective named by `distill.objective`, looked up in `mopd.objectives.OBJECTIVES`:
 - `mopd_pg` (§1, MOPD 3.2.1): K1 advantage `A_t = sg(u_t - s_t)`, two-sided clip, policy-gradient
   loss (ratio = 1 here: one optimiser step per rollout batch, so the PPO clip never binds);
 - `mopd_topk` (§2, MOPD 3.2.2): the teacher ships its top-k (id, log-prob) per position and the
-  loss is the truncation-corrected top-k reverse KL on the student's logits.
+  loss is the truncation-corrected top-k reverse KL;
+- the TrOPD objective and the baselines (§5) through the same batch.
+The trainer fills only the `DistillBatch` fields the objective requires; student log-probs,
+top-k gathers and entropies go through the chunked LM-head path (`mopd.logits`), so the student's
+B×T×V logits are never materialised.
 
 Departures from the paper, on purpose: teachers run in-process (the prefill-service form with
 overlap is issue 5); no Dynamic Sampling (MOPD turns it off for distillation too).
@@ -16,6 +21,7 @@ overlap is issue 5); no Dynamic Sampling (MOPD turns it off for distillation too
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import time
@@ -26,8 +32,9 @@ from tqdm.auto import tqdm
 
 from mopd.config import DistillParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
-from mopd.objectives import opd_advantage, pg_loss, topk_distill_loss
-from mopd.rollout import pack, sample, token_logprobs
+from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
+from mopd.objectives.registry import DistillBatch, get_objective, required_fields
+from mopd.rollout import pack, sample
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,50 @@ def teacher_scores(teachers: dict, rows_by_domain: dict[str, list[int]], ids_BT,
     return u_BT, top_ids, top_lp
 
 
+TOPK_FIELDS = {"teacher_topk_logprobs_BTK", "student_topk_logprobs_BTK", "teacher_topk_ids_BTK"}
+
+
+def student_quantities(model, ids_BT, attn_BT, *, topk_ids_BTK=None, entropy: bool = False,
+                       chunk: int = 1024):
+    """Student ``s_BT`` (log-prob of each token), optionally ``topk_BTK`` (log-probs at the given
+    ids) and ``entropy_BT``, from hidden states and the LM-head weight in token chunks. Position t
+    holds the distribution that predicts token t (position 0: zeros). All differentiable."""
+    hidden_BTH = model.model(input_ids=ids_BT, attention_mask=attn_BT).last_hidden_state
+    B, T, H = hidden_BTH.shape
+    h_NH = hidden_BTH[:, :-1].reshape(-1, H)
+    weight_VH = model.lm_head.weight
+    target_N = ids_BT[:, 1:].reshape(-1)
+
+    def pad(x_N, *rest):  # (N, *rest) -> (B, T, *rest) with zeros at position 0
+        return torch.nn.functional.pad(x_N.view(B, T - 1, *rest), (0, 0) * len(rest) + (1, 0))
+
+    ent_BT = None
+    if entropy:
+        s_N, ent_N = chunked_token_logprobs(h_NH, weight_VH, target_N, chunk=chunk)
+        ent_BT = pad(ent_N)
+    if topk_ids_BTK is not None:
+        K = topk_ids_BTK.shape[-1]
+        ids_NK = torch.cat([target_N[:, None], topk_ids_BTK[:, 1:].reshape(-1, K)], dim=1)
+        lp_NK = chunked_gather_logprobs(h_NH, weight_VH, ids_NK, chunk=chunk)
+        return pad(lp_NK[:, 0]), pad(lp_NK[:, 1:], K), ent_BT
+    if not entropy:
+        s_N = chunked_gather_logprobs(h_NH, weight_VH, target_N[:, None], chunk=chunk)[:, 0]
+    return pad(s_N), None, ent_BT
+
+
+def objective_kwargs(name: str, params: DistillParams) -> dict:
+    """The objective's keyword arguments: `clip` and `token_mean` from the distill section where
+    the objective takes them, plus `objective_params`; an unknown one is an error naming it."""
+    fn = inspect.unwrap(get_objective(name))
+    accepted = set(inspect.signature(fn).parameters) - {"batch"}
+    kwargs = {k: v for k, v in (("clip", params.clip), ("token_mean", params.token_mean)) if k in accepted}
+    unknown = sorted(set(params.objective_params) - accepted)
+    if unknown:
+        raise ValueError(f"distill.objective_params: {unknown} not accepted by objective {name!r} "
+                         f"(it takes {sorted(accepted)})")
+    return kwargs | dict(params.objective_params)
+
+
 def train_mopd(sft_dir: Path, teacher_dirs: dict[str, Path], prompts: dict[str, list[dict]],
                out_dir: Path, params: DistillParams, seed: int, tracker, *,
                score_fn=None) -> dict[str, list[tuple[int, float]]]:
@@ -85,7 +136,10 @@ def train_mopd(sft_dir: Path, teacher_dirs: dict[str, Path], prompts: dict[str, 
     student.train()
     teachers = {d: load_model(p).eval() for d, p in teacher_dirs.items()}
     optim = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=0.0)
-    topk = params.topk if params.objective == "mopd_topk" else None
+    objective = get_objective(params.objective)
+    kwargs = objective_kwargs(params.objective, params)
+    needs = set(required_fields(params.objective))
+    topk = params.topk if needs & TOPK_FIELDS else None
     history: dict[str, list[tuple[int, float]]] = {}
 
     for step in tqdm(range(1, params.max_steps + 1), desc="mopd distill", mininterval=5):
@@ -106,28 +160,22 @@ def train_mopd(sft_dir: Path, teacher_dirs: dict[str, Path], prompts: dict[str, 
         u_BT, top_ids_BTK, top_lp_BTK = teacher_scores(teachers, rows_by_domain, ids_BT, attn_BT, topk=topk)
         t_teacher = time.time() - t1
 
-        if topk:
-            logits = student(input_ids=ids_BT, attention_mask=attn_BT).logits
-            logits_BTV = torch.nn.functional.pad(logits[:, :-1], (0, 0, 1, 0))  # align to token t
-            s_BT = torch.log_softmax(logits_BTV.float(), -1).gather(-1, ids_BT[..., None]).squeeze(-1)
-            loss = topk_distill_loss(logits_BTV.float(), top_ids_BTK, top_lp_BTK, mask_BT,
-                                     token_mean=params.token_mean)
-            adv_BT = opd_advantage(u_BT, s_BT)  # for monitoring only
-        else:
-            s_BT = token_logprobs(student, ids_BT, attn_BT)
-            adv_BT = opd_advantage(u_BT, s_BT, clip=params.clip)  # MOPD 3.2.1: A_t, two-sided clip
-            loss = pg_loss(s_BT, s_BT.detach(), adv_BT, mask_BT, token_mean=params.token_mean)
+        s_BT, s_topk_BTK, ent_BT = student_quantities(
+            student, ids_BT, attn_BT, topk_ids_BTK=top_ids_BTK, entropy="student_entropy_BT" in needs)
+        batch = DistillBatch(mask_BT=mask_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT,
+                             teacher_topk_ids_BTK=top_ids_BTK, teacher_topk_logprobs_BTK=top_lp_BTK,
+                             student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT)
+        loss, obj_metrics = objective(batch, **kwargs)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optim.step()
 
         n_tok = mask_BT.sum().clamp(min=1)
-        metrics = {
+        metrics = {f"distill/{k}": v for k, v in obj_metrics.items()} | {
             "distill/loss": loss.item(),
             # K1 estimate of the per-token reverse KL to the routed teachers (§8 diagnostic)
             "distill/reverse_kl": float(((s_BT.detach() - u_BT) * mask_BT).sum() / n_tok),
-            "distill/advantage_mean": float((adv_BT * mask_BT).sum() / n_tok),
             "distill/response_tokens": float(n_tok / len(samples)),
             "distill/grad_norm": float(grad_norm),
             "distill/sample_seconds": t_sample,
