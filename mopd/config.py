@@ -71,7 +71,11 @@ Profile = Annotated[TinyProfile | PretrainedProfile, Field(discriminator="source
 
 class DataParams(_Strict):
     n_train: PosInt = 2000  # training prompts per domain (synthetic generator)
-    n_eval: PosInt = 64  # held-out evaluation prompts per domain
+    n_eval: PosInt = 64  # evaluation prompts per domain
+    # Synthetic eval prompts are fresh i.i.d. draws from the domain's generator (separate seed
+    # stream); in a finite task space some also occur in training. `eval_disjoint: true` drops
+    # every training prompt instead: a harder set, biased toward the rarest prompts.
+    eval_disjoint: bool = False
 
 
 class SFTParams(_Strict):

@@ -2,7 +2,7 @@
 
 Layout: ``<data_dir>/<domain>/train.parquet`` and ``eval.parquet`` with the record schema of
 :mod:`mopd.domains` (id, domain, prompt, completion, reference). Synthetic domains are generated
-from the seed (evaluation from a separate seed stream, excluding every training prompt); ``hub`` and ``local`` sources go through
+from the seed (evaluation from a separate seed stream; `eval_disjoint` excludes training prompts); ``hub`` and ``local`` sources go through
 ``datasets`` by the same code (:func:`mopd.domains.loaders.load_records`).
 """
 
@@ -31,9 +31,8 @@ def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int
     if src.source == "synthetic":
         kind = name if name in ("math", "code", "if", "mc") else dom.verifier
         train = generate(kind, params.n_train, seed)
-        # Held out: evaluation prompts never occur in training.
-        evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET,
-                         exclude_prompts={r["prompt"] for r in train})
+        exclude = {r["prompt"] for r in train} if params.eval_disjoint else ()
+        evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET, exclude_prompts=exclude)
     else:
         path = src.id if isinstance(src, HubSource) else src.path
         common = {"columns": dict(src.columns)}
