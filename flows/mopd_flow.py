@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -95,34 +96,23 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
     results: dict[str, Result] = {}
     status: dict[str, str] = {}
-    for wave in levels(graph):
-        ready = [s for s in wave if all(u in results for u in s.upstream)]
-        status |= {s.name: "skipped" for s in wave if s not in ready}
-        threads = max(1, (os.cpu_count() or 1) // max(1, len(ready)))
-        futures = {s.name: _submit(s, cfg, project, results, parent.run_id, threads, _forced(rerun, s))
-                   for s in ready}
-        for spec in ready:
-            fut = futures[spec.name]
-            state = fut.wait() or fut.state
-            if state.is_completed():
-                res = Result.from_dict(state.result())
-                cached = state.name == "Cached"
-                if cached and (problems := res.problems(project)):
-                    logger.warning("%s: cached result is stale (%s); recomputing", spec.name, problems[0])
-                    fut = _submit(spec, cfg, project, results, parent.run_id, threads, True)
-                    state = fut.wait() or fut.state
-                    cached = False
-                    if not state.is_completed():
-                        status[spec.name] = "failed"
-                        continue
-                    res = Result.from_dict(state.result())
-                results[spec.name] = res
-                status[spec.name] = "cached" if cached else "computed"
-                if cached:
+    try:
+        for wave in levels(graph):
+            ready = [s for s in wave if all(u in results for u in s.upstream)]
+            status |= {s.name: "skipped" for s in wave if s not in ready}
+            threads = max(1, (os.cpu_count() or 1) // max(1, len(ready)))
+            submit = partial(_submit, cfg=cfg, project=project, results=results,
+                             parent_run_id=parent.run_id, threads=threads)
+            futures = {s.name: submit(s, refresh=_forced(rerun, s)) for s in ready}
+            for spec in ready:
+                status[spec.name], res = _settle(spec, futures[spec.name], submit, project, logger)
+                if res is not None:
+                    results[spec.name] = res
+                if status[spec.name] == "cached":
                     _log_cached(parent, spec, res)
-            else:
-                status[spec.name] = "failed"
-                logger.error("%s failed: %s", spec.name, state.message)
+    except BaseException:
+        parent.end("FAILED")
+        raise
 
     summary = {"status": status, "parent_run_id": parent.run_id,
                "dvc": sync_lock(project, pipeline, list(results))}
@@ -135,7 +125,24 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     return summary
 
 
-def _submit(spec: StageSpec, cfg, project: Path, results: dict[str, Result], parent_run_id: str,
+def _settle(spec: StageSpec, fut, submit, project: Path, logger) -> tuple[str, Result | None]:
+    """Wait for a stage; a cache hit whose files are missing or changed is recomputed.
+    Returns (computed | cached | failed, Result or None)."""
+    state = fut.wait() or fut.state
+    cached = state.name == "Cached"
+    if state.is_completed() and cached:
+        problems = Result.from_dict(state.result()).problems(project)
+        if problems:
+            logger.warning("%s: cached result is stale (%s); recomputing", spec.name, problems[0])
+            fut = submit(spec, refresh=True)
+            state, cached = fut.wait() or fut.state, False
+    if not state.is_completed():
+        logger.error("%s failed: %s", spec.name, state.message)
+        return "failed", None
+    return ("cached" if cached else "computed"), Result.from_dict(state.result())
+
+
+def _submit(spec: StageSpec, *, cfg, project: Path, results: dict[str, Result], parent_run_id: str,
             threads: int, refresh: bool):
     key = cache_key(cfg, spec, {u: results[u].content_hash for u in spec.upstream})
     task_ = stage.with_options(name=f"stage-{spec.name.split(':')[0]}", task_run_name=spec.name,

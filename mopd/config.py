@@ -125,6 +125,14 @@ class DistillParams(_Strict):
     topk: PosInt = 16  # k of the top-k form (§2)
     token_mean: bool = False  # False: mean per sequence, then over sequences (§ notation)
     domain_weights: dict[str, PosFloat] | None = None  # per-batch domain shares; None = uniform
+    # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
+    # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
+    # duration and scores through the same HTTP client used for remote endpoints.
+    teacher_transport: Literal["inprocess", "http"] = "inprocess"
+    # Submit a rollout chunk's scoring request as soon as it is sampled, while the remaining
+    # chunks are still sampling; wait only at the update.
+    overlap: bool = True
+    rollout_chunks: PosInt = 4
 
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "sce"]
@@ -200,9 +208,30 @@ DataSource = Annotated[SyntheticSource | HubSource | LocalSource, Field(discrimi
 VerifierKind = Literal["math", "code", "if", "mc"]
 
 
+class LocalTeacher(_Strict):
+    """The domain's teacher is the checkpoint the `teacher:<domain>` stage trains."""
+
+    source: Literal["local"] = "local"
+
+
+class RemoteTeacher(_Strict):
+    """Prefill endpoints already serving the teacher (`mopd serve-teacher` or `vllm serve`):
+    requests go round-robin across replicas, failing over to the next on error. No teacher stage
+    runs for this domain."""
+
+    source: Literal["remote"]
+    endpoints: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(min_length=1)
+    model: str | None = None  # the `model` field sent to the server (vLLM needs its served name)
+    token_env: str | None = None  # environment variable holding a bearer token
+
+
+TeacherSource = Annotated[LocalTeacher | RemoteTeacher, Field(discriminator="source")]
+
+
 class DomainConfig(_Strict):
     verifier: VerifierKind
     data: DataSource = SyntheticSource()
+    teacher: TeacherSource = LocalTeacher()
     benchmarks: list[str] = Field(default_factory=list)  # evaluation columns; default: [<domain>]
 
 
@@ -250,6 +279,11 @@ class Config(_Strict):
     @property
     def domains(self) -> list[str]:
         return list(self.pipe.domains)
+
+    @property
+    def local_teacher_domains(self) -> list[str]:
+        """Domains whose teacher the pipeline trains (the others name remote endpoints)."""
+        return [d for d in self.domains if self.domain(d).teacher.source == "local"]
 
     def domain(self, name: str) -> DomainConfig:
         return self.pipelines.domains[name]
@@ -339,7 +373,8 @@ def load_config(
             f"(defined: {sorted(pipes.pipelines)})"
         )
     domains = pipes.pipelines[pipeline].domains
-    missing = [d for d in domains if d not in params.teacher]
+    local = [d for d in domains if pipes.domains[d].teacher.source == "local"]
+    missing = [d for d in local if d not in params.teacher]
     if missing:
         raise ConfigError(
             f"{project_dir / params_file}: teacher.{missing[0]}: missing recipe for domain "

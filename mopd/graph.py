@@ -39,7 +39,8 @@ def build_graph(cfg: Config) -> list[StageSpec]:
     """The stages of ``cfg.pipeline`` in a topological order (teachers adjacent, parallel)."""
     wanted = set(cfg.pipe.stages)
     domains = cfg.domains
-    teachers = [f"teacher:{d}" for d in domains] if "teacher" in wanted else []
+    local = cfg.local_teacher_domains if "teacher" in wanted else []
+    teachers = [f"teacher:{d}" for d in local]
     specs: list[StageSpec] = []
 
     def add(name: str, **kw: Any) -> None:
@@ -52,7 +53,7 @@ def build_graph(cfg: Config) -> list[StageSpec]:
         params_keys=("seed", "profile", "profiles"), upstream=("data",))
     add("sft", module="tasks.sft", out_dir=f"{ARTIFACTS}/sft", params_keys=("seed", "sft"),
         upstream=("data", "base"), tags=("gpu",))
-    for d in domains:
+    for d in local:
         add(f"teacher:{d}", module="tasks.teacher", out_dir=f"{ARTIFACTS}/teachers/{d}",
             params_keys=("seed", f"teacher.{d}"), pipeline_keys=(f"domains.{d}",),
             upstream=("data", "sft"), domain=d, tags=("gpu", "teacher"))
