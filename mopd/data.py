@@ -77,3 +77,14 @@ def read_split(data_dir: Path, domain: str, split: str) -> list[dict]:
 def corpus(data_dir: Path, domains: list[str]) -> list[str]:
     """All training text (prompt + gold completion): what the tiny tokenizer is trained on."""
     return [r["prompt"] + r["completion"] for d in domains for r in read_split(data_dir, d, "train")]
+
+
+BALANCED_FILE = "balanced.parquet"
+
+
+def read_balanced(difficulty_dir: Path, domain: str) -> list[dict]:
+    """The difficulty stage's balanced (upsampled) training prompts of ``domain``."""
+    path = difficulty_dir / domain / BALANCED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no balanced prompt set for domain {domain!r}")
+    return pd.read_parquet(path).to_dict("records")

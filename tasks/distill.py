@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.config import Config
-from mopd.data import read_split
+from mopd.data import read_balanced, read_split
 from mopd.trainers.distill import train_mopd
 from tasks.plotting import log_curves
 
@@ -20,7 +20,11 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=
     def score(d, texts, refs):
         return [v.reward for v in verify_batch([kinds[d]] * len(texts), texts, refs)]
 
-    prompts = {d: read_split(inputs["data"], d, "train") for d in cfg.domains}
+    # Uni-OPD A.1: the difficulty stage's balanced prompt set when the pipeline runs it.
+    if "difficulty" in inputs:
+        prompts = {d: read_balanced(inputs["difficulty"], d) for d in cfg.domains}
+    else:
+        prompts = {d: read_split(inputs["data"], d, "train") for d in cfg.domains}
     teachers = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.domains}
     history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, cfg.params.distill,
                          cfg.params.seed, tracker, score_fn=score)
