@@ -1,0 +1,62 @@
+"""The `mopd` command line. Subcommands: ``serve-teacher`` (a teacher as a prefill service)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from mopd.teachers.server import ServerLimits
+
+
+def _serve_teacher(args: argparse.Namespace) -> int:
+    from mopd.teachers.launch import serve
+
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            print(f"error: --token-env {args.token_env}: environment variable is unset or empty",
+                  file=sys.stderr)
+            return 2
+    limits = ServerLimits(max_request_tokens=args.max_request_tokens, max_batch=args.max_batch,
+                          max_logprobs=args.max_logprobs, max_batch_tokens=args.max_batch_tokens)
+    serve(args.model, host=args.host, port=args.port, token=token, limits=limits, dtype=args.dtype,
+          threads=args.threads, name=args.served_model_name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve-teacher", help="serve a teacher checkpoint for prompt-logprob scoring",
+                       description="Serve POST /v1/completions (vLLM's prompt_logprobs subset) and "
+                                   "GET /health for a causal LM.")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-env", default=None,
+                   help="environment variable holding a bearer token that requests must carry")
+    p.add_argument("--served-model-name", default=None, help="name reported by /v1/models")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    d = ServerLimits()
+    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per request")
+    p.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="largest prompt_logprobs")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="padded tokens per forward pass (dynamic batching)")
+    p.set_defaults(func=_serve_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MOPD_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""HTTP teacher client: vLLM's ``/v1/completions`` prompt-logprob API (served by
+`mopd serve-teacher` or `vllm serve`), round-robin over replicas with failover.
+
+Failure semantics (MOPD 3.3 runs teachers as separate services, so they can die): a connection
+error, timeout or 5xx answer moves the request to the next replica, up to ``max_attempts`` tries
+(default: every replica once); a 4xx answer is the request's fault and raises at once. When no
+replica answers, :class:`TeacherError` names the domain and every endpoint with its error. A
+response is checked (one choice per sequence, finite log-probs, the top-k present) before use:
+never a silent zero advantage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Sequence
+
+import httpx
+import torch
+
+from mopd.teachers.base import SequenceScores, TeacherError, check_scores, validate_request
+
+log = logging.getLogger(__name__)
+
+
+def parse_prompt_logprobs(positions: list, seq: list[int], start: int, topk: int | None, who: str):
+    """One choice's ``prompt_logprobs`` -> :class:`SequenceScores` for tokens ``seq[start:]``.
+
+    ``positions[t]`` maps str(token id) -> {"logprob", "rank", ...} for the token at t; the
+    actual token is always present, the top-k are the k entries of lowest rank."""
+    if not isinstance(positions, list) or len(positions) != len(seq):
+        got = len(positions) if isinstance(positions, list) else type(positions).__name__
+        raise TeacherError(f"{who}: prompt_logprobs has {got} positions for {len(seq)} tokens")
+    n = len(seq) - start
+    lp_C = torch.empty(n)
+    ids_CK = torch.empty((n, topk), dtype=torch.long) if topk else None
+    top_CK = torch.empty((n, topk)) if topk else None
+    for c, t in enumerate(range(start, len(seq))):
+        entry = positions[t]
+        if not isinstance(entry, dict) or str(seq[t]) not in entry:
+            raise TeacherError(f"{who}: position {t}: no log-prob for the prompt token {seq[t]}")
+        lp_C[c] = float(entry[str(seq[t])]["logprob"])
+        if topk:
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank") or 1 << 62)[:topk]
+            if len(ranked) < topk:
+                raise TeacherError(f"{who}: position {t}: {len(ranked)} top entries, expected {topk}")
+            ids_CK[c] = torch.tensor([int(k) for k, _ in ranked])
+            top_CK[c] = torch.tensor([float(v["logprob"]) for _, v in ranked])
+    return SequenceScores(lp_C, ids_CK, top_CK)
+
+
+class HTTPTeacher:
+    """A domain's teacher behind one or more prefill endpoints (base URLs, e.g.
+    ``http://127.0.0.1:8001``). Thread-safe; requests carry at most ``max_batch`` sequences."""
+
+    def __init__(self, domain: str, endpoints: Sequence[str], *, model: str | None = None,
+                 token: str | None = None, timeout: float = 120.0, max_attempts: int | None = None,
+                 max_batch: int = 64):
+        if not endpoints:
+            raise ValueError(f"teacher for domain {domain!r}: no endpoints given")
+        self.domain = domain
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.name = f"{domain}@{','.join(self.endpoints)}"
+        self.model = model
+        self.max_attempts = max_attempts or len(self.endpoints)
+        self.max_batch = max_batch
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(headers=headers, timeout=timeout,
+                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self.failovers = 0  # requests that had to move to another replica
+
+    def score(self, prompt_ids, completion_ids, *, topk: int | None = None) -> list[SequenceScores]:
+        validate_request(prompt_ids, completion_ids, topk)
+        out: list[SequenceScores] = []
+        for s in range(0, len(prompt_ids), self.max_batch):
+            out += self._score_batch(prompt_ids[s:s + self.max_batch],
+                                     completion_ids[s:s + self.max_batch], topk)
+        return out
+
+    def _score_batch(self, prompts, completions, topk) -> list[SequenceScores]:
+        seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+        body = {"prompt": seqs, "max_tokens": 1, "prompt_logprobs": topk or 0}
+        if self.model:
+            body["model"] = self.model
+        data, url = self._post(body)
+        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+        who = f"teacher for domain {self.domain!r} at {url}"
+        if len(choices) != len(seqs):
+            raise TeacherError(f"{who}: {len(choices)} choices for {len(seqs)} prompts")
+        scores = [parse_prompt_logprobs(ch.get("prompt_logprobs"), s, len(p), topk, who)
+                  for ch, s, p in zip(choices, seqs, prompts)]
+        check_scores(scores, completions, topk, who)
+        return scores
+
+    def _post(self, body: dict) -> tuple[dict, str]:
+        with self._lock:
+            first = next(self._rr)
+        errors = []
+        for attempt in range(self.max_attempts):
+            url = self.endpoints[(first + attempt) % len(self.endpoints)]
+            try:
+                resp = self._http.post(f"{url}/v1/completions", json=body)
+            except httpx.HTTPError as exc:
+                errors.append(f"{url}: {type(exc).__name__}: {exc}")
+            else:
+                if resp.status_code < 400:
+                    if attempt:
+                        with self._lock:
+                            self.failovers += 1
+                    return resp.json(), url
+                msg = _message(resp)
+                if resp.status_code < 500:
+                    raise TeacherError(f"teacher for domain {self.domain!r} at {url} rejected the "
+                                       f"request ({resp.status_code}): {msg}")
+                errors.append(f"{url}: HTTP {resp.status_code}: {msg}")
+            log.warning("teacher %s: %s; trying the next replica", self.domain, errors[-1])
+        raise TeacherError(f"teacher for domain {self.domain!r}: no endpoint answered after "
+                           f"{self.max_attempts} attempt(s): " + "; ".join(errors))
+
+    def health(self) -> dict[str, bool]:
+        """Endpoint -> whether ``GET /health`` answers 200."""
+        ok = {}
+        for url in self.endpoints:
+            try:
+                ok[url] = self._http.get(f"{url}/health", timeout=5.0).status_code == 200
+            except httpx.HTTPError:
+                ok[url] = False
+        return ok
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    err = data.get("error", data) if isinstance(data, dict) else data
+    return str(err.get("message", err) if isinstance(err, dict) else err)[:500]

@@ -1,0 +1,107 @@
+"""Running teacher servers: `serve` (the body of `mopd serve-teacher`) and
+`local_teacher_servers`, which starts local checkpoints as server subprocesses on free
+127.0.0.1 ports for the duration of a `with` block (the distill stage's `teacher_transport: http`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from mopd.teachers.server import ServerLimits, create_app
+
+log = logging.getLogger(__name__)
+
+
+def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          limits: ServerLimits = ServerLimits(), dtype: str = "float32", threads: int | None = None,
+          name: str | None = None) -> None:
+    """Load ``model_path`` (a local checkpoint or hub id) and serve it until interrupted."""
+    import torch
+    import uvicorn
+
+    from mopd.models import load_model, load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(model_path, dtype=dtype)
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except (OSError, ValueError):  # a bare model directory: no decoded_token strings
+        tokenizer = None
+    app = create_app(model, tokenizer, name=name or str(model_path), token=token, limits=limits)
+    log.info("teacher %s serving on http://%s:%d", model_path, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 180.0) -> None:
+    """Poll ``url/health`` until 200; raise if the process exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"teacher server for {url} exited with code {proc.returncode} "
+                               "before becoming healthy (see its log above)")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"teacher server at {url} not healthy after {timeout:.0f}s")
+
+
+def start_server(model_path: Path | str, *, port: int | None = None, threads: int | None = None,
+                 token_env: str | None = None, extra_args: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """Start `mopd serve-teacher` as a subprocess on 127.0.0.1; returns (process, base URL)
+    without waiting for it (see `wait_healthy`)."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "mopd.cli", "serve-teacher", "--model", str(model_path),
+           "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if token_env:
+        cmd += ["--token-env", token_env]
+    proc = subprocess.Popen(cmd, env=os.environ.copy())
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def local_teacher_servers(models: dict[str, Path | str], *, threads: int | None = None,
+                          startup_timeout: float = 180.0) -> Iterator[dict[str, str]]:
+    """Domain -> base URL of a server subprocess for each checkpoint (one process per distinct
+    path, shared by domains routed to the same checkpoint); all stopped on exit."""
+    procs: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for path in dict.fromkeys(str(p) for p in models.values()):
+            procs[path] = start_server(path, threads=threads)
+        for path, (proc, url) in procs.items():
+            wait_healthy(url, proc, startup_timeout)
+            log.info("local teacher %s ready at %s", path, url)
+        yield {d: procs[str(p)][1] for d, p in models.items()}
+    finally:
+        for proc, _ in procs.values():
+            stop_server(proc)

@@ -1,0 +1,59 @@
+"""Routing (MOPD 3.3; Uni-OPD B.1's table over teacher endpoints): each domain -> one teacher
+client, built from `pipelines.yaml`'s `domains.<d>.teacher`:
+
+- ``LocalTeacher``: the `teacher:<d>` stage's checkpoint, loaded in this process
+  (``transport="inprocess"``) or started as a `mopd serve-teacher` subprocess for the duration of
+  the caller's ExitStack (``transport="http"``), scored over HTTP like a remote one;
+- ``RemoteTeacher``: an :class:`HTTPTeacher` over its endpoints (round-robin, failover), with the
+  bearer token read from ``os.environ[token_env]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from mopd.config import LocalTeacher, RemoteTeacher
+from mopd.teachers.base import TeacherClient
+from mopd.teachers.http import HTTPTeacher
+from mopd.teachers.inprocess import InProcessTeacher
+from mopd.teachers.launch import local_teacher_servers
+
+
+def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher], local_dirs: dict[str, Path], *,
+                  transport: str, stack: contextlib.ExitStack, pad_id: int = 0,
+                  server_threads: int | None = None) -> dict[str, TeacherClient]:
+    """Domain -> client. ``local_dirs`` holds the checkpoint of every local domain; servers and
+    clients are closed when ``stack`` closes. Errors name the domain and what is missing."""
+    if transport not in ("inprocess", "http"):
+        raise ValueError(f"teacher_transport {transport!r}: expected 'inprocess' or 'http'")
+    clients: dict[str, TeacherClient] = {}
+    local = {d: r for d, r in routes.items() if r.source == "local"}
+    missing = sorted(d for d in local if d not in local_dirs)
+    if missing:
+        raise ValueError(f"no teacher checkpoint for local domain(s) {missing}")
+    if transport == "http" and local:
+        urls = stack.enter_context(local_teacher_servers({d: local_dirs[d] for d in local},
+                                                         threads=server_threads))
+        for d in local:
+            clients[d] = HTTPTeacher(d, [urls[d]])
+    elif local:
+        loaded: dict[str, InProcessTeacher] = {}  # one model per distinct checkpoint
+        for d in local:
+            key = str(Path(local_dirs[d]).resolve())
+            if key not in loaded:
+                loaded[key] = InProcessTeacher.from_pretrained(local_dirs[d], name=d, pad_id=pad_id)
+            clients[d] = loaded[key]
+    for d, r in routes.items():
+        if r.source == "remote":
+            token = None
+            if r.token_env:
+                token = os.environ.get(r.token_env)
+                if not token:
+                    raise ValueError(f"domains.{d}.teacher.token_env: environment variable "
+                                     f"{r.token_env!r} is unset or empty")
+            clients[d] = HTTPTeacher(d, list(r.endpoints), model=r.model, token=token)
+    for c in {id(c): c for c in clients.values()}.values():
+        stack.callback(c.close)
+    return clients
