@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from mopd.graph import StageSpec, build_graph, cache_key, levels
 
 EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
 SUMMARY_FILE = ".mopd/last_run.json"
+PROGRESS_EVERY = 10.0  # seconds between forwarded progress-bar lines
 
 
 class StageFailed(RuntimeError):
@@ -51,17 +53,22 @@ def stage(name: str, key: str, module: str, argv: list[str], out_dir: str, proje
     cmd = [sys.executable, "-m", module, *argv, "--project-dir", project_dir, "--pipeline", pipeline]
     if parent_run_id:
         cmd += ["--mlflow-parent", parent_run_id]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TQDM_MININTERVAL": "10"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     logger.info("%s: %s", name, " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: list[str] = []
+    last_bar = 0.0
     for line in proc.stdout:  # stream the stage's own log into Prefect's
         line = line.rstrip()
-        if line:
-            logger.info("[%s] %s", name, line[-2000:])
-            tail = (tail + [line])[-15:]
+        if not line:
+            continue
+        tail = (tail + [line])[-15:]
+        if "%|" in line:  # a progress-bar refresh: forward one every PROGRESS_EVERY seconds
+            if time.monotonic() - last_bar < PROGRESS_EVERY:
+                continue
+            last_bar = time.monotonic()
+        logger.info("[%s] %s", name, line[-2000:])
     if proc.wait() != 0:
         raise StageFailed(f"stage {name} exited with {proc.returncode}:\n" + "\n".join(tail))
     result = load_result(Path(project_dir) / out_dir)

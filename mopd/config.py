@@ -108,6 +108,26 @@ class GRPOParams(_Strict):
         return self
 
 
+class DifficultyParams(_Strict):
+    """Uni-OPD A.1 offline difficulty (ALGORITHMS §4): N student samples per prompt."""
+
+    n_samples: Annotated[int, Field(ge=2)] = 8
+    temperature: PosFloat = 1.0
+    max_new_tokens: PosInt = 32
+    max_prompts: PosInt = 256  # training prompts scored per domain (a random subset)
+    success_threshold: Prob = 1.0  # reward >= this counts as a pass
+    bins: list[Annotated[int, Field(ge=0)]] | None = None  # None: from the shape (U: 1..N-1, J: 0..N-1)
+    cap: Annotated[float, Field(ge=1)] = 4.0
+    batch_size: PosInt = 64
+
+    @model_validator(mode="after")
+    def _bins_in_range(self) -> "DifficultyParams":
+        bad = [b for b in self.bins or [] if b > self.n_samples]
+        if bad:
+            raise ValueError(f"bins {bad} exceed n_samples ({self.n_samples})")
+        return self
+
+
 class DistillParams(_Strict):
     """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
 
@@ -158,6 +178,7 @@ class Params(_Strict):
     data: DataParams = DataParams()
     sft: SFTParams = SFTParams()
     teacher: dict[str, GRPOParams]
+    difficulty: DifficultyParams = DifficultyParams()
     distill: DistillParams = DistillParams()
     merge: MergeParams = MergeParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -235,12 +256,13 @@ class DomainConfig(_Strict):
     benchmarks: list[str] = Field(default_factory=list)  # evaluation columns; default: [<domain>]
 
 
-STAGES = ("data", "base", "sft", "teacher", "distill", "merge", "evaluate")
+STAGES = ("data", "base", "sft", "teacher", "difficulty", "distill", "merge", "evaluate")
 
 
 class PipelineConfig(_Strict):
     domains: list[str] = Field(min_length=1)
-    stages: list[Literal["data", "base", "sft", "teacher", "distill", "merge", "evaluate"]] = Field(
+    stages: list[Literal["data", "base", "sft", "teacher", "difficulty", "distill", "merge",
+                         "evaluate"]] = Field(
         default_factory=lambda: list(STAGES)
     )
 

@@ -57,8 +57,13 @@ def build_graph(cfg: Config) -> list[StageSpec]:
         add(f"teacher:{d}", module="tasks.teacher", out_dir=f"{ARTIFACTS}/teachers/{d}",
             params_keys=("seed", f"teacher.{d}"), pipeline_keys=(f"domains.{d}",),
             upstream=("data", "sft"), domain=d, tags=("gpu", "teacher"))
+    # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
+    # beside the teachers; distillation then trains on its balanced prompt set.
+    add("difficulty", module="tasks.difficulty", out_dir=f"{ARTIFACTS}/difficulty",
+        params_keys=("seed", "difficulty"), upstream=("data", "sft"), tags=("gpu",))
+    balanced = ("difficulty",) if "difficulty" in wanted else ()
     add("distill", module="tasks.distill", out_dir=f"{ARTIFACTS}/distill",
-        params_keys=("seed", "distill"), upstream=("data", "sft", *teachers), tags=("gpu",))
+        params_keys=("seed", "distill"), upstream=("data", "sft", *balanced, *teachers), tags=("gpu",))
     add("merge", module="tasks.merge", out_dir=f"{ARTIFACTS}/merge", params_keys=("merge",),
         upstream=("sft", *teachers))
     models = [s.name for s in specs if s.name in ("sft", "distill", "merge")] + teachers

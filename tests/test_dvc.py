@@ -59,8 +59,8 @@ def test_dvc_repro_runs_then_does_nothing(dvc_project: Path):
     env = dvc_env()
     dvc = str(Path(env["PATH"].split(":")[0]) / "dvc")
     first = _sh([dvc, "repro"], dvc_project, env)
-    for stage in ("data", "base", "sft", "teacher@math", "teacher@code", "teacher@if", "distill",
-                  "merge", "evaluate"):
+    for stage in ("data", "base", "sft", "teacher@math", "teacher@code", "teacher@if", "difficulty",
+                  "distill", "merge", "evaluate"):
         assert f"Running stage '{stage}'" in first, first[-3000:]
     assert (dvc_project / "artifacts" / "evaluate" / "normalized.csv").is_file()
     assert (dvc_project / "dvc.lock").is_file()

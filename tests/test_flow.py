@@ -11,8 +11,8 @@ from tests.conftest import _sh, dvc_env, micro_params, write_params
 
 pytestmark = pytest.mark.slow
 
-ALL = {"data", "base", "sft", "teacher:math", "teacher:code", "teacher:if", "distill", "merge",
-       "evaluate"}
+ALL = {"data", "base", "sft", "teacher:math", "teacher:code", "teacher:if", "difficulty", "distill",
+       "merge", "evaluate"}
 
 
 @pytest.fixture
@@ -80,6 +80,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     state, status = _run(project)
     assert state.is_failed()
     assert status["sft"] == status["teacher:math"] == status["teacher:if"] == "computed"
+    assert status["difficulty"] == "computed"
     assert status["teacher:code"] == "failed"
     assert _by(status, "skipped") == {"distill", "merge", "evaluate"}
 

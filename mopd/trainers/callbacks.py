@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class TrackerCallback(TrainerCallback):
@@ -50,3 +51,17 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+class QuietProgressCallback(ProgressCallback):
+    """transformers' progress bar without printing every step's metrics dict to stdout: the
+    metrics go to the tracker (TrackerCallback), and the stage log stays readable."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+def quiet(trainer) -> None:
+    """Swap the trainer's default progress callback for the quiet one."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgressCallback())

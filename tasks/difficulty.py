@@ -1,0 +1,49 @@
+"""Stage `difficulty`: Uni-OPD A.1 offline difficulty of the training prompts under the SFT
+student, and the balanced (upsampled) prompt set the distillation stage trains on."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import BALANCED_FILE, read_split
+from mopd.difficulty import balance, pass_counts
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+    """Per domain: pass counts of N student samples, histogram before/after, balanced prompts."""
+    from mopd.plots import difficulty_histogram
+
+    p = cfg.params.difficulty
+    metrics: dict[str, float] = {}
+    for d in cfg.domains:
+        records = read_split(inputs["data"], d, "train")
+        records = random.Random(cfg.params.seed).sample(records, min(p.max_prompts, len(records)))
+        counts = pass_counts(inputs["sft"] / "model", records, cfg.domain(d).verifier, p, cfg.params.seed)
+        balanced, plan = balance(records, counts, p, cfg.params.seed)
+        (out_dir / d).mkdir(parents=True)
+        pd.DataFrame(balanced).astype({"pass_count": "int64"}).to_parquet(out_dir / d / BALANCED_FILE, index=False)
+        stats = {"shape": plan.shape, "bins": list(plan.bins), "target": plan.target,
+                 "hist_before": plan.hist_before.tolist(), "hist_after": plan.hist_after.tolist(),
+                 "prompts": len(records), "balanced_prompts": len(balanced)}
+        (out_dir / d / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        fig = difficulty_histogram(plan.hist_before, plan.hist_after,
+                                   title=f"{d}: pass count of {p.n_samples} student samples ({plan.shape})")
+        fig.savefig(out_dir / d / "histogram.png", dpi=110, bbox_inches="tight")
+        tracker.log_artifact(out_dir / d / "histogram.png", artifact_path=d)
+        metrics |= {f"{d}/mean_pass_rate": float(counts.mean() / p.n_samples),
+                    f"{d}/balanced_prompts": float(len(balanced)),
+                    f"{d}/shape_is_U": float(plan.shape == "U"), f"{d}/shape_is_J": float(plan.shape == "J")}
+    tracker.log_metrics(metrics)
+    return finalize("difficulty", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("difficulty", run))
