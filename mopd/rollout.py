@@ -1,4 +1,5 @@
-"""Student rollouts and per-token scoring with a transformers model (the default backend).
+"""Student rollouts: the `RolloutBackend` protocol, its transformers backend (`sample`, the
+default) and an optional vLLM backend (the `gpu` extra, imported lazily).
 
 Sampling is plain ancestral sampling at a temperature (top-k and top-p disabled: transformers
 defaults to top_k=50, which would make the sampled policy differ from the model whose log-probs
@@ -8,6 +9,8 @@ we compute). `pack` lays prompt + completion out right-padded for scoring.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -73,3 +76,75 @@ def pack(samples: list[Sample], pad_id: int, device=None):
         attn[b, : len(seq)] = 1
         comp[b, len(s.prompt_ids): len(seq)] = 1.0
     return ids.to(device), attn.to(device), comp.to(device)
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """Samples completions of the current policy. ``update_weights`` is called after each
+    optimiser step by trainers that sample on-policy (a no-op for a backend sharing the module)."""
+
+    name: str
+
+    def sample(self, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float,
+               seed: int) -> list[Sample]: ...
+
+    def update_weights(self, model) -> None: ...
+
+
+class TransformersRollout:
+    """`sample` with ``model.generate`` on the very module being trained (no weight copy)."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
+        return sample(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                      temperature=temperature, seed=seed, batch_size=self.batch_size)
+
+    def update_weights(self, model) -> None:
+        self.model = model
+
+
+class VLLMRollout:
+    """vLLM sampling of a fixed checkpoint (GPU hosts, `gpu` extra): suits the offline
+    difficulty stage. Same sampling rule as `sample` (temperature only, top-k/top-p off).
+    Weight sync from a trained module is not implemented: `update_weights` raises."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str | Path, tokenizer, *, dtype: str = "bfloat16", **engine_kwargs):
+        try:
+            from vllm import LLM
+        except ImportError as exc:  # pragma: no cover - depends on the host
+            raise ImportError("VLLMRollout needs vLLM: install the `gpu` extra on a CUDA host") from exc
+        self.tokenizer = tokenizer
+        self.llm = LLM(model=str(model_path), dtype=dtype, **engine_kwargs)
+
+    def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
+        from vllm import SamplingParams, TokensPrompt
+
+        if n < 1 or max_new_tokens < 1 or temperature <= 0:
+            raise ValueError(f"need n>=1, max_new_tokens>=1, temperature>0; got {n}, {max_new_tokens}, {temperature}")
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        params = SamplingParams(n=n, temperature=temperature, top_k=-1, top_p=1.0, seed=seed,
+                                max_tokens=max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id])
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        return [Sample(i, ids[i], c, self.tokenizer.decode(c, skip_special_tokens=True))
+                for i, out in enumerate(outs)
+                for c in (_trim(list(o.token_ids), eos, pad) for o in out.outputs)]
+
+    def update_weights(self, model) -> None:
+        raise NotImplementedError("VLLMRollout cannot load weights from a training module yet; "
+                                  "use it for a fixed policy (e.g. the difficulty stage)")
+
+
+def make_rollout(kind: str, model, tokenizer, **kwargs) -> RolloutBackend:
+    """``kind``: ``transformers`` (``model`` a module) or ``vllm`` (``model`` a checkpoint path)."""
+    if kind == "transformers":
+        return TransformersRollout(model, tokenizer, **kwargs)
+    if kind == "vllm":
+        return VLLMRollout(model, tokenizer, **kwargs)
+    raise ValueError(f"rollout backend {kind!r}: expected 'transformers' or 'vllm'")

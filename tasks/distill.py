@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.config import Config
 from mopd.data import read_balanced, read_split
+from mopd.teachers.routing import open_teachers
 from mopd.trainers.distill import train_mopd
 from tasks.plotting import log_curves
 
@@ -25,9 +27,15 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=
         prompts = {d: read_balanced(inputs["difficulty"], d) for d in cfg.domains}
     else:
         prompts = {d: read_split(inputs["data"], d, "train") for d in cfg.domains}
-    teachers = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.domains}
-    history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, cfg.params.distill,
-                         cfg.params.seed, tracker, score_fn=score)
+    # Routing (MOPD 3.3): local domains use the `teacher:<d>` checkpoint, in-process or started as
+    # prefill servers for this stage only (`teacher_transport: http`); remote ones their endpoints.
+    routes = {d: cfg.domain(d).teacher for d in cfg.domains}
+    local_dirs = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains}
+    with contextlib.ExitStack() as stack:
+        teachers = open_teachers(routes, local_dirs, transport=cfg.params.distill.teacher_transport,
+                                 stack=stack)
+        history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, cfg.params.distill,
+                             cfg.params.seed, tracker, score_fn=score)
     log_curves(tracker, history, "MOPD distillation")
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]

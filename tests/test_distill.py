@@ -4,8 +4,11 @@ the distillation loop on a tiny model (teacher == student gives zero K1 reverse 
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 
@@ -13,8 +16,9 @@ from mopd.config import DistillParams, TinyProfile
 from mopd.models import build_base, load_model, load_tokenizer
 from mopd.objectives import OBJECTIVES
 from mopd.rollout import pack, sample
-from mopd.trainers.distill import (draw_domains, objective_kwargs, student_quantities,
-                                   teacher_scores, train_mopd)
+from mopd.teachers import InProcessTeacher, lay_out
+from mopd.trainers.distill import (StepTiming, collect_scoring, draw_domains, objective_kwargs,
+                                   student_quantities, submit_scoring, train_mopd)
 from mopd.tracking import NullTracker
 
 TEXTS = [f"[math] {a}+{b}=\\boxed{{{a + b}}}" for a in range(15) for b in range(15)]
@@ -51,7 +55,13 @@ def test_teacher_scores_route_each_row_to_its_domain(two_models):
     ta, tb = load_model(a).eval(), load_model(b).eval()
     samples = sample(ta, tok, ["[math] 1+2=", "[math] 3+4="], n=2, max_new_tokens=5, temperature=1.0, seed=0)
     ids, attn, mask = pack(samples, tok.pad_token_id)
-    u, top_ids, top_lp = teacher_scores({"x": ta, "y": tb}, {"x": [0, 2], "y": [1, 3]}, ids, attn, topk=4)
+    clients = {"x": InProcessTeacher(ta), "y": InProcessTeacher(tb)}
+    with ThreadPoolExecutor(2) as pool:
+        jobs = submit_scoring(pool, clients, samples, [0, 1, 2, 3], ["x", "y", "x", "y"], topk=4)
+        timing = StepTiming()
+        scores = collect_scoring(jobs, 4, timing)
+    assert timing.teacher > 0 and timing.wait > 0
+    u, top_ids, top_lp = lay_out(scores, [len(s.prompt_ids) for s in samples], ids.shape[1], 4)
     with torch.no_grad():
         ref_a, ref_b = full_logits_reference(ta, ids, attn)[0], full_logits_reference(tb, ids, attn)[0]
     m = mask.bool()
@@ -114,3 +124,123 @@ def test_distill_rejects_domain_without_prompts(two_models, tmp_path):
     with pytest.raises(ValueError, match=r"no prompts for domain\(s\) \['y'\]"):
         train_mopd(a, {"x": a, "y": a}, {"x": [{"prompt": "p"}]}, tmp_path, DistillParams(max_steps=1),
                    seed=0, tracker=NullTracker())
+
+
+PROMPTS = {"x": [{"prompt": "[math] 1+1=", "reference": "2"}, {"prompt": "[math] 3+5=", "reference": "8"}],
+           "y": [{"prompt": "[math] 2+2=", "reference": "4"}]}
+
+
+def test_overlap_changes_timing_not_numbers(two_models, tmp_path):
+    a, b = two_models
+    runs = {}
+    for overlap in (True, False):
+        params = DistillParams(max_steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=5,
+                               rollout_chunks=3, overlap=overlap)
+        runs[overlap] = train_mopd(a, {"x": b, "y": a}, PROMPTS, tmp_path / str(overlap), params, seed=0,
+                                   tracker=NullTracker())
+    assert runs[True]["distill/reverse_kl"] == runs[False]["distill/reverse_kl"]
+    for h in runs.values():
+        for (_, wait), (_, step), (_, share), (_, teach) in zip(
+                h["distill/teacher_wait_seconds"], h["distill/step_seconds"], h["distill/teacher_share"],
+                h["distill/teacher_seconds"]):
+            assert 0 <= wait <= step and share == pytest.approx(wait / step) and teach > 0
+        assert all(v > 0 for _, v in h["distill/sample_seconds"])
+
+
+class _StopReplicaMidStep:
+    """Rollout wrapper: after the step's first chunk is sampled (its scoring already sent),
+    stop the given servers, so the remaining chunks' requests meet a dead replica."""
+
+    name = "transformers"
+
+    def __init__(self, inner, servers):
+        self.inner, self.servers, self.calls = inner, servers, 0
+
+    def sample(self, prompts, **kw):
+        out = self.inner.sample(prompts, **kw)
+        self.calls += 1
+        if self.calls == 1:
+            for server, url in self.servers:
+                server.should_exit = True
+                deadline = time.time() + 10
+                while time.time() < deadline:
+                    try:
+                        httpx.get(f"{url}/health", timeout=0.5)
+                    except httpx.HTTPError:
+                        break
+                    time.sleep(0.05)
+        return out
+
+    def update_weights(self, model):
+        self.inner.update_weights(model)
+
+
+def test_killing_a_teacher_replica_mid_step_fails_over_or_names_the_endpoint(two_models, tmp_path):
+    from mopd.rollout import TransformersRollout
+    from mopd.teachers import HTTPTeacher, TeacherError
+    from mopd.teachers.server import create_app
+    from tests.test_teachers import run_in_thread
+
+    a, b = two_models
+    params = DistillParams(max_steps=2, prompts_per_step=4, samples_per_prompt=1, max_new_tokens=5,
+                           rollout_chunks=2, overlap=True)
+    reference = train_mopd(a, {"x": b, "y": b}, PROMPTS, tmp_path / "ref", params, seed=0, tracker=NullTracker())
+    s1, s2 = (run_in_thread(create_app(load_model(b), name="b")) for _ in range(2))
+    (u1, srv1), (u2, srv2) = s1, s2
+    client = HTTPTeacher("x", [u1, u2])
+    student = load_model(a)
+    rollout = _StopReplicaMidStep(TransformersRollout(student, load_tokenizer(a)), [(srv1, u1)])
+    history = train_mopd(a, {"x": client, "y": client}, PROMPTS, tmp_path / "fo", params, seed=0,
+                         tracker=NullTracker(), rollout=rollout)
+    assert client.failovers >= 1
+    got = [v for _, v in history["distill/reverse_kl"]]
+    want = [v for _, v in reference["distill/reverse_kl"]]
+    assert got == pytest.approx(want, abs=1e-4)  # same scores as in-process: no zeros slipped in
+    # every replica down mid-step: a clear error naming the domain and both endpoints
+    rollout = _StopReplicaMidStep(TransformersRollout(load_model(a), load_tokenizer(a)), [(srv2, u2)])
+    with pytest.raises(TeacherError, match=rf"domain 'x'.*{u1}.*{u2}|domain 'x'.*{u2}.*{u1}"):
+        train_mopd(a, {"x": client, "y": client}, PROMPTS, tmp_path / "dead", params, seed=0,
+                   tracker=NullTracker(), rollout=rollout)
+
+
+def test_http_transport_starts_local_servers_and_matches_inprocess(two_models, tmp_path):
+    import contextlib
+
+    from mopd.config import LocalTeacher
+    from mopd.teachers.routing import open_teachers
+
+    a, b = two_models
+    params = DistillParams(objective="mopd_topk", max_steps=1, prompts_per_step=3, samples_per_prompt=2,
+                           max_new_tokens=5, topk=4)
+    want = train_mopd(a, {"x": b, "y": a}, PROMPTS, tmp_path / "in", params, seed=0, tracker=NullTracker())
+    routes = {"x": LocalTeacher(), "y": LocalTeacher()}
+    with contextlib.ExitStack() as stack:
+        clients = open_teachers(routes, {"x": b, "y": a}, transport="http", stack=stack)
+        urls = [c.endpoints[0] for c in clients.values()]
+        assert len(set(urls)) == 2 and all(u.startswith("http://127.0.0.1:") for u in urls)
+        got = train_mopd(a, clients, PROMPTS, tmp_path / "http", params, seed=0, tracker=NullTracker())
+    for key in ("distill/reverse_kl", "distill/loss"):
+        assert got[key][0][1] == pytest.approx(want[key][0][1], abs=1e-4)
+    for u in urls:  # the servers are stopped with the stage
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{u}/health", timeout=2)
+
+
+def test_open_teachers_errors_name_the_problem(two_models, monkeypatch):
+    import contextlib
+
+    from mopd.config import LocalTeacher, RemoteTeacher
+    from mopd.teachers.routing import open_teachers
+
+    a, _ = two_models
+    remote = RemoteTeacher(source="remote", endpoints=["http://127.0.0.1:9"], token_env="MOPD_T_TOKEN")
+    monkeypatch.delenv("MOPD_T_TOKEN", raising=False)
+    with contextlib.ExitStack() as stack:
+        with pytest.raises(ValueError, match=r"domains.code.teacher.token_env: .*'MOPD_T_TOKEN' is unset"):
+            open_teachers({"code": remote}, {}, transport="inprocess", stack=stack)
+        with pytest.raises(ValueError, match=r"no teacher checkpoint for local domain\(s\) \['math'\]"):
+            open_teachers({"math": LocalTeacher()}, {}, transport="inprocess", stack=stack)
+        monkeypatch.setenv("MOPD_T_TOKEN", "t")
+        clients = open_teachers({"code": remote, "math": LocalTeacher()}, {"math": a},
+                                transport="inprocess", stack=stack)
+        assert clients["code"].endpoints == ["http://127.0.0.1:9"] and clients["math"].name == "math"

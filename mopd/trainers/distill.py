@@ -15,16 +15,26 @@ The trainer fills only the `DistillBatch` fields the objective requires; student
 top-k gathers and entropies go through the chunked LM-head path (`mopd.logits`), so the student's
 B×T×V logits are never materialised.
 
-Departures from the paper, on purpose: teachers run in-process (the prefill-service form with
-overlap is issue 5); no Dynamic Sampling (MOPD turns it off for distillation too).
+Teachers are clients (`mopd.teachers`): in-process models or prefill services over HTTP (MOPD
+3.3). The step's prompts are sampled in `rollout_chunks` micro-batches and, with `overlap`, each
+chunk's scoring request is sent as soon as it is sampled, so teacher prefill runs while the
+student is still sampling; the trainer waits only before the update. Per step it logs
+`sample_seconds`, `teacher_seconds` (summed scoring-call time), `teacher_wait_seconds` (time
+blocked on teachers) and `teacher_share` (= wait / step time).
+
+Departures from the paper, on purpose: no Dynamic Sampling (MOPD turns it off for distillation
+too); sampling is synchronous within a chunk (no continuous batching on the CPU backend).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +44,8 @@ from mopd.config import DistillParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
 from mopd.objectives.registry import DistillBatch, get_objective, required_fields
-from mopd.rollout import pack, sample
+from mopd.rollout import RolloutBackend, Sample, TransformersRollout, pack
+from mopd.teachers import InProcessTeacher, SequenceScores, TeacherClient, TeacherError, lay_out
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +64,84 @@ def draw_domains(domains: list[str], weights: dict[str, float] | None, n: int,
     return out
 
 
-@torch.no_grad()
-def teacher_scores(teachers: dict, rows_by_domain: dict[str, list[int]], ids_BT, attn_BT, *,
-                   topk: int | None):
-    """Each row scored by its own domain's teacher: ``u_BT`` (log-probs of the sampled tokens) and,
-    for the top-k form, the teacher's top-k ``(ids_BTK, logprobs_BTK)`` at every position."""
-    B, T = ids_BT.shape
-    u_BT = torch.zeros((B, T))
-    top_ids = torch.zeros((B, T, topk), dtype=torch.long) if topk else None
-    top_lp = torch.zeros((B, T, topk)) if topk else None
-    for domain, rows in rows_by_domain.items():
-        idx = torch.tensor(rows)
-        logits = teachers[domain](input_ids=ids_BT[idx], attention_mask=attn_BT[idx]).logits
-        logp_BTV = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts tokens 1..T-1
-        u_BT[idx, 1:] = logp_BTV.gather(-1, ids_BT[idx, 1:, None]).squeeze(-1)
-        if topk:
-            lp, ii = logp_BTV.topk(topk, dim=-1)
-            top_lp[idx, 1:], top_ids[idx, 1:] = lp, ii
-    return u_BT, top_ids, top_lp
+@dataclass
+class StepTiming:
+    """Wall-clock seconds of one step's rollout phase (MOPD 3.3: teacher cost should hide
+    behind sampling). ``teacher`` sums the scoring calls' own durations (they may overlap each
+    other and the sampling); ``wait`` is the time the trainer blocked on them."""
+
+    sample: float = 0.0
+    teacher: float = 0.0
+    wait: float = 0.0
+
+
+def _timed_score(client: TeacherClient, prompt_ids, completion_ids, topk):
+    t0 = time.perf_counter()
+    return client.score(prompt_ids, completion_ids, topk=topk), time.perf_counter() - t0
+
+
+def submit_scoring(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
+                   rows: list[int], row_domain: list[str], topk: int | None) -> list[tuple]:
+    """Send ``samples[rows]`` to their domains' teachers (one request per domain); returns the
+    pending jobs ``(domain, rows, future)``."""
+    by_domain: dict[str, list[int]] = {}
+    for b in rows:
+        by_domain.setdefault(row_domain[b], []).append(b)
+    return [(d, rs, pool.submit(_timed_score, clients[d], [samples[b].prompt_ids for b in rs],
+                                [samples[b].completion_ids for b in rs], topk))
+            for d, rs in by_domain.items()]
+
+
+def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[SequenceScores]:
+    """Wait for every job; the rows' scores in order. A failed teacher raises (TeacherError names
+    the domain and endpoints): a step never continues with missing scores."""
+    t0 = time.perf_counter()
+    scores: list[SequenceScores | None] = [None] * n_rows
+    try:
+        for d, rows, fut in jobs:
+            got, seconds = fut.result()
+            timing.teacher += seconds
+            for b, sc in zip(rows, got):
+                scores[b] = sc
+    except TeacherError:
+        raise
+    except Exception as exc:
+        raise TeacherError(f"teacher for domain {d!r} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for _, _, fut in jobs:
+            fut.cancel()
+        timing.wait += time.perf_counter() - t0
+    missing = [b for b, sc in enumerate(scores) if sc is None]
+    if missing:
+        raise TeacherError(f"rows {missing[:5]} got no teacher score")
+    return scores  # type: ignore[return-value]
+
+
+def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient], prompts: list[str],
+                      domains: list[str], pool: ThreadPoolExecutor, *, n: int, max_new_tokens: int,
+                      temperature: float, seed: int, chunks: int, overlap: bool, topk: int | None):
+    """Sample ``n`` completions per prompt in ``chunks`` micro-batches of prompts. With
+    ``overlap`` a chunk's scoring requests go out as soon as it is sampled, while the next
+    chunks sample (MOPD 3.3); without, all scoring starts after the last chunk.
+    Returns (samples, scores per sample, StepTiming)."""
+    timing = StepTiming()
+    bounds = [round(i * len(prompts) / min(chunks, len(prompts))) for i in range(min(chunks, len(prompts)) + 1)]
+    samples: list[Sample] = []
+    row_domain: list[str] = []
+    jobs: list[tuple] = []
+    for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        t0 = time.perf_counter()
+        got = rollout.sample(prompts[lo:hi], n=n, max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed + 7919 * c)
+        timing.sample += time.perf_counter() - t0
+        first = len(samples)
+        samples += [dataclasses.replace(s, prompt_index=s.prompt_index + lo) for s in got]
+        row_domain += [domains[s.prompt_index + lo] for s in got]
+        if overlap:
+            jobs += submit_scoring(pool, clients, samples, list(range(first, len(samples))), row_domain, topk)
+    if not overlap:
+        jobs = submit_scoring(pool, clients, samples, list(range(len(samples))), row_domain, topk)
+    return samples, collect_scoring(jobs, len(samples), timing), timing
 
 
 TOPK_FIELDS = {"teacher_topk_logprobs_BTK", "student_topk_logprobs_BTK", "teacher_topk_ids_BTK"}
@@ -117,15 +188,32 @@ def objective_kwargs(name: str, params: DistillParams) -> dict:
     return kwargs | dict(params.objective_params)
 
 
-def train_mopd(sft_dir: Path, teacher_dirs: dict[str, Path], prompts: dict[str, list[dict]],
+def as_clients(teachers: dict[str, "TeacherClient | Path | str"]) -> dict[str, TeacherClient]:
+    """Checkpoint paths become in-process teachers (one model per distinct path); clients pass."""
+    loaded: dict[str, InProcessTeacher] = {}
+    out = {}
+    for d, t in teachers.items():
+        if isinstance(t, (str, Path)):
+            key = str(Path(t).resolve())
+            if key not in loaded:
+                loaded[key] = InProcessTeacher.from_pretrained(t, name=d)
+            out[d] = loaded[key]
+        else:
+            out[d] = t
+    return out
+
+
+def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
                out_dir: Path, params: DistillParams, seed: int, tracker, *,
-               score_fn=None) -> dict[str, list[tuple[int, float]]]:
-    """Distil ``teacher_dirs`` (domain -> checkpoint) into the SFT student; save to ``out_dir/model``.
+               score_fn=None, rollout: RolloutBackend | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Distil ``teachers`` (domain -> client, or checkpoint path for an in-process teacher) into
+    the SFT student; save to ``out_dir/model``.
 
     ``prompts``: domain -> records (need `prompt`, and `reference` when ``score_fn`` is given).
     ``score_fn(domain, texts, references) -> list[float]`` optionally verifies the rollouts for
-    monitoring (the objective never uses the outcome reward). Returns the metric history."""
-    domains = sorted(teacher_dirs)
+    monitoring (the objective never uses the outcome reward). ``rollout``: the student's sampling
+    backend (default: transformers `generate` on the trained module). Returns the metric history."""
+    domains = sorted(teachers)
     missing = [d for d in domains if not prompts.get(d)]
     if missing:
         raise ValueError(f"no prompts for domain(s) {missing}")
@@ -134,61 +222,66 @@ def train_mopd(sft_dir: Path, teacher_dirs: dict[str, Path], prompts: dict[str, 
     tokenizer = load_tokenizer(sft_dir)
     student = load_model(sft_dir)
     student.train()
-    teachers = {d: load_model(p).eval() for d, p in teacher_dirs.items()}
+    clients = as_clients(teachers)
+    rollout = rollout or TransformersRollout(student, tokenizer)
     optim = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=0.0)
-    objective = get_objective(params.objective)
-    kwargs = objective_kwargs(params.objective, params)
     needs = set(required_fields(params.objective))
     topk = params.topk if needs & TOPK_FIELDS else None
     history: dict[str, list[tuple[int, float]]] = {}
-
-    for step in tqdm(range(1, params.max_steps + 1), desc="mopd distill", mininterval=5):
-        t0 = time.time()
-        batch_domains = draw_domains(domains, params.domain_weights, params.prompts_per_step, rng)
-        recs = [rng.choice(prompts[d]) for d in batch_domains]
-        samples = sample(student, tokenizer, [r["prompt"] for r in recs], n=params.samples_per_prompt,
-                         max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                         seed=seed * 100_003 + step)
-        t_sample = time.time() - t0
-        ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id)
-        row_domain = [batch_domains[s.prompt_index] for s in samples]
-        rows_by_domain: dict[str, list[int]] = {}
-        for b, d in enumerate(row_domain):
-            rows_by_domain.setdefault(d, []).append(b)
-
-        t1 = time.time()
-        u_BT, top_ids_BTK, top_lp_BTK = teacher_scores(teachers, rows_by_domain, ids_BT, attn_BT, topk=topk)
-        t_teacher = time.time() - t1
-
-        s_BT, s_topk_BTK, ent_BT = student_quantities(
-            student, ids_BT, attn_BT, topk_ids_BTK=top_ids_BTK, entropy="student_entropy_BT" in needs)
-        batch = DistillBatch(mask_BT=mask_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT,
-                             teacher_topk_ids_BTK=top_ids_BTK, teacher_topk_logprobs_BTK=top_lp_BTK,
-                             student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT)
-        loss, obj_metrics = objective(batch, **kwargs)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optim.step()
-
-        n_tok = mask_BT.sum().clamp(min=1)
-        metrics = {f"distill/{k}": v for k, v in obj_metrics.items()} | {
-            "distill/loss": loss.item(),
-            # K1 estimate of the per-token reverse KL to the routed teachers (§8 diagnostic)
-            "distill/reverse_kl": float(((s_BT.detach() - u_BT) * mask_BT).sum() / n_tok),
-            "distill/response_tokens": float(n_tok / len(samples)),
-            "distill/grad_norm": float(grad_norm),
-            "distill/sample_seconds": t_sample,
-            "distill/teacher_seconds": t_teacher,
-            "distill/step_seconds": time.time() - t0,
-        }
-        if score_fn is not None:
-            for d, rows in rows_by_domain.items():
-                rewards = score_fn(d, [samples[b].text for b in rows],
-                                   [recs[samples[b].prompt_index]["reference"] for b in rows])
-                metrics[f"distill/reward_{d}"] = sum(rewards) / len(rewards)
-        tracker.log_metrics(metrics, step=step)
-        for k, v in metrics.items():
-            history.setdefault(k, []).append((step, v))
+    with ThreadPoolExecutor(max_workers=max(2, 2 * len(clients)), thread_name_prefix="teacher") as pool:
+        for step in tqdm(range(1, params.max_steps + 1), desc="mopd distill", mininterval=5):
+            metrics = _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains,
+                            params, topk, needs, rng, seed * 100_003 + step, score_fn)
+            tracker.log_metrics(metrics, step=step)
+            for k, v in metrics.items():
+                history.setdefault(k, []).append((step, v))
     save_checkpoint(student, tokenizer, out_dir / "model")
     return history
+
+
+def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, params: DistillParams,
+          topk, needs, rng, sample_seed, score_fn) -> dict[str, float]:
+    """One MOPD step: rollouts + teacher scores (overlapped), objective, optimiser step."""
+    t0 = time.perf_counter()
+    batch_domains = draw_domains(domains, params.domain_weights, params.prompts_per_step, rng)
+    recs = [rng.choice(prompts[d]) for d in batch_domains]
+    samples, scores, timing = rollout_and_score(
+        rollout, clients, [r["prompt"] for r in recs], batch_domains, pool, n=params.samples_per_prompt,
+        max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=sample_seed,
+        chunks=params.rollout_chunks, overlap=params.overlap, topk=topk)
+    ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id)
+    u_BT, top_ids_BTK, top_lp_BTK = lay_out(scores, [len(s.prompt_ids) for s in samples],
+                                            ids_BT.shape[1], topk)
+    s_BT, s_topk_BTK, ent_BT = student_quantities(
+        student, ids_BT, attn_BT, topk_ids_BTK=top_ids_BTK, entropy="student_entropy_BT" in needs)
+    batch = DistillBatch(mask_BT=mask_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT,
+                         teacher_topk_ids_BTK=top_ids_BTK, teacher_topk_logprobs_BTK=top_lp_BTK,
+                         student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT)
+    loss, obj_metrics = get_objective(params.objective)(batch, **objective_kwargs(params.objective, params))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optim.step()
+    rollout.update_weights(student)
+    step_seconds = time.perf_counter() - t0
+    n_tok = mask_BT.sum().clamp(min=1)
+    metrics = {f"distill/{k}": v for k, v in obj_metrics.items()} | {
+        "distill/loss": loss.item(),
+        # K1 estimate of the per-token reverse KL to the routed teachers (§8 diagnostic)
+        "distill/reverse_kl": float(((s_BT.detach() - u_BT) * mask_BT).sum() / n_tok),
+        "distill/response_tokens": float(n_tok / len(samples)),
+        "distill/grad_norm": float(grad_norm),
+        "distill/sample_seconds": timing.sample,
+        "distill/teacher_seconds": timing.teacher,
+        "distill/teacher_wait_seconds": timing.wait,
+        "distill/teacher_share": timing.wait / step_seconds,
+        "distill/step_seconds": step_seconds,
+    }
+    if score_fn is not None:
+        row_domain = [batch_domains[s.prompt_index] for s in samples]
+        for d in dict.fromkeys(row_domain):
+            rows = [b for b, rd in enumerate(row_domain) if rd == d]
+            rewards = score_fn(d, [samples[b].text for b in rows],
+                               [recs[samples[b].prompt_index]["reference"] for b in rows])
+            metrics[f"distill/reward_{d}"] = sum(rewards) / len(rewards)
+    return metrics
