@@ -32,22 +32,24 @@ def parse_prompt_logprobs(positions: list, seq: list[int], start: int, topk: int
     if not isinstance(positions, list) or len(positions) != len(seq):
         got = len(positions) if isinstance(positions, list) else type(positions).__name__
         raise TeacherError(f"{who}: prompt_logprobs has {got} positions for {len(seq)} tokens")
-    n = len(seq) - start
-    lp_C = torch.empty(n)
-    ids_CK = torch.empty((n, topk), dtype=torch.long) if topk else None
-    top_CK = torch.empty((n, topk)) if topk else None
-    for c, t in enumerate(range(start, len(seq))):
-        entry = positions[t]
+    lps: list[float] = []
+    ids: list[list[int]] = []
+    tops: list[list[float]] = []
+    for t in range(start, len(seq)):  # plain lists, one tensor at the end: this runs under the GIL
+        entry = positions[t]           # while the student samples in the main thread
         if not isinstance(entry, dict) or str(seq[t]) not in entry:
             raise TeacherError(f"{who}: position {t}: no log-prob for the prompt token {seq[t]}")
-        lp_C[c] = float(entry[str(seq[t])]["logprob"])
+        lps.append(float(entry[str(seq[t])]["logprob"]))
         if topk:
             ranked = sorted(entry.items(), key=lambda kv: kv[1].get("rank") or 1 << 62)[:topk]
             if len(ranked) < topk:
                 raise TeacherError(f"{who}: position {t}: {len(ranked)} top entries, expected {topk}")
-            ids_CK[c] = torch.tensor([int(k) for k, _ in ranked])
-            top_CK[c] = torch.tensor([float(v["logprob"]) for _, v in ranked])
-    return SequenceScores(lp_C, ids_CK, top_CK)
+            ids.append([int(k) for k, _ in ranked])
+            tops.append([float(v["logprob"]) for _, v in ranked])
+    n = len(lps)
+    return SequenceScores(torch.tensor(lps, dtype=torch.float32),
+                          torch.tensor(ids, dtype=torch.long).view(n, topk) if topk else None,
+                          torch.tensor(tops, dtype=torch.float32).view(n, topk) if topk else None)
 
 
 class HTTPTeacher:
