@@ -10,8 +10,8 @@ teacher are fresh tiny-profile models built locally (weights do not matter for t
 starts from the same student with the same seeds. Prints per-mode step/sample/teacher/wait times
 and the ratio overlapped / sampling-only (target <= 1.10).
 
-Run: ``.venv/bin/python benchmarks/teacher_overlap.py [--steps 6] [--trainer-threads 1]
-[--server-threads 1]``. Wall-clock on a shared machine: the load average is printed first.
+Run: ``.venv/bin/python benchmarks/teacher_overlap.py [--steps 6] [--rounds 3] [--pin]
+[--trainer-threads 1] [--server-threads 1]``. Wall-clock on a shared machine: the load average is printed first.
 """
 
 from __future__ import annotations
@@ -58,30 +58,44 @@ def setup(root: Path) -> tuple[Path, Path, dict]:
     return root / "student", root / "teacher", records
 
 
+KEYS = ("step_seconds", "sample_seconds", "teacher_seconds", "teacher_wait_seconds", "teacher_share",
+        "response_tokens")
+
+
 def run_mode(student: Path, teachers: dict, records: dict, params: DistillParams, out: Path) -> dict:
+    """Per-step values of KEYS, the first (warm-up) step dropped."""
     history = train_mopd(student, teachers, records, out, params, seed=0, tracker=NullTracker())
-    keep = lambda k: [v for _, v in history[k]][1:]  # noqa: E731 - step 1 is warm-up
-    return {k: statistics.mean(keep(f"distill/{k}")) for k in
-            ("step_seconds", "sample_seconds", "teacher_seconds", "teacher_wait_seconds",
-             "teacher_share", "response_tokens")}
+    return {k: [v for _, v in history[f"distill/{k}"]][1:] for k in KEYS}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="steps per mode (the first is warm-up)")
     ap.add_argument("--chunks", type=int, default=4, help="rollout_chunks")
+    ap.add_argument("--objective", default=None, help="e.g. mopd_topk (top-k scoring); default params.yaml's")
     ap.add_argument("--trainer-threads", type=int, default=1)
     ap.add_argument("--server-threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="modes run interleaved this many times (load drift hits them alike)")
+    ap.add_argument("--pin", action="store_true",
+                    help="trainer on CPU 0, teacher server on CPU 1 (a core each, like separate devices)")
     args = ap.parse_args()
     torch.set_num_threads(args.trainer_threads)
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        os.sched_setaffinity(0, cpus[:1])
     print(f"load average {os.getloadavg()}; cores {os.cpu_count()}; trainer threads "
           f"{args.trainer_threads}, teacher server threads {args.server_threads}")
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
     base.update(max_steps=args.steps, rollout_chunks=args.chunks)
+    if args.objective:
+        base["objective"] = args.objective
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         student, teacher_dir, records = setup(root)
         proc, url = start_server(teacher_dir, threads=args.server_threads)
+        if args.pin:
+            os.sched_setaffinity(proc.pid, cpus[1:2])
         try:
             wait_healthy(url, proc)
             http = HTTPTeacher("all", [url])
@@ -90,15 +104,21 @@ def main() -> None:
                 "serial": ({d: http for d in records}, False),
                 "overlapped": ({d: http for d in records}, True),
             }
-            results = {}
-            for name, (clients, overlap) in modes.items():
-                params = DistillParams(**base | {"overlap": overlap})
-                results[name] = run_mode(student, clients, records, params, root / name)
+            steps: dict[str, dict[str, list[float]]] = {m: {k: [] for k in KEYS} for m in modes}
+            for r in range(args.rounds):
+                order = list(modes)[r % 3:] + list(modes)[: r % 3]
+                for name in order:
+                    clients, overlap = modes[name]
+                    params = DistillParams(**base | {"overlap": overlap})
+                    for k, vs in run_mode(student, clients, records, params, root / name).items():
+                        steps[name][k] += vs
+            results = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in steps.items()}
         finally:
             stop_server(proc)
     print(f"\n{base['prompts_per_step']} prompts x {base['samples_per_prompt']} samples, "
           f"max_new_tokens {base['max_new_tokens']}, {args.chunks} chunks, objective "
-          f"{base['objective']}, mean over steps 2..{args.steps}")
+          f"{base['objective']}; median over steps 2..{args.steps} of {args.rounds} interleaved rounds; "
+          f"pinned: {args.pin}")
     print(f"{'mode':<14}{'step s':>8}{'sample s':>10}{'teacher s':>11}{'wait s':>8}{'share':>7}{'tokens':>8}")
     for name, r in results.items():
         print(f"{name:<14}{r['step_seconds']:>8.3f}{r['sample_seconds']:>10.3f}{r['teacher_seconds']:>11.3f}"

@@ -130,6 +130,13 @@ PROMPTS = {"x": [{"prompt": "[math] 1+1=", "reference": "2"}, {"prompt": "[math]
            "y": [{"prompt": "[math] 2+2=", "reference": "4"}]}
 
 
+def test_chunk_bounds_cover_every_prompt_with_a_half_size_tail():
+    from mopd.trainers.distill import chunk_bounds
+
+    assert chunk_bounds(16, 4) == [0, 5, 9, 14, 16]
+    assert chunk_bounds(3, 8) == [0, 1, 2, 3] and chunk_bounds(1, 4) == [0, 1]
+
+
 def test_overlap_changes_timing_not_numbers(two_models, tmp_path):
     a, b = two_models
     runs = {}

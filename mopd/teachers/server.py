@@ -204,9 +204,11 @@ def create_app(model, tokenizer=None, *, name: str = "teacher", token: str | Non
         pres = await asyncio.wrap_future(batcher.submit(seqs, k))
         choices = [_choice(i, s, p, k, decode) for i, (s, p) in enumerate(zip(seqs, pres))]
         n = sum(map(len, seqs))
-        return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or name, "choices": choices,
-                "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
-                "mopd": {"prefill_seconds": time.perf_counter() - t0}}
+        # a JSONResponse skips FastAPI's jsonable_encoder walk over every position (2/3 of the
+        # request's CPU time for a tiny model)
+        return JSONResponse({"id": f"cmpl-{time.time_ns()}", "object": "text_completion",
+                             "created": int(time.time()), "model": req.model or name, "choices": choices,
+                             "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
+                             "mopd": {"prefill_seconds": time.perf_counter() - t0}})
 
     return app

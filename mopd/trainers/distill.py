@@ -82,14 +82,18 @@ def _timed_score(client: TeacherClient, prompt_ids, completion_ids, topk):
 
 def submit_scoring(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
                    rows: list[int], row_domain: list[str], topk: int | None) -> list[tuple]:
-    """Send ``samples[rows]`` to their domains' teachers (one request per domain); returns the
-    pending jobs ``(domain, rows, future)``."""
-    by_domain: dict[str, list[int]] = {}
+    """Send ``samples[rows]`` to their domains' teachers: one request per distinct client (domains
+    routed to the same teacher share it: fewer, larger requests); returns the pending jobs
+    ``(domains, rows, future)``."""
+    by_client: dict[int, tuple[list[str], list[int]]] = {}
     for b in rows:
-        by_domain.setdefault(row_domain[b], []).append(b)
-    return [(d, rs, pool.submit(_timed_score, clients[d], [samples[b].prompt_ids for b in rs],
-                                [samples[b].completion_ids for b in rs], topk))
-            for d, rs in by_domain.items()]
+        doms, rs = by_client.setdefault(id(clients[row_domain[b]]), ([], []))
+        rs.append(b)
+        if row_domain[b] not in doms:
+            doms.append(row_domain[b])
+    return [(doms, rs, pool.submit(_timed_score, clients[doms[0]], [samples[b].prompt_ids for b in rs],
+                                   [samples[b].completion_ids for b in rs], topk))
+            for doms, rs in by_client.values()]
 
 
 def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[SequenceScores]:
@@ -98,7 +102,7 @@ def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[
     t0 = time.perf_counter()
     scores: list[SequenceScores | None] = [None] * n_rows
     try:
-        for d, rows, fut in jobs:
+        for doms, rows, fut in jobs:
             got, seconds = fut.result()
             timing.teacher += seconds
             for b, sc in zip(rows, got):
@@ -106,7 +110,7 @@ def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[
     except TeacherError:
         raise
     except Exception as exc:
-        raise TeacherError(f"teacher for domain {d!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise TeacherError(f"teacher for domain(s) {doms} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         for _, _, fut in jobs:
             fut.cancel()
@@ -117,6 +121,17 @@ def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[
     return scores  # type: ignore[return-value]
 
 
+def chunk_bounds(n: int, chunks: int) -> list[int]:
+    """Boundaries of ``chunks`` contiguous micro-batches of ``n`` prompts, the last one half-size:
+    the trainer waits only for the last chunk's scoring, so a smaller tail hides more of the
+    teacher (the same split is used with and without overlap, so both sample identically)."""
+    c = max(1, min(chunks, n))
+    weights = [1.0] * (c - 1) + [0.5]
+    cum = [sum(weights[:i]) for i in range(c + 1)]
+    bounds = sorted({round(n * w / cum[-1]) for w in cum})
+    return bounds
+
+
 def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient], prompts: list[str],
                       domains: list[str], pool: ThreadPoolExecutor, *, n: int, max_new_tokens: int,
                       temperature: float, seed: int, chunks: int, overlap: bool, topk: int | None):
@@ -125,7 +140,7 @@ def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient]
     chunks sample (MOPD 3.3); without, all scoring starts after the last chunk.
     Returns (samples, scores per sample, StepTiming)."""
     timing = StepTiming()
-    bounds = [round(i * len(prompts) / min(chunks, len(prompts))) for i in range(min(chunks, len(prompts)) + 1)]
+    bounds = chunk_bounds(len(prompts), chunks)
     samples: list[Sample] = []
     row_domain: list[str] = []
     jobs: list[tuple] = []
