@@ -1,4 +1,4 @@
-"""Bridges from TRL/transformers trainers to mopd's Tracker (batched per-step metrics)."""
+"""What every TRL trainer mopd runs shares: tracker bridge, arguments, quiet progress, fit-and-save."""
 
 from __future__ import annotations
 
@@ -61,7 +61,16 @@ class QuietProgressCallback(ProgressCallback):
         return None
 
 
-def quiet(trainer) -> None:
-    """Swap the trainer's default progress callback for the quiet one."""
+def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback) -> dict[str, list[tuple[int, float]]]:
+    """Train quietly, drop the trainer's scratch directory, save one safetensors checkpoint to
+    ``out_dir/model``; return the metric history."""
+    import shutil
+
+    from mopd.models import save_checkpoint
+
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgressCallback())
+    trainer.train()
+    shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
+    save_checkpoint(trainer.model, tokenizer, out_dir / "model")
+    return callback.history

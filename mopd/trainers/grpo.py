@@ -4,12 +4,11 @@ as the reward (TRL GRPOTrainer). MOPD 3.1: teachers are trained independently pe
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from mopd.config import GRPOParams
-from mopd.models import load_model, load_tokenizer, save_checkpoint
-from mopd.trainers.callbacks import TrackerCallback, common_args, quiet
+from mopd.models import load_model, load_tokenizer
+from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,4 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str, out_dir: Path, par
     callback = TrackerCallback(tracker)
     trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
-    quiet(trainer)
-    trainer.train()
-    shutil.rmtree(out_dir / "_trainer", ignore_errors=True)  # scratch; only the model is kept
-    save_checkpoint(trainer.model, tokenizer, out_dir / "model")
-    return callback.history
+    return fit_and_save(trainer, tokenizer, out_dir, callback)

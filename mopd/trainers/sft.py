@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from mopd.config import SFTParams
-from mopd.models import load_model, load_tokenizer, save_checkpoint
-from mopd.trainers.callbacks import TrackerCallback, common_args, quiet
+from mopd.models import load_model, load_tokenizer
+from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,4 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
     callback = TrackerCallback(tracker)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[callback])
-    quiet(trainer)
-    trainer.train()
-    shutil.rmtree(out_dir / "_trainer", ignore_errors=True)  # scratch; only the model is kept
-    save_checkpoint(trainer.model, tokenizer, out_dir / "model")
-    return callback.history
+    return fit_and_save(trainer, tokenizer, out_dir, callback)
