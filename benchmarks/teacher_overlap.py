@@ -42,7 +42,9 @@ class NoTeacher:
     name = "none"
 
     def score(self, prompt_ids, completion_ids, *, topk=None):
-        return [SequenceScores(torch.zeros(len(c))) for c in completion_ids]
+        k = topk or 0
+        return [SequenceScores(torch.zeros(len(c)), torch.arange(k).expand(len(c), k) if k else None,
+                               torch.zeros(len(c), k) if k else None) for c in completion_ids]
 
     def close(self):
         pass

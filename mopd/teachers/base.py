@@ -88,6 +88,8 @@ def lay_out(scores: list[SequenceScores], prompt_lens: list[int], T: int, topk: 
         C = s.logprobs_C.shape[0]
         u_BT[b, P:P + C] = s.logprobs_C
         if topk and C:
+            if s.topk_ids_CK is None or s.topk_logprobs_CK is None:
+                raise TeacherError(f"row {b}: top-{topk} requested but the teacher returned none")
             ids_BTK[b, P:P + C] = s.topk_ids_CK
             lp_BTK[b, P:P + C] = s.topk_logprobs_CK
     return u_BT, ids_BTK, lp_BTK

@@ -19,6 +19,11 @@ from typing import Sequence
 import httpx
 import torch
 
+try:  # orjson (a prefect/dvc dependency) parses the per-position dicts faster, under the GIL
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
+
 from mopd.teachers.base import SequenceScores, TeacherError, check_scores, validate_request
 
 log = logging.getLogger(__name__)
@@ -112,7 +117,7 @@ class HTTPTeacher:
                     if attempt:
                         with self._lock:
                             self.failovers += 1
-                    return resp.json(), url
+                    return _loads(resp.content), url
                 msg = _message(resp)
                 if resp.status_code < 500:
                     raise TeacherError(f"teacher for domain {self.domain!r} at {url} rejected the "

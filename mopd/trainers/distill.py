@@ -104,6 +104,8 @@ def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[
     try:
         for doms, rows, fut in jobs:
             got, seconds = fut.result()
+            if len(got) != len(rows):
+                raise TeacherError(f"teacher for domain(s) {doms}: {len(got)} scores for {len(rows)} rollouts")
             timing.teacher += seconds
             for b, sc in zip(rows, got):
                 scores[b] = sc
