@@ -28,7 +28,7 @@ import yaml
 from mopd.config import DistillParams, TinyProfile
 from mopd.domains import generate
 from mopd.models import build_base
-from mopd.teachers import HTTPTeacher, SequenceScores
+from mopd.teachers import HTTPTeacher, InProcessTeacher, SequenceScores
 from mopd.teachers.launch import start_server, stop_server, wait_healthy
 from mopd.tracking import NullTracker
 from mopd.trainers.distill import train_mopd
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--server-threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3,
                     help="modes run interleaved this many times (load drift hits them alike)")
+    ap.add_argument("--transport", choices=["http", "inprocess"], default="http",
+                    help="inprocess: the teacher in the trainer process, scored from a worker thread")
     ap.add_argument("--pin", action="store_true",
                     help="trainer on CPU 0, teacher server on CPU 1 (a core each, like separate devices)")
     args = ap.parse_args()
@@ -100,7 +102,8 @@ def main() -> None:
             os.sched_setaffinity(proc.pid, cpus[1:2])
         try:
             wait_healthy(url, proc)
-            http = HTTPTeacher("all", [url])
+            http = (HTTPTeacher("all", [url]) if args.transport == "http"
+                    else InProcessTeacher.from_pretrained(teacher_dir, name="all"))
             modes = {
                 "sampling-only": ({d: NoTeacher() for d in records}, True),
                 "serial": ({d: http for d in records}, False),
@@ -120,7 +123,7 @@ def main() -> None:
     print(f"\n{base['prompts_per_step']} prompts x {base['samples_per_prompt']} samples, "
           f"max_new_tokens {base['max_new_tokens']}, {args.chunks} chunks, objective "
           f"{base['objective']}; median over steps 2..{args.steps} of {args.rounds} interleaved rounds; "
-          f"pinned: {args.pin}")
+          f"pinned: {args.pin}; teacher transport: {args.transport}")
     print(f"{'mode':<14}{'step s':>8}{'sample s':>10}{'teacher s':>11}{'wait s':>8}{'share':>7}{'tokens':>8}")
     for name, r in results.items():
         print(f"{name:<14}{r['step_seconds']:>8.3f}{r['sample_seconds']:>10.3f}{r['teacher_seconds']:>11.3f}"

@@ -205,6 +205,13 @@ def objective_kwargs(name: str, params: DistillParams) -> dict:
     return kwargs | dict(params.objective_params)
 
 
+def _one_thread() -> None:
+    """Scoring threads run torch with one intra-op thread: an in-process teacher forward in a
+    second thread with its own full-size OpenMP team oversubscribes the cores and slows the
+    student's sampling ~2x on 2 cores (benchmarks/teacher_overlap.py --transport inprocess)."""
+    torch.set_num_threads(1)
+
+
 def as_clients(teachers: dict[str, "TeacherClient | Path | str"]) -> dict[str, TeacherClient]:
     """Checkpoint paths become in-process teachers (one model per distinct path); clients pass."""
     loaded: dict[str, InProcessTeacher] = {}
@@ -245,7 +252,8 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     needs = set(required_fields(params.objective))
     topk = params.topk if needs & TOPK_FIELDS else None
     history: dict[str, list[tuple[int, float]]] = {}
-    with ThreadPoolExecutor(max_workers=max(2, 2 * len(clients)), thread_name_prefix="teacher") as pool:
+    with ThreadPoolExecutor(max_workers=max(2, 2 * len(clients)), thread_name_prefix="teacher",
+                            initializer=_one_thread) as pool:
         for step in tqdm(range(1, params.max_steps + 1), desc="mopd distill", mininterval=5):
             metrics = _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains,
                             params, topk, needs, rng, seed * 100_003 + step, score_fn)
