@@ -32,8 +32,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=
     routes = {d: cfg.domain(d).teacher for d in cfg.domains}
     local_dirs = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains}
     with contextlib.ExitStack() as stack:
+        # one torch thread per local server: several full-size OpenMP teams on a small CPU host
+        # oversubscribe it (benchmarks/teacher_overlap.py)
         teachers = open_teachers(routes, local_dirs, transport=cfg.params.distill.teacher_transport,
-                                 stack=stack)
+                                 stack=stack, server_threads=1)
         history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, cfg.params.distill,
                              cfg.params.seed, tracker, score_fn=score)
     log_curves(tracker, history, "MOPD distillation")
