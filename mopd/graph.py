@@ -48,22 +48,24 @@ def build_graph(cfg: Config) -> list[StageSpec]:
             specs.append(StageSpec(name=name, **kw))
 
     add("data", module="tasks.data", out_dir=f"{ARTIFACTS}/data", params_keys=("seed", "data"),
-        pipeline_keys=tuple(f"domains.{d}" for d in domains))
+        pipeline_keys=tuple(f"domains.{d}.{k}" for d in domains for k in ("verifier", "data")))
     add("base", module="tasks.base", out_dir=f"{ARTIFACTS}/base",
         params_keys=("seed", "profile", "profiles"), upstream=("data",))
     add("sft", module="tasks.sft", out_dir=f"{ARTIFACTS}/sft", params_keys=("seed", "sft"),
         upstream=("data", "base"), tags=("gpu",))
     for d in local:
         add(f"teacher:{d}", module="tasks.teacher", out_dir=f"{ARTIFACTS}/teachers/{d}",
-            params_keys=("seed", f"teacher.{d}"), pipeline_keys=(f"domains.{d}",),
+            params_keys=("seed", f"teacher.{d}"), pipeline_keys=(f"domains.{d}.verifier",),
             upstream=("data", "sft"), domain=d, tags=("gpu", "teacher"))
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
     add("difficulty", module="tasks.difficulty", out_dir=f"{ARTIFACTS}/difficulty",
         params_keys=("seed", "difficulty"), upstream=("data", "sft"), tags=("gpu",))
     balanced = ("difficulty",) if "difficulty" in wanted else ()
+    # The routing table is part of what distill reads: new endpoints or model names rerun it.
     add("distill", module="tasks.distill", out_dir=f"{ARTIFACTS}/distill",
-        params_keys=("seed", "distill"), upstream=("data", "sft", *balanced, *teachers), tags=("gpu",))
+        params_keys=("seed", "distill"), pipeline_keys=tuple(f"domains.{d}.teacher" for d in domains),
+        upstream=("data", "sft", *balanced, *teachers), tags=("gpu",))
     add("merge", module="tasks.merge", out_dir=f"{ARTIFACTS}/merge", params_keys=("merge",),
         upstream=("sft", *teachers))
     models = [s.name for s in specs if s.name in ("sft", "distill", "merge")] + teachers
