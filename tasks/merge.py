@@ -13,7 +13,8 @@ from mopd.merging import merge
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
     """One merged checkpoint per configured method under <out_dir>/<method>/."""
     p = cfg.params.merge
-    teachers = [inputs[f"teacher:{d}"] / "model" for d in cfg.domains]
+    # Only checkpoints can be merged: domains routed to remote endpoints take no part.
+    teachers = [inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains]
     per_method = {
         "linear": {},
         "task_arithmetic": {"lambda": p.task_arithmetic_lambda},

@@ -83,3 +83,21 @@ def test_yaml_syntax_and_missing_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_params(tmp_path / "list.yaml")
+
+
+def test_remote_teacher_domain_has_no_teacher_stage(tmp_path):
+    from mopd.graph import build_graph
+
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["domains"]["math"]["teacher"] = {"source": "remote", "endpoints": ["http://127.0.0.1:9/"],
+                                          "token_env": "MATH_TOKEN"}
+    params = micro_params()
+    params["teacher"].pop("math")  # a remote teacher needs no GRPO recipe
+    cfg = load_config(_project(tmp_path, params, pipes))
+    graph = {s.name: s for s in build_graph(cfg)}
+    assert "teacher:math" not in graph and "teacher:code" in graph
+    assert "teacher:math" not in graph["distill"].upstream
+    assert "domains.math.teacher" in graph["distill"].pipeline_keys
+    pipes["domains"]["math"]["teacher"]["endpoints"] = ["ftp://x"]
+    with pytest.raises(ConfigError, match=r"domains.math.teacher.endpoints.0 = 'ftp://x'"):
+        load_config(_project(tmp_path, params, pipes))
