@@ -35,7 +35,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=
         fig = difficulty_histogram(plan.hist_before, plan.hist_after,
                                    title=f"{d}: pass count of {p.n_samples} student samples ({plan.shape})")
         fig.savefig(out_dir / d / "histogram.png", dpi=110, bbox_inches="tight")
-        tracker.log_artifact(out_dir / d / "histogram.png", artifact_path=d)
+        for name in ("histogram.png", BALANCED_FILE, "stats.json"):
+            tracker.log_artifact(out_dir / d / name, artifact_path=d)
         metrics |= {f"{d}/mean_pass_rate": float(counts.mean() / p.n_samples),
                     f"{d}/balanced_prompts": float(len(balanced)),
                     f"{d}/shape_is_U": float(plan.shape == "U"), f"{d}/shape_is_J": float(plan.shape == "J")}
