@@ -112,6 +112,10 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert teacher.data.params["teacher.code.learning_rate"] == str(params["teacher"]["code"]["learning_rate"])
     history = client.get_metric_history(teacher.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]  # per-step metrics, one point per GRPO step
+    difficulty = [r for r in client.search_runs([exp.experiment_id], "tags.stage = 'difficulty'")
+                  if r.data.tags.get("cache") != "hit"][0]
+    assert {a.path for a in client.list_artifacts(difficulty.info.run_id, "math")} >= {
+        "math/histogram.png", "math/balanced.parquet", "math/stats.json"}
     arts = {a.path for a in client.list_artifacts(last.info.run_id)}
     assert {"avg_at_k.csv", "normalized.csv", "normalized.png"} <= arts
     assert any(k.startswith("normalized/mopd/") for k in last.data.metrics)
