@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -72,8 +73,7 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     except BaseException:
         tracker.end("FAILED")
         raise
-    result = Result(stage=result.stage, out_dir=result.out_dir, files=result.files,
-                    metrics={**result.metrics, "stage_seconds": time.time() - t0}, cache_key=key)
+    result = replace(result, metrics={**result.metrics, "stage_seconds": time.time() - t0}, cache_key=key)
     write_result(out_dir, result)
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,
