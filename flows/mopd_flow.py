@@ -53,7 +53,8 @@ def stage(name: str, key: str, module: str, argv: list[str], out_dir: str, proje
     cmd = [sys.executable, "-m", module, *argv, "--project-dir", project_dir, "--pipeline", pipeline]
     if parent_run_id:
         cmd += ["--mlflow-parent", parent_run_id]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "MOPD_THREADS": str(threads)}
     logger.info("%s: %s", name, " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -75,6 +76,13 @@ def stage(name: str, key: str, module: str, argv: list[str], out_dir: str, proje
     if result.cache_key != key:
         raise StageFailed(f"stage {name}: result.json has cache key {result.cache_key}, expected {key}")
     return result.to_dict()
+
+
+def _threads(parallel: int) -> int:
+    """torch threads per stage: $MOPD_THREADS when set (results are reproducible across Prefect
+    and DVC only for a fixed thread count), else the cores shared by the stages running at once."""
+    fixed = os.environ.get("MOPD_THREADS")
+    return int(fixed) if fixed else max(1, (os.cpu_count() or 1) // max(1, parallel))
 
 
 def _forced(rerun: list[str], spec: StageSpec) -> bool:
@@ -107,7 +115,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
         for wave in levels(graph):
             ready = [s for s in wave if all(u in results for u in s.upstream)]
             status |= {s.name: "skipped" for s in wave if s not in ready}
-            threads = max(1, (os.cpu_count() or 1) // max(1, len(ready)))
+            threads = _threads(len(ready))
             submit = partial(_submit, cfg=cfg, project=project, results=results,
                              parent_run_id=parent.run_id, threads=threads)
             futures = {s.name: submit(s, refresh=_forced(rerun, s)) for s in ready}

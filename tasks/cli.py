@@ -67,6 +67,7 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                                    parent_run_id=parent_run_id, tags=tags)
                if track else NullTracker())
     tracker.log_params(sections)
+    tracker.set_tags({"torch_threads": _set_threads()})
     t0 = time.time()
     try:
         result = run(cfg, inputs, out_dir, tracker, domain=spec.domain)
@@ -80,6 +81,17 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                       **{f"sha256/{rel}"[:250]: digest for rel, digest in list(result.files.items())[:50]}})
     tracker.end("FINISHED")
     return result
+
+
+def _set_threads() -> int:
+    """Apply $MOPD_THREADS (the flow sets it per stage; set it yourself for `dvc repro`): floating
+    point reductions, hence sampled tokens, depend on the thread count, so a stage's numbers are
+    reproducible only for a fixed one. Returns the count in use (recorded on the MLflow run)."""
+    import torch
+
+    if os.environ.get("MOPD_THREADS"):
+        torch.set_num_threads(int(os.environ["MOPD_THREADS"]))
+    return torch.get_num_threads()
 
 
 def main(stage: str, run: StageFn, argv: list[str] | None = None) -> int:
