@@ -51,6 +51,7 @@ repro: install system
 bench: install system
 	$(BIN)/python benchmarks/objectives.py
 	$(BIN)/python benchmarks/verifiers.py
+	$(BIN)/python benchmarks/teacher_overlap.py
 
 clean:
 	rm -rf artifacts $(STATE)
