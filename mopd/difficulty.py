@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from mopd.config import DifficultyParams
+from mopd.evaluation import sampled_rewards
 from mopd.models import load_model, load_tokenizer
 from mopd.objectives.balancing import UpsamplePlan, upsample_plan
-from mopd.rollout import sample
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +20,11 @@ log = logging.getLogger(__name__)
 def pass_counts(model_dir: Path, records: list[dict], kind: str, params: DifficultyParams,
                 seed: int) -> np.ndarray:
     """c_i = number of the student's N samples for prompt i that its verifier accepts, (P,)."""
-    from mopd.verifiers import verify_batch
-
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    samples = sample(model, tok, [r["prompt"] for r in records], n=params.n_samples,
-                     max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                     seed=seed, batch_size=params.batch_size)
-    verdicts = verify_batch([kind] * len(samples), [s.text for s in samples],
-                            [records[s.prompt_index]["reference"] for s in samples])
-    counts = np.zeros(len(records), dtype=np.int64)
-    for s, v in zip(samples, verdicts):
-        counts[s.prompt_index] += int(v.reward >= params.success_threshold)
-    return counts
+    rewards = sampled_rewards(model, tok, records, kind, n=params.n_samples,
+                              max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                              seed=seed, batch_size=params.batch_size)
+    return np.array([sum(r >= params.success_threshold for r in row) for row in rewards], dtype=np.int64)
 
 
 def balance(records: list[dict], counts: np.ndarray, params: DifficultyParams, seed: int

@@ -19,24 +19,28 @@ from mopd.rollout import sample
 log = logging.getLogger(__name__)
 
 
+def sampled_rewards(model, tok, records: list[dict], kind: str, *, n: int, max_new_tokens: int,
+                    temperature: float, seed: int, batch_size: int) -> list[list[float]]:
+    """``rewards_PN``: the verifier's reward for each of ``n`` sampled completions per record
+    (`sample` returns each prompt's samples contiguously)."""
+    from mopd.verifiers import verify_batch
+
+    samples = sample(model, tok, [r["prompt"] for r in records], n=n, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed, batch_size=batch_size)
+    verdicts = verify_batch([kind] * len(samples), [s.text for s in samples],
+                            [records[s.prompt_index]["reference"] for s in samples])
+    rewards = [v.reward for v in verdicts]
+    return [rewards[i * n:(i + 1) * n] for i in range(len(records))]
+
+
 def evaluate_model(model_dir: Path, problems: dict[str, tuple[str, list[dict]]],
                    params: EvaluateParams, seed: int) -> dict[str, dict[str, float]]:
     """``problems``: domain -> (verifier kind, records). Returns domain -> {avg@k, pass@k, n}."""
-    from mopd.verifiers import verify_batch
-
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     out = {}
     for domain, (kind, recs) in problems.items():
-        samples = sample(model, tok, [r["prompt"] for r in recs], n=params.k,
-                         max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                         seed=seed, batch_size=params.batch_size)
-        verdicts = verify_batch([kind] * len(samples), [s.text for s in samples],
-                                [recs[s.prompt_index]["reference"] for s in samples])
-        rewards = [[0.0] * params.k for _ in recs]
-        seen = [0] * len(recs)
-        for s, v in zip(samples, verdicts):
-            rewards[s.prompt_index][seen[s.prompt_index]] = v.reward
-            seen[s.prompt_index] += 1
+        rewards = sampled_rewards(model, tok, recs, kind, n=params.k, max_new_tokens=params.max_new_tokens,
+                                  temperature=params.temperature, seed=seed, batch_size=params.batch_size)
         correct = [sum(1 for r in row if r >= 1.0) for row in rewards]
         out[domain] = {
             "avg@k": float(avg_at_k(rewards)),
