@@ -1,6 +1,7 @@
-"""`make demo`: start a local Prefect server (SQLite under .mopd/prefect), serve `mopd/full`,
-trigger `prefect deployment run mopd/full --watch`, print the score table and where to look,
-then stop what it started."""
+"""`make demo`: start a local Prefect server (SQLite under .mopd/prefect), serve one deployment
+per pipeline, trigger `mopd/full` (what `prefect deployment run mopd/full` does), follow it stage
+by stage in the terminal (state, step/total, time left: `mopd.progress`), print the score table
+and where to look, then stop what it started. `MOPD_DEMO_PIPELINE` picks another pipeline."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ PROJECT = Path(os.environ.get("MOPD_PROJECT_DIR", Path.cwd())).resolve()
 PORT = int(os.environ.get("MOPD_PREFECT_PORT", "4200"))
 API = f"http://127.0.0.1:{PORT}/api"
 BIN = Path(sys.executable).parent
+PIPELINE = os.environ.get("MOPD_DEMO_PIPELINE", "full")
 
 
 def _env() -> dict[str, str]:
@@ -41,12 +43,12 @@ def _wait_http(url: str, seconds: float, what: str) -> None:
 def _wait_deployment(env: dict, seconds: float) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        r = subprocess.run([BIN / "prefect", "deployment", "inspect", "mopd/full"], env=env,
+        r = subprocess.run([BIN / "prefect", "deployment", "inspect", f"mopd/{PIPELINE}"], env=env,
                            capture_output=True, text=True)
         if r.returncode == 0:
             return
         time.sleep(2)
-    raise SystemExit("demo: deployment mopd/full was not registered in time")
+    raise SystemExit(f"demo: deployment mopd/{PIPELINE} was not registered in time")
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -61,11 +63,38 @@ def _stop(proc: subprocess.Popen | None) -> None:
 def _print_scores() -> None:
     import pandas as pd
 
-    ev = PROJECT / "artifacts" / "evaluate"
+    ev = PROJECT / "artifacts" / "report" / PIPELINE
     for name, title in (("avg_at_k.csv", "avg@k per domain"),
                         ("normalized.csv", "MOPD normalised score (0 = SFT student, 1 = teacher)")):
         if (ev / name).is_file():
             print(f"\n{title}:\n" + pd.read_csv(ev / name, index_col=0).round(3).to_string())
+
+
+def _run_and_follow(env: dict) -> str:
+    """Trigger the deployment, print its stages' progress until it ends; returns its final state."""
+    os.environ.update({k: v for k, v in env.items() if k.startswith("PREFECT_")})
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from mopd.progress import PROGRESS_DIR, watch
+
+    flow_run = run_deployment(f"mopd/{PIPELINE}", timeout=0)
+    print(f"demo: triggered mopd/{PIPELINE}, flow run {flow_run.name} ({flow_run.id}); "
+          f"`mopd watch` follows it from another terminal too\n")
+    final: dict[str, str] = {}
+
+    def done() -> bool:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+        if state is not None and state.is_final():
+            final["state"] = state.type.value
+            return True
+        return False
+
+    watch(PROJECT / PROGRESS_DIR / str(flow_run.id), interval=3.0, is_done=done)
+    while "state" not in final and not done():
+        time.sleep(2)
+    return final["state"]
 
 
 def main() -> int:
@@ -79,20 +108,19 @@ def main() -> int:
                                    "--port", str(PORT)], env=env, cwd=PROJECT, start_new_session=True,
                                   stdout=open(logs / "prefect-server.log", "w"), stderr=subprocess.STDOUT)
         _wait_http(f"{API}/health", 120, "the Prefect server")
-        print(f"demo: serving deployment mopd/full (log: {logs}/serve.log)")
+        print(f"demo: serving one deployment per pipeline (log: {logs}/serve.log)")
         serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], env=env, cwd=PROJECT,
                                  start_new_session=True, stdout=open(logs / "serve.log", "w"),
                                  stderr=subprocess.STDOUT)
         _wait_deployment(env, 120)
         t0 = time.time()
-        run = subprocess.run([BIN / "prefect", "deployment", "run", "mopd/full", "--watch",
-                              "--watch-interval", "5"], env=env, cwd=PROJECT)
-        print(f"demo: pipeline run took {time.time() - t0:.0f} s (exit code {run.returncode})")
+        state = _run_and_follow(env)
+        print(f"demo: pipeline run took {time.time() - t0:.0f} s ({state})")
         _print_scores()
         print(f"\nPrefect UI (while a server runs): http://127.0.0.1:{PORT}  — restart it with "
               f"`make server`\nMLflow UI: `make ui` then http://127.0.0.1:5000\n"
               f"Artifacts: {PROJECT / 'artifacts'}   Flow log: {logs}/serve.log")
-        return run.returncode
+        return 0 if state == "COMPLETED" else 1
     finally:
         _stop(serve)
         _stop(server)

@@ -1,62 +1,117 @@
-"""Prefect flow `mopd`: the post-training DAG, stage by stage, cached and resumable.
+"""Prefect flow `mopd`: one pipeline of the stage table, stage by stage, cached and resumable.
 
-Each stage is a Prefect task that runs the stage's command line (`python -m tasks.<stage>`, the
+Each stage is a Prefect task that runs the stage's command line (`python -m tasks.<kind> ...`, the
 same command DVC runs) in a subprocess: stages are isolated (memory, RNG, a crash), and this
-module never imports torch. Waves of independent stages run in parallel (the teachers fan out),
-tagged `gpu` for the server-side concurrency limit.
+module never imports torch. Every stage is submitted at once with its upstream stages' futures
+as inputs, so it starts as soon as *its own* upstream stages are done (no waves); the `gpu` tag
+keeps the server-side concurrency limit on training stages.
 
-Caching: results persist in Prefect's local result storage (`$PREFECT_HOME/storage`; the
-Makefile points PREFECT_HOME at `.mopd/prefect` inside the project). The task's cache key is `mopd.graph.cache_key` (the stage's config sections + its
-upstream content hashes + the code version); the persisted result is the stage's small JSON
-Result (paths + sha256), never weights. A cache hit whose files are missing or changed is rerun.
-The `rerun` parameter forces named stages (`teacher:math`, or `teacher` for all teachers); a
-failed teacher does not stop the others, and the next run recomputes only what failed and what
-depends on it.
+Caching: the record of "done" is each stage's `result.json` (cache key, what the key was made of,
+sha256 of every output). When a stage's upstream stages are done, the task computes the stage's
+key (`mopd.graph.key_inputs`: config sections + upstream content hashes + its own code files,
+never the pipeline) and asks `mopd.plan.decide` — the function `mopd plan` uses — whether the
+recorded outputs still match: if so the stage is a cache hit (the task ends in a `Cached` state,
+no subprocess), else it runs. So two pipelines that share stages share their outputs, a
+`dvc repro` counts as done, and a changed or deleted output is recomputed. `rerun` forces named
+stages (`teacher:math`) or kinds (`teacher`); a failed stage stops only what depends on it, and
+the next run recomputes only what failed and what depends on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from functools import partial
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
 from mopd.config import load_config
-from mopd.graph import StageSpec, build_graph, cache_key, levels
+from mopd.graph import StageSpec, build_graph, hash_inputs, levels, static_key_inputs, with_upstream
+from mopd.plan import decide, forced
+from mopd.progress import ENV as PROGRESS_ENV
+from mopd.progress import RunBoard
 
 EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
 SUMMARY_FILE = ".mopd/last_run.json"
 PROGRESS_EVERY = 10.0  # seconds between forwarded progress-bar lines
+# Tasks wait for their upstream futures inside the runner's threads: one thread per stage.
+MAX_STAGES = 256
+# Stage processes running at once in one flow run (besides the server-side `gpu` tag limit):
+# several torch processes on a small CPU host only slow each other down.
+PARALLEL_ENV = "MOPD_MAX_PARALLEL"
+
+
+def max_parallel() -> int:
+    return int(os.environ.get(PARALLEL_ENV) or max(2, os.cpu_count() or 1))
+
+
+class _RunState:
+    """What the stage tasks of one flow run share (they run in this process's threads)."""
+
+    def __init__(self, board: RunBoard, slots: int):
+        self.board = board
+        self.slots = threading.BoundedSemaphore(slots)
+
+
+_RUNS: dict[str, _RunState] = {}
 
 
 class StageFailed(RuntimeError):
     pass
 
 
-def _key_from_parameters(context, parameters) -> str:
-    return parameters["key"]
-
-
-@task(cache_key_fn=_key_from_parameters, persist_result=True, result_serializer="json",
-      cache_expiration=None)
-def stage(name: str, key: str, module: str, argv: list[str], out_dir: str, project_dir: str,
-          pipeline: str, parent_run_id: str | None, threads: int) -> dict:
-    """Run one stage's command line; return its Result as a dict (what Prefect caches)."""
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: bool, project_dir: str,
+          pipeline: str, parent_run_id: str | None, threads: int, board_id: str) -> dict:
+    """Decide (cached or run) once the upstream stages are done; run the stage's command line
+    when needed. Returns {"result": Result dict, "action": "cached" | "computed", "reasons"}."""
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", module, *argv, "--project-dir", project_dir, "--pipeline", pipeline]
+    name, project = spec.name, Path(project_dir)
+    run = _RUNS.get(board_id)
+    board = run.board if run else None
+    inputs = with_upstream(base_inputs, spec, {u: Result.from_dict(r["result"]).content_hash
+                                               for u, r in upstream.items()})
+    key = hash_inputs(inputs)
+    decision, recorded = decide(project, spec, key, inputs, force=force)
+    if recorded is not None:
+        board and board.stage(name, "cached")
+        return Completed(name="Cached", message=f"{name}: outputs match cache key {key[:12]}",
+                         data={"result": recorded.to_dict(), "action": "cached", "reasons": []})
+    logger.info("%s: to run (%s)", name, "; ".join(decision.reasons))
+    try:
+        with run.slots if run else contextlib.nullcontext():
+            board and board.stage(name, "running")
+            result = _run_stage(spec, key, project, pipeline, parent_run_id, threads, board, logger)
+    except BaseException:
+        board and board.stage(name, "failed")
+        raise
+    board and board.stage(name, "done")
+    return {"result": result.to_dict(), "action": "computed", "reasons": decision.reasons}
+
+
+def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_run_id: str | None,
+               threads: int, board: RunBoard | None, logger) -> Result:
+    name = spec.name
+    cmd = [sys.executable, "-m", spec.module, *spec.argv, "--project-dir", str(project),
+           "--pipeline", pipeline]
     if parent_run_id:
         cmd += ["--mlflow-parent", parent_run_id]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "MOPD_THREADS": str(threads)}
+    if board:
+        env[PROGRESS_ENV] = str(board.progress_file(name))
     logger.info("%s: %s", name, " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=project_dir, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: list[str] = []
     last_bar = 0.0
@@ -72,34 +127,38 @@ def stage(name: str, key: str, module: str, argv: list[str], out_dir: str, proje
         logger.info("[%s] %s", name, line[-2000:])
     if proc.wait() != 0:
         raise StageFailed(f"stage {name} exited with {proc.returncode}:\n" + "\n".join(tail))
-    result = load_result(Path(project_dir) / out_dir)
+    result = load_result(project / spec.out_dir)
     if result.cache_key != key:
-        raise StageFailed(f"stage {name}: result.json has cache key {result.cache_key}, expected {key}")
-    return result.to_dict()
+        raise StageFailed(f"stage {name}: result.json has cache key {result.cache_key}, expected {key} "
+                          "(did the configuration or code change while the flow ran?)")
+    return result
 
 
 def _threads(parallel: int) -> int:
     """torch threads per stage: $MOPD_THREADS when set (results are reproducible across Prefect
-    and DVC only for a fixed thread count), else the cores shared by the stages running at once."""
+    and DVC only for a fixed thread count), else the cores shared by the stages that can run at
+    once: those of the same depth in the graph, at most `max_parallel()` (deterministic for a
+    given pipeline and machine)."""
     fixed = os.environ.get("MOPD_THREADS")
+    parallel = min(parallel, max_parallel())
     return int(fixed) if fixed else max(1, (os.cpu_count() or 1) // max(1, parallel))
 
 
-def _forced(rerun: list[str], spec: StageSpec) -> bool:
-    return spec.name in rerun or spec.name.split(":")[0] in rerun
-
-
-@flow(name="mopd", log_prints=True)
+@flow(name="mopd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_STAGES))
 def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: str | None = None
          ) -> dict:
     """Run pipeline `pipeline` of pipelines.yaml; returns {"status": stage -> computed | cached |
     failed | skipped, "parent_run_id": MLflow parent run}."""
+    from prefect.runtime import flow_run
+
     logger = get_run_logger()
     project = Path(project_dir or os.environ.get("MOPD_PROJECT_DIR", ".")).resolve()
     cfg = load_config(project, pipeline=pipeline)  # any config error fails here, before work
     graph = build_graph(cfg)
+    if len(graph) > MAX_STAGES:
+        raise ValueError(f"pipeline {pipeline!r} has {len(graph)} stages; the flow runs at most {MAX_STAGES}")
     rerun = list(rerun or [])
-    known = {s.name for s in graph} | {s.name.split(":")[0] for s in graph}
+    known = {s.name for s in graph} | {s.kind for s in graph}
     unknown = [r for r in rerun if r not in known]
     if unknown:
         raise ValueError(f"rerun: unknown stage(s) {unknown}; stages: {sorted(known)}")
@@ -109,85 +168,81 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     parent = MLflowTracker.start(EXPERIMENT, f"mopd-{pipeline}", tracking_uri=default_tracking_uri(project),
                                  tags={"pipeline": pipeline, "kind": "pipeline"})
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
-    results: dict[str, Result] = {}
-    status: dict[str, str] = {}
+    run_id = str(flow_run.get_id() or parent.run_id)
+    board = RunBoard(project, run_id, pipeline, [s.name for s in graph])
+    _RUNS[run_id] = _RunState(board, max_parallel())
+    width = {s.name: len(level) for level in levels(graph) for s in level}
+    futures = {}
     try:
-        for wave in levels(graph):
-            ready = [s for s in wave if all(u in results for u in s.upstream)]
-            status |= {s.name: "skipped" for s in wave if s not in ready}
-            threads = _threads(len(ready))
-            submit = partial(_submit, cfg=cfg, project=project, results=results,
-                             parent_run_id=parent.run_id, threads=threads)
-            futures = {s.name: submit(s, refresh=_forced(rerun, s)) for s in ready}
-            for spec in ready:
-                status[spec.name], res = _settle(spec, futures[spec.name], submit, project, logger)
-                if res is not None:
-                    results[spec.name] = res
-                if status[spec.name] == "cached":
-                    _log_cached(parent, spec, res)
+        for spec in graph:
+            task_ = stage.with_options(task_run_name=spec.name, tags=list(spec.tags))
+            futures[spec.name] = task_.submit(
+                spec=spec, base_inputs=static_key_inputs(cfg, spec),
+                upstream={u: futures[u] for u in spec.upstream}, force=forced(rerun, spec),
+                project_dir=str(project), pipeline=pipeline, parent_run_id=parent.run_id,
+                threads=_threads(width[spec.name]), board_id=run_id)
+        status, results = _settle(graph, futures, board, parent, logger)
     except BaseException:
+        board.finish("failed")
         parent.end("FAILED")
+        _RUNS.pop(run_id, None)
         raise
 
-    summary = {"status": status, "parent_run_id": parent.run_id,
-               "dvc": sync_lock(project, pipeline, list(results))}
+    summary = {"status": status, "parent_run_id": parent.run_id, "pipeline": pipeline,
+               "dvc": sync_lock(project, list(results))}
     logger.info("dvc.lock: %s", summary["dvc"])
-    _finish(parent, project, results, summary)
+    _finish(parent, project, pipeline, results, summary)
     failed = [k for k, v in status.items() if v == "failed"]
+    board.finish("failed" if failed else "completed")
+    _RUNS.pop(run_id, None)
     if failed:
         raise StageFailed(f"stage(s) failed: {failed}; skipped: "
                           f"{[k for k, v in status.items() if v == 'skipped']}. Run again to resume.")
     return summary
 
 
-def _settle(spec: StageSpec, fut, submit, project: Path, logger) -> tuple[str, Result | None]:
-    """Wait for a stage; a cache hit whose files are missing or changed is recomputed.
-    Returns (computed | cached | failed, Result or None)."""
-    state = fut.wait() or fut.state
-    cached = state.name == "Cached"
-    if state.is_completed() and cached:
-        problems = Result.from_dict(state.result()).problems(project)
-        if problems:
-            logger.warning("%s: cached result is stale (%s); recomputing", spec.name, problems[0])
-            fut = submit(spec, refresh=True)
-            state, cached = fut.wait() or fut.state, False
-    if not state.is_completed():
-        logger.error("%s failed: %s", spec.name, state.message)
-        return "failed", None
-    return ("cached" if cached else "computed"), Result.from_dict(state.result())
-
-
-def _submit(spec: StageSpec, *, cfg, project: Path, results: dict[str, Result], parent_run_id: str,
-            threads: int, refresh: bool):
-    key = cache_key(cfg, spec, {u: results[u].content_hash for u in spec.upstream})
-    task_ = stage.with_options(name=f"stage-{spec.name.split(':')[0]}", task_run_name=spec.name,
-                               tags=list(spec.tags), refresh_cache=refresh)
-    return task_.submit(name=spec.name, key=key, module=spec.module, argv=spec.argv,
-                        out_dir=spec.out_dir,
-                        project_dir=str(project), pipeline=cfg.pipeline,
-                        parent_run_id=parent_run_id, threads=threads)
+def _settle(graph: list[StageSpec], futures: dict, board: RunBoard, parent, logger
+            ) -> tuple[dict[str, str], dict[str, Result]]:
+    """Wait for every stage; (stage -> computed | cached | failed | skipped, completed Results)."""
+    status: dict[str, str] = {}
+    results: dict[str, Result] = {}
+    for spec in graph:
+        fut = futures[spec.name]
+        fut.wait()
+        state = fut.state
+        if state.is_completed():
+            out = state.result()
+            status[spec.name] = out["action"]
+            results[spec.name] = res = Result.from_dict(out["result"])
+            if out["action"] == "cached":
+                _log_cached(parent, spec, res)
+        elif state.is_failed() or state.is_crashed():
+            status[spec.name] = "failed"
+            logger.error("%s failed: %s", spec.name, state.message)
+        else:  # an upstream stage failed: this one never started
+            status[spec.name] = "skipped"
+            board.stage(spec.name, "skipped")
+    return status, results
 
 
 def _log_cached(parent, spec: StageSpec, res: Result) -> None:
     """A child run for a cache hit too, so every pipeline run shows every stage in MLflow."""
-    child = parent.child(spec.name, stage=spec.name, cache="hit", cache_key=res.cache_key or "")
+    child = parent.child(spec.name, stage=spec.name, kind=spec.kind, cache="hit",
+                         cache_key=res.cache_key or "")
     child.log_metrics({f"result/{k}": v for k, v in res.metrics.items()})
     child.end("FINISHED")
 
 
-def _finish(parent, project: Path, results: dict[str, Result], summary: dict) -> None:
+def _finish(parent, project: Path, pipeline: str, results: dict[str, Result], summary: dict) -> None:
     (project / SUMMARY_FILE).parent.mkdir(parents=True, exist_ok=True)
     (project / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     parent.set_tags({f"stage/{k}": v for k, v in summary["status"].items()})
-    if "evaluate" in results:
-        ev = project / results["evaluate"].out_dir
+    report = results.get(f"report:{pipeline}")
+    if report is not None:
+        out = project / report.out_dir
         for name in ("avg_at_k.csv", "normalized.csv", "avg_at_k.png", "normalized.png"):
-            if (ev / name).is_file():
-                parent.log_artifact(ev / name)
-        parent.log_metrics({k: v for k, v in results["evaluate"].metrics.items()
-                            if k.startswith("normalized/")})
+            if (out / name).is_file():
+                parent.log_artifact(out / name)
+        parent.log_metrics({k: v for k, v in report.metrics.items()
+                            if k.startswith(("normalized/", "avg_at_k/"))})
     parent.end("FAILED" if "failed" in summary["status"].values() else "FINISHED")
-
-
-if __name__ == "__main__":
-    print(json.dumps(mopd(*sys.argv[1:2]), indent=2))

@@ -1,8 +1,9 @@
-"""Serve the `mopd/full` deployment (flow `mopd`, deployment `full`) from this process.
+"""Serve one deployment per pipeline of pipelines.yaml: `mopd/<pipeline>` (flow `mopd`),
+`prefect deployment run mopd/full` being the main entry.
 
 Needs a Prefect API (`PREFECT_API_URL`, e.g. the local server `make demo` starts). Creates the
 `gpu` tag concurrency limit (default 2, `MOPD_GPU_SLOTS`) so at most that many training stages
-(teachers, SFT, distillation) run at once, whatever the task runner's parallelism.
+(teachers, SFT, distillation, evaluation) run at once, whatever the task runner's parallelism.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 from flows.mopd_flow import mopd
+from mopd.config import load_config
 
 GPU_TAG = "gpu"
 
@@ -22,16 +24,26 @@ def ensure_gpu_limit(slots: int) -> None:
         client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
 
 
+def deployments(project: Path) -> list:
+    """One deployment per pipeline (the configuration is validated first: a broken file fails
+    here, not in the first run)."""
+    cfg = load_config(project)
+    out = []
+    for name, pipe in cfg.pipelines.pipelines.items():
+        out.append(mopd.to_deployment(
+            name=name, parameters={"pipeline": name, "project_dir": str(project)},
+            description=f"Pipeline {name!r} of pipelines.yaml: domains {pipe.domains}, stages "
+                        f"{pipe.stages}.",
+            tags=["mopd", f"pipeline:{name}"]))
+    return out
+
+
 def main() -> None:
+    from prefect import serve
+
     project = Path(os.environ.setdefault("MOPD_PROJECT_DIR", str(Path.cwd()))).resolve()
     ensure_gpu_limit(int(os.environ.get("MOPD_GPU_SLOTS", "2")))
-    mopd.serve(
-        name="full",
-        parameters={"pipeline": "full", "project_dir": str(project)},
-        description="The whole post-training DAG: data, base, SFT, per-domain GRPO teachers, "
-                    "MOPD distillation, mergekit baselines, evaluation.",
-        tags=["mopd"],
-    )
+    serve(*deployments(project))
 
 
 if __name__ == "__main__":

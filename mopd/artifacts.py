@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_FILE = "result.json"
+MODELS_FILE = "models.json"  # in a model stage's output: {method label: model dir inside it}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -40,6 +41,8 @@ class Result:
     files: dict[str, str]  # relative path (inside out_dir) -> sha256
     metrics: dict[str, float] = field(default_factory=dict)
     cache_key: str | None = None
+    # what the cache key was made of (mopd.graph.key_inputs): lets `mopd plan` say what changed
+    inputs: dict[str, Any] | None = None
 
     @property
     def content_hash(self) -> str:
@@ -51,7 +54,8 @@ class Result:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Result":
-        return cls(**data)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def problems(self, project_dir: Path) -> list[str]:
         """Why these outputs cannot be trusted any more (missing or changed files); [] if intact."""

@@ -1,4 +1,6 @@
-"""The `mopd` command line. Subcommands: ``serve-teacher`` (a teacher as a prefill service)."""
+"""The `mopd` command line. Subcommands: ``plan`` (what would run and why), ``dvc-yaml``
+(generate dvc.yaml from the stage table), ``watch`` (a run's progress), ``serve-teacher`` (a
+teacher as a prefill service)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import argparse
 import logging
 import os
 import sys
-
-from mopd.teachers.server import ServerLimits
 
 
 def _serve_teacher(args: argparse.Namespace) -> int:
@@ -20,6 +20,8 @@ def _serve_teacher(args: argparse.Namespace) -> int:
             print(f"error: --token-env {args.token_env}: environment variable is unset or empty",
                   file=sys.stderr)
             return 2
+    from mopd.teachers.server import ServerLimits
+
     limits = ServerLimits(max_request_tokens=args.max_request_tokens, max_batch=args.max_batch,
                           max_logprobs=args.max_logprobs, max_batch_tokens=args.max_batch_tokens)
     serve(args.model, host=args.host, port=args.port, token=token, limits=limits, dtype=args.dtype,
@@ -27,9 +29,85 @@ def _serve_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from mopd.config import ConfigError, load_config  # codedeps: ignore (not the teacher server)
+    from mopd.plan import format_plan, plan  # codedeps: ignore (not the teacher server)
+
+    try:
+        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        decisions = plan(cfg, rerun=args.rerun)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([d.to_dict() for d in decisions], indent=2))
+    else:
+        print(f"pipeline {args.pipeline} ({cfg.project_dir}):")
+        print(format_plan(decisions))
+    return 0
+
+
+def _dvc_yaml(args: argparse.Namespace) -> int:
+    from mopd import dvcgen  # codedeps: ignore (not the teacher server)
+    from mopd.config import ConfigError, load_config  # codedeps: ignore (not the teacher server)
+
+    try:
+        cfg = load_config(args.project_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if dvcgen.is_current(cfg):
+            print("dvc.yaml is up to date")
+            return 0
+        print(f"error: {cfg.project_dir / dvcgen.DVC_FILE} is stale: run `mopd dvc-yaml`",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {dvcgen.write(cfg)}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mopd.progress import PROGRESS_DIR, latest_run, render, watch  # codedeps: ignore (not the teacher server)
+
+    project = Path(args.project_dir).resolve()
+    run_dir = project / PROGRESS_DIR / args.run if args.run else latest_run(project)
+    if run_dir is None or not run_dir.is_dir():
+        print(f"error: no run recorded under {project / PROGRESS_DIR}", file=sys.stderr)
+        return 2
+    if args.once:
+        print(render(run_dir)[0])
+    else:
+        watch(run_dir, interval=args.interval)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="what a pipeline run would compute and why, before it runs",
+                       description="One line per stage: run or cached, with the reasons (config "
+                                   "key, upstream stage, code file, forced, missing/altered output).")
+    p.add_argument("--pipeline", default="full")
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--rerun", nargs="*", default=[], help="stages or kinds to force")
+    p.add_argument("--json", action="store_true",
+                   help='print [{"stage", "action": "run"|"cached", "reasons": [...]}, ...]')
+    p.set_defaults(func=_plan)
+    p = sub.add_parser("dvc-yaml", help="generate dvc.yaml from the stage table (every pipeline)")
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")
+    p.set_defaults(func=_dvc_yaml)
+    p = sub.add_parser("watch", help="follow a flow run's stages: state, step/total, time left")
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--run", default=None, help="flow run id (default: the latest)")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--once", action="store_true", help="print the table once and exit")
+    p.set_defaults(func=_watch)
     p = sub.add_parser("serve-teacher", help="serve a teacher checkpoint for prompt-logprob scoring",
                        description="Serve POST /v1/completions (vLLM's prompt_logprobs subset) and "
                                    "GET /health for a causal LM.")
@@ -41,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="name reported by /v1/models")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    from mopd.teachers.server import ServerLimits
+
     d = ServerLimits()
     p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens)
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per request")

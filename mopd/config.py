@@ -7,6 +7,7 @@ before any work with a :class:`ConfigError` naming the file, the dotted key and 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -172,7 +173,7 @@ class EvaluateParams(_Strict):
 
 
 class Params(_Strict):
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     profile: str = "tiny"
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"tiny": TinyProfile()})
     data: DataParams = DataParams()
@@ -182,6 +183,40 @@ class Params(_Strict):
     distill: DistillParams = DistillParams()
     merge: MergeParams = MergeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    # Method variants (mopd.graph): `variants.<kind>.<name>` holds keys that replace those of the
+    # `<kind>` section for the stage `<kind>:<name>` (e.g. `variants.distill.tropd` for
+    # `distill:tropd`), which a pipeline lists beside the plain `<kind>` stage.
+    variants: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _variants_valid(self) -> "Params":
+        from mopd.graph import DEFAULT_DISTILL_METHOD, VARIANT_KINDS  # codedeps: ignore
+
+        for kind, named in self.variants.items():
+            if kind not in VARIANT_KINDS:
+                raise ValueError(f"variants.{kind}: stage kind {kind!r} has no variants "
+                                 f"(kinds with variants: {list(VARIANT_KINDS)})")
+            for name, overrides in named.items():
+                if not IDENT.fullmatch(name) or name == DEFAULT_DISTILL_METHOD:
+                    raise ValueError(f"variants.{kind}.{name}: a variant name must be an identifier "
+                                     f"([A-Za-z_][A-Za-z0-9_]*) other than {DEFAULT_DISTILL_METHOD!r}")
+                try:
+                    self.stage_params(kind, name)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    key = ".".join(str(p) for p in err["loc"])
+                    raise ValueError(f"variants.{kind}.{name}.{key}: {err['msg']}") from None
+        return self
+
+    def stage_params(self, kind: str, variant: str | None = None) -> BaseModel:
+        """The `<kind>` section, with variant `variant`'s keys replacing the section's own."""
+        base = getattr(self, kind)
+        if variant is None:
+            return base
+        overrides = self.variants.get(kind, {}).get(variant)
+        if overrides is None:
+            raise KeyError(f"variants.{kind}.{variant}: no such variant in params.yaml")
+        return type(base).model_validate({**base.model_dump(), **overrides})
 
     @model_validator(mode="after")
     def _profile_exists(self) -> "Params":
@@ -256,15 +291,36 @@ class DomainConfig(_Strict):
     benchmarks: list[str] = Field(default_factory=list)  # evaluation columns; default: [<domain>]
 
 
-STAGES = ("data", "base", "sft", "teacher", "difficulty", "distill", "merge", "evaluate")
+DEFAULT_STAGES = ("data", "base", "sft", "teacher", "difficulty", "distill", "merge", "evaluate")
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class PipelineConfig(_Strict):
+    """A pipeline: its domains and the stages it runs. ``stages`` names stage kinds of the
+    stage table (:data:`mopd.graph.KINDS`) and method variants ``<kind>:<variant>``."""
+
     domains: list[str] = Field(min_length=1)
-    stages: list[Literal["data", "base", "sft", "teacher", "difficulty", "distill", "merge",
-                         "evaluate"]] = Field(
-        default_factory=lambda: list(STAGES)
-    )
+    stages: list[str] = Field(default_factory=lambda: list(DEFAULT_STAGES), min_length=1)
+
+    @model_validator(mode="after")
+    def _entries_valid(self) -> "PipelineConfig":
+        from mopd.graph import LISTABLE, VARIANT_KINDS, parse_entry  # codedeps: ignore
+
+        dup = sorted({d for d in self.domains if self.domains.count(d) > 1})
+        if dup:
+            raise ValueError(f"domains {dup} listed more than once")
+        for entry in self.stages:
+            if self.stages.count(entry) > 1:
+                raise ValueError(f"stage {entry!r} listed more than once")
+            kind, variant = parse_entry(entry)
+            if kind not in LISTABLE:
+                raise ValueError(f"unknown stage {entry!r} (stages: {list(LISTABLE)}, or "
+                                 f"<kind>:<variant> for {list(VARIANT_KINDS)})")
+            if variant is not None and (kind not in VARIANT_KINDS or not IDENT.fullmatch(variant)):
+                raise ValueError(f"stage {entry!r}: only {list(VARIANT_KINDS)} take a variant, "
+                                 f"named by an identifier defined under params.yaml "
+                                 f"`variants.{kind}`")
+        return self
 
 
 class Pipelines(_Strict):
@@ -293,6 +349,10 @@ class Config(_Strict):
     pipelines: Pipelines
     pipeline: str
     project_dir: Path
+
+    def for_pipeline(self, pipeline: str) -> "Config":
+        """The same configuration with another pipeline selected."""
+        return self if pipeline == self.pipeline else self.model_copy(update={"pipeline": pipeline})
 
     @property
     def pipe(self) -> PipelineConfig:
@@ -414,7 +474,22 @@ def load_config(
             raise ConfigError(
                 f"{project_dir / params_file}: distill.domain_weights = {weights}: must sum to 1"
             )
-    return Config(params=params, pipelines=pipes, pipeline=pipeline, project_dir=project_dir)
+    for name, pipe in pipes.pipelines.items():
+        for entry in pipe.stages:
+            kind, variant = entry.partition(":")[::2]
+            if variant and variant not in params.variants.get(kind, {}):
+                raise ConfigError(
+                    f"{project_dir / pipelines_file}: pipelines.{name}.stages: {entry!r} needs a "
+                    f"`variants.{kind}.{variant}` section in {project_dir / params_file} "
+                    f"(defined: {sorted(params.variants.get(kind, {}))})")
+    cfg = Config(params=params, pipelines=pipes, pipeline=pipeline, project_dir=project_dir)
+    from mopd.graph import check_shared_stages  # codedeps: ignore
+
+    try:
+        check_shared_stages(cfg)  # also builds every pipeline's graph: missing upstream stages
+    except ValueError as exc:
+        raise ConfigError(f"{project_dir / pipelines_file}: {exc}") from None
+    return cfg
 
 
 def section(params: Params, dotted: str) -> Any:

@@ -1,108 +1,304 @@
-"""The pipeline DAG, defined once.
+"""The pipeline DAG, defined once, as data.
 
-Prefect (``flows/``), the stage command lines (``tasks/``) and the test that checks ``dvc.yaml``
-all read the graph from here, so the two orchestrators cannot drift apart: same stage names, same
-output directories, same ``params.yaml`` keys, same upstream edges.
+:data:`KINDS` is the stage table: each stage kind declares its module, the ``params.yaml`` /
+``pipelines.yaml`` keys it reads, its arguments (domain, variant, model, pipeline) and its
+upstream rule. Everything else is derived from it: the Prefect flow (``flows/``), the stage
+runner (``tasks/cli.py``), ``dvc.yaml`` (:mod:`mopd.dvcgen`), the methods the report compares,
+``mopd plan`` (:mod:`mopd.plan`) and the validation of stage names in ``pipelines.yaml``.
+
+A pipeline's ``stages`` list names kinds (``teacher`` expands to one stage per local domain,
+``evaluate`` to one evaluation per model stage plus the pipeline's report) and *method variants*
+(``distill:tropd``: a distillation stage with its own ``variants.distill.tropd`` params section).
+
+Identity (Marin's StepSpec, STYLE "The DAG as data"): a stage's name, output folder and cache
+key never depend on which pipeline asked for it — only the report, whose job is to compare one
+pipeline's methods, is named by its pipeline. So two pipelines that share SFT and teachers share
+their output folders and cache entries, and :func:`check_shared_stages` refuses configurations in
+which the same stage name would mean two different computations.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from mopd.config import Config, section
+from mopd.codedeps import code_files
+
+if TYPE_CHECKING:
+    from mopd.config import Config
 
 ARTIFACTS = "artifacts"
+DEFAULT_DISTILL_METHOD = "mopd"  # the label of the plain `distill` stage in tables (MOPD Table 2)
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    name: str  # "teacher:math"
+    """One concrete stage of a pipeline (a row of the expanded table)."""
+
+    name: str  # "teacher:math", "distill:tropd", "evaluate:teacher:math", "report:full"
+    kind: str  # "teacher"
     module: str  # "tasks.teacher"
     out_dir: str  # relative to the project dir: "artifacts/teachers/math"
-    params_keys: tuple[str, ...]  # dotted keys of params.yaml this stage reads
+    args: tuple[tuple[str, str], ...] = ()  # (("domain", "math"),): keyword arguments of run()
+    params_keys: tuple[str, ...] = ()  # dotted keys of params.yaml this stage reads
     pipeline_keys: tuple[str, ...] = ()  # dotted keys of pipelines.yaml this stage reads
     upstream: tuple[str, ...] = ()
-    domain: str | None = None
+    domains: tuple[str, ...] = ()  # the domains the stage covers (part of its identity)
     tags: tuple[str, ...] = ()
+    models: tuple[tuple[str, str], ...] = ()  # (method label, model dir inside out_dir)
+
+    @property
+    def kwargs(self) -> dict[str, str]:
+        return dict(self.args)
+
+    @property
+    def domain(self) -> str | None:
+        return self.kwargs.get("domain")
 
     @property
     def argv(self) -> list[str]:
-        """The command line arguments of ``python -m <module>`` (the same as dvc.yaml's cmd)."""
-        return ["--domain", self.domain] if self.domain else []
+        """Arguments of ``python -m <module>`` (the same as dvc.yaml's cmd), less --pipeline (the
+        report's `pipeline` argument is that option itself)."""
+        return [tok for k, v in self.args if k != "pipeline" for tok in (f"--{k}", v)]
+
+    def identity(self) -> dict[str, Any]:
+        """What the stage computes, apart from config values, upstream contents and code."""
+        return {"module": self.module, "out_dir": self.out_dir, "args": list(self.args),
+                "params_keys": list(self.params_keys), "pipeline_keys": list(self.pipeline_keys),
+                "upstream": list(self.upstream), "domains": list(self.domains)}
 
 
-def build_graph(cfg: Config) -> list[StageSpec]:
-    """The stages of ``cfg.pipeline`` in a topological order (teachers adjacent, parallel)."""
-    wanted = set(cfg.pipe.stages)
-    domains = cfg.domains
-    local = cfg.local_teacher_domains if "teacher" in wanted else []
-    teachers = [f"teacher:{d}" for d in local]
-    specs: list[StageSpec] = []
+@dataclass
+class _Ctx:
+    """What the expansion has built so far, for the upstream rules."""
 
-    def add(name: str, **kw: Any) -> None:
-        if name.split(":")[0] in wanted:
-            specs.append(StageSpec(name=name, **kw))
+    cfg: "Config"
+    wanted: dict[str, list[str | None]]  # kind -> variants listed in the pipeline (None = plain)
+    specs: list[StageSpec] = field(default_factory=list)
 
-    add("data", module="tasks.data", out_dir=f"{ARTIFACTS}/data", params_keys=("seed", "data"),
-        pipeline_keys=tuple(f"domains.{d}.{k}" for d in domains for k in ("verifier", "data")))
-    add("base", module="tasks.base", out_dir=f"{ARTIFACTS}/base",
-        params_keys=("seed", "profile", "profiles"), upstream=("data",))
-    add("sft", module="tasks.sft", out_dir=f"{ARTIFACTS}/sft", params_keys=("seed", "sft"),
-        upstream=("data", "base"), tags=("gpu",))
-    for d in local:
-        add(f"teacher:{d}", module="tasks.teacher", out_dir=f"{ARTIFACTS}/teachers/{d}",
-            params_keys=("seed", f"teacher.{d}"), pipeline_keys=(f"domains.{d}.verifier",),
-            upstream=("data", "sft"), domain=d, tags=("gpu", "teacher"))
+    def names(self, kind: str) -> list[str]:
+        return [s.name for s in self.specs if s.kind == kind]
+
+    def has(self, kind: str) -> bool:
+        return bool(self.names(kind))
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One row of the stage table.
+
+    ``args``: the names of the stage's arguments, in order (its name is ``kind:arg1:arg2``).
+    ``expand(ctx)`` yields one argument dict per stage of this kind in the pipeline.
+    ``params`` / ``pipeline_keys`` / ``upstream`` / ``out_dir`` / ``models`` derive the rest
+    from ``(ctx, args)``. ``variants``: the kind accepts ``kind:<variant>`` entries, each reading
+    its own ``variants.<kind>.<variant>`` section on top of the ``<kind>`` section."""
+
+    kind: str
+    module: str
+    expand: Callable[[_Ctx], list[dict[str, str]]]
+    params: Callable[[_Ctx, dict], tuple[str, ...]]
+    out_dir: Callable[[dict], str]
+    upstream: Callable[[_Ctx, dict], tuple[str, ...]] = lambda ctx, a: ()
+    pipeline_keys: Callable[[_Ctx, dict], tuple[str, ...]] = lambda ctx, a: ()
+    args: tuple[str, ...] = ()
+    variants: bool = False
+    per_domain: bool = False  # covers one domain (its `domain` argument), not the pipeline's set
+    tags: tuple[str, ...] = ()
+    models: Callable[[_Ctx, dict], tuple[tuple[str, str], ...]] = lambda ctx, a: ()
+    listed_as: str | None = None  # the pipelines.yaml entry that enables it (default: kind)
+
+
+def _one(ctx: _Ctx) -> list[dict]:
+    return [{}]
+
+
+def _variants(kind: str) -> Callable[[_Ctx], list[dict]]:
+    def expand(ctx: _Ctx) -> list[dict]:
+        return [{"variant": v} if v else {} for v in ctx.wanted.get(kind, [])]
+    return expand
+
+
+def _domain_keys(*fields: str) -> Callable[[_Ctx, dict], tuple[str, ...]]:
+    return lambda ctx, a: tuple(f"domains.{d}.{f}" for d in ctx.cfg.domains for f in fields)
+
+
+def _teachers(ctx: _Ctx) -> tuple[str, ...]:
+    return tuple(ctx.names("teacher"))
+
+
+def _distill_params(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    return ("seed", "distill", *((f"variants.distill.{a['variant']}",) if a.get("variant") else ()))
+
+
+def _distill_out(a: dict) -> str:
+    return f"{ARTIFACTS}/distill/{a.get('variant') or DEFAULT_DISTILL_METHOD}"
+
+
+def _distill_models(ctx: _Ctx, a: dict) -> tuple[tuple[str, str], ...]:
+    label = f"distill:{a['variant']}" if a.get("variant") else DEFAULT_DISTILL_METHOD
+    return ((label, "model"),)
+
+
+def _model_stages(ctx: _Ctx) -> list[StageSpec]:
+    return [s for s in ctx.specs if s.models]
+
+
+def _eval_out(a: dict) -> str:
+    return f"{ARTIFACTS}/evaluate/{a['model'].replace(':', '-')}"
+
+
+def _report_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    return tuple(ctx.names("evaluate"))
+
+
+# The stage table. Its order is a topological order of the kinds: a kind's upstream rule may
+# only name kinds above it.
+KINDS: dict[str, StageKind] = {k.kind: k for k in (
+    StageKind("data", "tasks.data", _one, lambda ctx, a: ("seed", "data"),
+              lambda a: f"{ARTIFACTS}/data", pipeline_keys=_domain_keys("verifier", "data")),
+    StageKind("base", "tasks.base", _one, lambda ctx, a: ("seed", "profile", "profiles"),
+              lambda a: f"{ARTIFACTS}/base", upstream=lambda ctx, a: ("data",)),
+    StageKind("sft", "tasks.sft", _one, lambda ctx, a: ("seed", "sft"), lambda a: f"{ARTIFACTS}/sft",
+              upstream=lambda ctx, a: ("data", "base"), tags=("gpu",),
+              models=lambda ctx, a: (("sft", "model"),)),
+    # MOPD 3.1: one GRPO teacher per domain whose teacher is trained here (remote ones are not).
+    StageKind("teacher", "tasks.teacher",
+              lambda ctx: [{"domain": d} for d in ctx.cfg.local_teacher_domains],
+              lambda ctx, a: ("seed", f"teacher.{a['domain']}"),
+              lambda a: f"{ARTIFACTS}/teachers/{a['domain']}", args=("domain",), per_domain=True,
+              upstream=lambda ctx, a: ("data", "sft"),
+              pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",),
+              tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),)),
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
-    add("difficulty", module="tasks.difficulty", out_dir=f"{ARTIFACTS}/difficulty",
-        params_keys=("seed", "difficulty"), upstream=("data", "sft"), tags=("gpu",))
-    balanced = ("difficulty",) if "difficulty" in wanted else ()
-    # The routing table is part of what distill reads: new endpoints or model names rerun it.
-    add("distill", module="tasks.distill", out_dir=f"{ARTIFACTS}/distill",
-        params_keys=("seed", "distill"), pipeline_keys=tuple(f"domains.{d}.teacher" for d in domains),
-        upstream=("data", "sft", *balanced, *teachers), tags=("gpu",))
-    add("merge", module="tasks.merge", out_dir=f"{ARTIFACTS}/merge", params_keys=("merge",),
-        upstream=("sft", *teachers))
-    models = [s.name for s in specs if s.name in ("sft", "distill", "merge")] + teachers
-    add("evaluate", module="tasks.evaluate", out_dir=f"{ARTIFACTS}/evaluate",
-        params_keys=("seed", "evaluate"), upstream=("data", *models), tags=("gpu",))
+    StageKind("difficulty", "tasks.difficulty", _one, lambda ctx, a: ("seed", "difficulty"),
+              lambda a: f"{ARTIFACTS}/difficulty", upstream=lambda ctx, a: ("data", "sft"),
+              pipeline_keys=_domain_keys("verifier"), tags=("gpu",)),
+    # MOPD §1-§3 and its variants; the routing table is part of what it reads (new endpoints or
+    # model names rerun it).
+    StageKind("distill", "tasks.distill", _variants("distill"), _distill_params, _distill_out,
+              args=("variant",), variants=True,
+              upstream=lambda ctx, a: ("data", "sft", *(("difficulty",) if ctx.has("difficulty") else ()),
+                                       *_teachers(ctx)),
+              pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
+              models=_distill_models),
+    # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.
+    StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
+              lambda a: f"{ARTIFACTS}/merge", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),
+              models=lambda ctx, a: tuple((f"merge:{m}", m) for m in ctx.cfg.params.merge.methods)),
+    # One evaluation per model stage, shared by every pipeline that has that model ...
+    StageKind("evaluate", "tasks.evaluate",
+              lambda ctx: [{"model": s.name} for s in _model_stages(ctx)],
+              lambda ctx, a: ("seed", "evaluate"), _eval_out, args=("model",),
+              upstream=lambda ctx, a: ("data", a["model"]),
+              pipeline_keys=_domain_keys("verifier", "benchmarks"), tags=("gpu",)),
+    # ... and the pipeline's comparison table over them (MOPD 4.1 normalised score, §8).
+    StageKind("report", "tasks.report", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
+              lambda ctx, a: ("evaluate",), lambda a: f"{ARTIFACTS}/report/{a['pipeline']}",
+              args=("pipeline",), upstream=_report_upstream,
+              pipeline_keys=_domain_keys("benchmarks", "teacher"), listed_as="evaluate"),
+)}
 
+# What `pipelines.<p>.stages` may list: every kind that is not enabled through another entry.
+LISTABLE = tuple(k for k, v in KINDS.items() if v.listed_as is None)
+VARIANT_KINDS = tuple(k for k, v in KINDS.items() if v.variants)
+
+
+def parse_entry(entry: str) -> tuple[str, str | None]:
+    """``distill:tropd`` -> ("distill", "tropd"); ``teacher`` -> ("teacher", None)."""
+    kind, _, variant = entry.partition(":")
+    return kind, (variant or None)
+
+
+def _stage_name(kind: str, args: dict) -> str:
+    return ":".join([kind, *[v for v in args.values() if v]])
+
+
+def build_graph(cfg: "Config") -> list[StageSpec]:
+    """The stages of ``cfg.pipeline`` in a topological order."""
+    wanted: dict[str, list[str | None]] = {}
+    for entry in cfg.pipe.stages:
+        kind, variant = parse_entry(entry)
+        wanted.setdefault(kind, []).append(variant)
+    for kind, row in KINDS.items():
+        if row.listed_as and row.listed_as in wanted:
+            wanted.setdefault(kind, [None])
+    ctx = _Ctx(cfg, wanted)
+    for kind, row in KINDS.items():
+        if kind not in wanted:
+            continue
+        for a in row.expand(ctx):
+            a = {k: v for k, v in a.items() if v}
+            ctx.specs.append(StageSpec(
+                name=_stage_name(kind, a), kind=kind, module=row.module, out_dir=row.out_dir(a),
+                args=tuple(a.items()), params_keys=row.params(ctx, a),
+                pipeline_keys=row.pipeline_keys(ctx, a), upstream=row.upstream(ctx, a),
+                domains=(a["domain"],) if row.per_domain else tuple(cfg.domains),
+                tags=row.tags, models=row.models(ctx, a)))
+    specs = ctx.specs
     names = {s.name for s in specs}
     for s in specs:
         missing = [u for u in s.upstream if u not in names]
         if missing:
-            raise ValueError(
-                f"pipelines.{cfg.pipeline}.stages: stage {s.name!r} needs {missing}, "
-                f"which the pipeline does not run"
-            )
+            raise ValueError(f"pipelines.{cfg.pipeline}.stages: stage {s.name!r} needs {missing}, "
+                             f"which the pipeline does not run")
     return specs
 
 
 def levels(specs: list[StageSpec]) -> list[list[StageSpec]]:
-    """Group stages into waves whose members depend only on earlier waves (run a wave in parallel)."""
+    """Stages grouped by depth (longest upstream chain); used to share cores between the stages
+    that can run at the same time."""
     depth: dict[str, int] = {}
     for s in specs:  # specs are topologically ordered
         depth[s.name] = 1 + max((depth[u] for u in s.upstream), default=-1)
-    out: list[list[StageSpec]] = [[] for _ in range(max(depth.values()) + 1)]
+    out: list[list[StageSpec]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for s in specs:
         out[depth[s.name]].append(s)
     return out
 
 
-def get_spec(cfg: Config, name: str) -> StageSpec:
+def get_spec(cfg: "Config", name: str) -> StageSpec:
     for s in build_graph(cfg):
         if s.name == name:
             return s
     raise ValueError(f"no stage {name!r} in pipeline {cfg.pipeline!r}")
 
 
-def config_sections(cfg: Config, spec: StageSpec) -> dict[str, Any]:
+def all_stages(cfg: "Config") -> dict[str, tuple[str, StageSpec]]:
+    """Every stage of every pipeline: name -> (the first pipeline that runs it, its spec)."""
+    out: dict[str, tuple[str, StageSpec]] = {}
+    for pipeline in cfg.pipelines.pipelines:
+        for spec in build_graph(cfg.for_pipeline(pipeline)):
+            out.setdefault(spec.name, (pipeline, spec))
+    return out
+
+
+def check_shared_stages(cfg: "Config") -> None:
+    """A stage name must mean one computation in every pipeline that runs it (its outputs and
+    cache entry are shared): e.g. two pipelines over different domain sets cannot share `sft`."""
+    seen: dict[str, tuple[str, StageSpec]] = {}
+    for pipeline in cfg.pipelines.pipelines:
+        for spec in build_graph(cfg.for_pipeline(pipeline)):
+            if spec.name not in seen:
+                seen[spec.name] = (pipeline, spec)
+                continue
+            other, first = seen[spec.name]
+            if first.identity() != spec.identity():
+                diff = [k for k, v in spec.identity().items() if first.identity()[k] != v]
+                raise ValueError(
+                    f"pipelines {other!r} and {pipeline!r} both run stage {spec.name!r} but it "
+                    f"differs in {diff} (e.g. domains {list(first.domains)} vs {list(spec.domains)}); "
+                    f"stages are shared by name across pipelines, so pipelines that share a stage "
+                    f"must agree on its domains and upstream stages")
+
+
+def config_sections(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
     """The exact configuration a stage reads: its params.yaml and pipelines.yaml keys."""
+    from mopd.config import section
+
     out: dict[str, Any] = {k: section(cfg.params, k) for k in spec.params_keys}
     pipes = cfg.pipelines.model_dump(mode="json")
     for k in spec.pipeline_keys:
@@ -113,29 +309,35 @@ def config_sections(cfg: Config, spec: StageSpec) -> dict[str, Any]:
     return out
 
 
-def code_version(module: str) -> str:
-    """sha256 over the stage module, the stage runner and the library's Python sources: the code
-    a stage runs (wherever the packages are imported from)."""
-    import importlib.util
-
-    import mopd
-
-    h = hashlib.sha256()
-    stage_file = Path(importlib.util.find_spec(module).origin)
-    files = [stage_file, stage_file.parent / "cli.py", *sorted(Path(mopd.__file__).parent.rglob("*.py"))]
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def cache_key(cfg: Config, spec: StageSpec, upstream_hashes: dict[str, str]) -> str:
-    """Stage inputs + its config sections + upstream content hashes + code version."""
-    payload = {
+def static_key_inputs(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
+    """The part of a stage's key known before its upstream stages have run."""
+    return {
         "stage": spec.name,
-        "pipeline": cfg.pipeline,
+        "domains": list(spec.domains),
         "config": config_sections(cfg, spec),
-        "upstream": {u: upstream_hashes[u] for u in spec.upstream},
-        "code": code_version(spec.module),
+        "code": code_files(spec.module),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def with_upstream(static: dict[str, Any], spec: StageSpec, upstream_hashes: dict[str, str]
+                  ) -> dict[str, Any]:
+    return {**static, "upstream": {u: upstream_hashes[u] for u in spec.upstream}}
+
+
+def key_inputs(cfg: "Config", spec: StageSpec, upstream_hashes: dict[str, str]) -> dict[str, Any]:
+    """Everything a stage's cache key is made of (recorded in result.json, so `mopd plan` can say
+    what changed): its name and domains, config sections, upstream content hashes and the sha256
+    of every project module it imports (:func:`mopd.codedeps.code_files`). Never the pipeline."""
+    return with_upstream(static_key_inputs(cfg, spec), spec, upstream_hashes)
+
+
+def hash_inputs(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(cfg: "Config", spec: StageSpec, upstream_hashes: dict[str, str]) -> str:
+    return hash_inputs(key_inputs(cfg, spec, upstream_hashes))
+
+
+def out_path(cfg: "Config", spec: StageSpec) -> Path:
+    return cfg.project_dir / spec.out_dir

@@ -10,7 +10,7 @@ from mopd.data import corpus
 from mopd.models import build_base
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     """Build or load the profile's model and tokenizer and save them as safetensors."""
     texts = corpus(inputs["data"], cfg.domains)
     metrics = build_base(cfg.params.model_profile, texts, out_dir / "model", cfg.params.seed)

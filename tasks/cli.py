@@ -2,7 +2,7 @@
 
 `execute` resolves the stage in the pipeline graph, checks its upstream results, clears its output
 directory, opens an MLflow run (a child of the pipeline's parent run when one is given), calls the
-stage's `run(cfg, inputs, out_dir, tracker, domain=...)`, and writes `result.json` (files + sha256
+stage's `run(cfg, inputs, out_dir, tracker, **args)` (its table arguments: domain, variant, ...), and writes `result.json` (files + sha256
 + metrics + cache key) last: a directory without `result.json` is not a finished stage.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from mopd.artifacts import Result, load_result, write_result
+from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
 from mopd.config import Config, ConfigError, load_config
-from mopd.graph import cache_key, config_sections, get_spec
+from mopd.graph import KINDS, build_graph, config_sections, get_spec, hash_inputs, key_inputs
 from mopd.tracking import MLflowTracker, NullTracker, default_tracking_uri
 
 log = logging.getLogger("mopd.stage")
@@ -30,6 +30,10 @@ EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
 # Fault injection for resilience tests and drills: a comma-separated list of stage names that
 # raise before doing any work (e.g. MOPD_FAIL_STAGES=teacher:code). Never set in normal runs.
 FAIL_ENV = "MOPD_FAIL_STAGES"
+# Scheduling drill: stages listed here wait, before doing any work, until the file
+# `.mopd/hold/<stage>.release` exists (or MOPD_HOLD_SECONDS pass), so a test can see what the
+# orchestrator starts meanwhile. Never set in normal runs.
+HOLD_ENV = "MOPD_HOLD_STAGES"
 CONFIG_FILE = "stage_config.json"
 
 StageFn = Callable[..., Result]
@@ -43,12 +47,16 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
             track: bool = True) -> Result:
     spec = get_spec(cfg, name)
     project = cfg.project_dir
-    inputs = {u: project / get_spec(cfg, u).out_dir for u in spec.upstream}
+    graph = {s.name: s for s in build_graph(cfg)}
+    inputs = {u: project / graph[u].out_dir for u in spec.upstream}
     upstream = {u: load_result(path) for u, path in inputs.items()}
-    key = cache_key(cfg, spec, {u: r.content_hash for u, r in upstream.items()})
+    key_in = key_inputs(cfg, spec, {u: r.content_hash for u, r in upstream.items()})
+    key = hash_inputs(key_in)
 
     if name in {s.strip() for s in os.environ.get(FAIL_ENV, "").split(",")}:
         raise InjectedFault(f"stage {name}: failure injected through ${FAIL_ENV}")
+    if name in {s.strip() for s in os.environ.get(HOLD_ENV, "").split(",")}:
+        _hold(project, name)
 
     out_dir = project / spec.out_dir
     if out_dir.exists():
@@ -59,8 +67,11 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     # happen to come out identical (e.g. a GRPO run whose groups all had equal rewards).
     sections = config_sections(cfg, spec)
     (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
+    if spec.models:  # what an evaluation of this stage finds in it: method label -> model dir
+        (out_dir / MODELS_FILE).write_text(json.dumps(dict(spec.models), indent=2) + "\n")
 
-    tags = {"stage": name, "pipeline": cfg.pipeline, "cache_key": key}
+    tags = {"stage": name, "kind": spec.kind, "pipeline": cfg.pipeline, "cache_key": key,
+            **{f"arg/{k}": v for k, v in spec.args}}
     if spec.domain:
         tags["domain"] = spec.domain
     tracker = (MLflowTracker.start(EXPERIMENT, name, tracking_uri=default_tracking_uri(project),
@@ -70,17 +81,26 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     tracker.set_tags({"torch_threads": _set_threads()})
     t0 = time.time()
     try:
-        result = run(cfg, inputs, out_dir, tracker, domain=spec.domain)
+        result = run(cfg, inputs, out_dir, tracker, **spec.kwargs)
     except BaseException:
         tracker.end("FAILED")
         raise
-    result = replace(result, metrics={**result.metrics, "stage_seconds": time.time() - t0}, cache_key=key)
+    result = replace(result, stage=name, metrics={**result.metrics, "stage_seconds": time.time() - t0},
+                     cache_key=key, inputs=key_in)
     write_result(out_dir, result)
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,
                       **{f"sha256/{rel}"[:250]: digest for rel, digest in list(result.files.items())[:50]}})
     tracker.end("FINISHED")
     return result
+
+
+def _hold(project: Path, name: str) -> None:
+    release = project / ".mopd" / "hold" / (name.replace(":", "__") + ".release")
+    deadline = time.time() + float(os.environ.get("MOPD_HOLD_SECONDS", "300"))
+    log.info("%s: held until %s exists (%s)", name, release, HOLD_ENV)
+    while not release.exists() and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def _set_threads() -> int:
@@ -94,19 +114,24 @@ def _set_threads() -> int:
     return torch.get_num_threads()
 
 
-def main(stage: str, run: StageFn, argv: list[str] | None = None) -> int:
-    """Command line of every stage module: ``python -m tasks.<stage> [--domain D] ...``."""
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=run.__doc__)
+def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
+    """Command line of every stage module: ``python -m tasks.<kind> [--domain D] [--variant V]
+    ...``; the arguments are the kind's, from the stage table (mopd.graph.KINDS)."""
+    row = KINDS[kind]
+    parser = argparse.ArgumentParser(prog=f"python -m {row.module}", description=run.__doc__)
     parser.add_argument("--project-dir", default=".", help="directory holding params.yaml")
     parser.add_argument("--pipeline", default="full", help="pipeline name in pipelines.yaml")
-    if stage == "teacher":
-        parser.add_argument("--domain", required=True, help="the teacher's domain")
+    for arg in row.args:
+        if arg != "pipeline":  # the report's argument is the pipeline itself
+            parser.add_argument(f"--{arg}", required=not row.variants,
+                                help=f"the stage's {arg} (stage name {kind}:<{arg}>)")
     parser.add_argument("--mlflow-parent", default=None, help="MLflow run id to nest under")
     parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOPD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = f"{stage}:{args.domain}" if stage == "teacher" else stage
+    values = [getattr(args, a) for a in row.args]
+    name = ":".join([kind, *[v for v in values if v]])
     try:
         cfg = load_config(args.project_dir, pipeline=args.pipeline)
         result = execute(cfg, name, run, parent_run_id=args.mlflow_parent, track=not args.no_track)

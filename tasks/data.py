@@ -9,7 +9,7 @@ from mopd.config import Config
 from mopd.data import domain_records, write_domain
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     """Write <out_dir>/<domain>/{train,eval}.parquet for every domain of the pipeline."""
     metrics = {}
     for name in cfg.domains:

@@ -13,15 +13,17 @@ from mopd.artifacts import Result, finalize
 from mopd.config import Config
 from mopd.data import BALANCED_FILE, read_split
 from mopd.difficulty import balance, pass_counts
+from mopd.progress import report
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     """Per domain: pass counts of N student samples, histogram before/after, balanced prompts."""
     from mopd.plots import difficulty_histogram
 
     p = cfg.params.difficulty
     metrics: dict[str, float] = {}
-    for d in cfg.domains:
+    for i, d in enumerate(cfg.domains):
+        report(i, len(cfg.domains), "domains", force=True)
         records = read_split(inputs["data"], d, "train")
         records = random.Random(cfg.params.seed).sample(records, min(p.max_prompts, len(records)))
         counts = pass_counts(inputs["sft"] / "model", records, cfg.domain(d).verifier, p, cfg.params.seed)
@@ -40,6 +42,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=
         metrics |= {f"{d}/mean_pass_rate": float(counts.mean() / p.n_samples),
                     f"{d}/balanced_prompts": float(len(balanced)),
                     f"{d}/shape_is_U": float(plan.shape == "U"), f"{d}/shape_is_J": float(plan.shape == "J")}
+    report(len(cfg.domains), len(cfg.domains), "domains", force=True)
     tracker.log_metrics(metrics)
     return finalize("difficulty", cfg.project_dir, out_dir, metrics)
 

@@ -1,4 +1,6 @@
-"""Stage `distill`: MOPD, the student distilled on-policy from every domain's teacher."""
+"""Stage `distill` (and its variants `distill:<name>`): the student distilled on-policy from every
+domain's teacher. The plain stage is MOPD (its table label is `mopd`); a variant reads
+`variants.distill.<name>` on top of the `distill` section (e.g. another objective)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from mopd.trainers.distill import train_mopd
 from tasks.plotting import log_curves
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
+        variant: str | None = None) -> Result:
     """MOPD from the SFT student with each domain routed to its own teacher (ALGORITHMS §1-§3)."""
+    params = cfg.params.stage_params("distill", variant)
     from mopd.verifiers import verify_batch
 
     kinds = {d: cfg.domain(d).verifier for d in cfg.domains}
@@ -34,15 +38,15 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=
     with contextlib.ExitStack() as stack:
         # one torch thread per local server: several full-size OpenMP teams on a small CPU host
         # oversubscribe it (benchmarks/teacher_overlap.py)
-        teachers = open_teachers(routes, local_dirs, transport=cfg.params.distill.teacher_transport,
+        teachers = open_teachers(routes, local_dirs, transport=params.teacher_transport,
                                  stack=stack, server_threads=1)
-        history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, cfg.params.distill,
+        history = train_mopd(inputs["sft"] / "model", teachers, prompts, out_dir, params,
                              cfg.params.seed, tracker, score_fn=score)
     log_curves(tracker, history, "MOPD distillation")
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]
     metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n}
-    return finalize("distill", cfg.project_dir, out_dir, metrics)
+    return finalize(f"distill:{variant}" if variant else "distill", cfg.project_dir, out_dir, metrics)
 
 
 if __name__ == "__main__":

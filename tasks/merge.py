@@ -10,7 +10,7 @@ from mopd.config import Config
 from mopd.merging import merge
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     """One merged checkpoint per configured method under <out_dir>/<method>/."""
     p = cfg.params.merge
     # Only checkpoints can be merged: domains routed to remote endpoints take no part.

@@ -12,7 +12,7 @@ from mopd.trainers.sft import train_sft
 from tasks.plotting import log_curves
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     """SFT of the base model on the pooled training records of all domains."""
     records = [r for d in cfg.domains for r in read_split(inputs["data"], d, "train")]
     random.Random(cfg.params.seed).shuffle(records)

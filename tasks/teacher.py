@@ -12,10 +12,8 @@ from mopd.trainers.grpo import train_grpo
 from tasks.plotting import log_curves
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain=None) -> Result:
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str) -> Result:
     """GRPO of the SFT model on ``domain``'s training prompts."""
-    if domain is None:
-        raise ValueError("the teacher stage needs a domain (--domain)")
     records = read_split(inputs["data"], domain, "train")
     kind = cfg.domain(domain).verifier
     history = train_grpo(inputs["sft"] / "model", records, kind, out_dir,

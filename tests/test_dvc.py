@@ -1,4 +1,5 @@
-"""DVC: dvc.yaml describes the same DAG as mopd.graph, and `dvc repro` reproduces it."""
+"""DVC: dvc.yaml is generated from the stage table (committed, never stale), and `dvc repro`
+reproduces it."""
 
 from __future__ import annotations
 
@@ -7,51 +8,46 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mopd import dvcgen
+from mopd.codedeps import import_closure
 from mopd.config import load_config
-from mopd.graph import build_graph
+from mopd.graph import all_stages
 from tests.conftest import ROOT, _sh, dvc_env
 
 
-def _expanded_dvc_stages() -> dict[str, dict]:
-    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    out = {}
-    for name, stage in raw.items():
-        if "foreach" in stage:
-            for item in stage["foreach"]:
-                text = yaml.safe_dump(stage["do"]).replace("${item}", item)
-                out[f"{name}:{item}"] = yaml.safe_load(text)
-        else:
-            out[name] = stage
-    return out
-
-
-def _params_keys(params: list) -> tuple[set[str], set[str]]:
-    own, other = set(), set()
-    for p in params:
-        if isinstance(p, str):
-            own.add(p)
-        else:
-            for file, keys in p.items():
-                assert file == "pipelines.yaml", file
-                other |= set(keys)
-    return own, other
-
-
-def test_dvc_yaml_matches_graph():
+def test_committed_dvc_yaml_is_generated_from_the_table():
     cfg = load_config(ROOT)
-    stages = _expanded_dvc_stages()
-    graph = {s.name: s for s in build_graph(cfg)}
-    assert set(stages) == set(graph)
-    outs = {s.name: s.out_dir for s in graph.values()}
-    for name, spec in graph.items():
-        stage = stages[name]
-        assert stage["cmd"].split() == ["python", "-m", spec.module, *spec.argv], name
-        assert stage["outs"] == [spec.out_dir], name
-        own, other = _params_keys(stage["params"])
-        assert own == set(spec.params_keys), name
-        assert other == set(spec.pipeline_keys), name
-        code = {spec.module.replace(".", "/") + ".py", "tasks/cli.py", "mopd"}
-        assert set(stage["deps"]) == code | {outs[u] for u in spec.upstream}, name
+    assert dvcgen.is_current(cfg), "dvc.yaml is stale: run `make dvc-yaml` (mopd dvc-yaml)"
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    table = all_stages(cfg)
+    assert set(stages) == {dvcgen.dvc_name(n) for n in table}
+    for name, (pipeline, spec) in table.items():
+        stage = stages[dvcgen.dvc_name(name)]
+        assert stage["cmd"].split() == ["python", "-m", spec.module, *spec.argv, "--pipeline", pipeline]
+        assert stage["outs"] == [spec.out_dir]
+        code = {p.relative_to(ROOT).as_posix() for p in import_closure(spec.module, ROOT)}
+        assert set(stage["deps"]) == code | {table[u][1].out_dir for u in spec.upstream}, name
+    # Per-stage code: SFT and the teachers do not depend on the distillation objectives.
+    assert not any("objectives" in d for d in stages["sft"]["deps"] + stages["teacher-math"]["deps"])
+    assert "mopd/objectives/opd.py" in stages["distill"]["deps"]
+    assert {"seed", "teacher.math"} <= set(stages["teacher-math"]["params"][:2])
+
+
+def test_stale_dvc_yaml_is_detected(tmp_path):
+    import shutil
+
+    for name in ("params.yaml", "pipelines.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    cfg = load_config(tmp_path)
+    assert dvcgen.is_current(cfg)
+    pipes = yaml.safe_load((tmp_path / "pipelines.yaml").read_text())
+    pipes["pipelines"]["full"]["stages"].remove("merge")
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    cfg = load_config(tmp_path)
+    assert not dvcgen.is_current(cfg)
+    dvcgen.write(cfg)
+    assert dvcgen.is_current(cfg)
+    assert "merge" not in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
 
 
 @pytest.mark.slow
@@ -59,10 +55,11 @@ def test_dvc_repro_runs_then_does_nothing(dvc_project: Path):
     env = dvc_env()
     dvc = str(Path(env["PATH"].split(":")[0]) / "dvc")
     first = _sh([dvc, "repro"], dvc_project, env)
-    for stage in ("data", "base", "sft", "teacher@math", "teacher@code", "teacher@if", "difficulty",
-                  "distill", "merge", "evaluate"):
+    stages = yaml.safe_load((dvc_project / "dvc.yaml").read_text())["stages"]
+    for stage in stages:
         assert f"Running stage '{stage}'" in first, first[-3000:]
-    assert (dvc_project / "artifacts" / "evaluate" / "normalized.csv").is_file()
+    assert {"teacher-math", "evaluate-teacher-math", "report-full"} <= set(stages)
+    assert (dvc_project / "artifacts" / "report" / "full" / "normalized.csv").is_file()
     assert (dvc_project / "dvc.lock").is_file()
     second = _sh([dvc, "repro"], dvc_project, env)
     assert "Running stage" not in second, second

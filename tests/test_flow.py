@@ -1,18 +1,25 @@
 """The `mopd` flow on the real Prefect engine (temporary SQLite server) over micro stages:
-caching across runs, selective recomputation, a failing teacher, stale cache entries, MLflow."""
+caching across runs and across pipelines, scheduling by upstream stages (not waves), selective
+recomputation, a failing teacher, stale outputs, `mopd plan` against the code, MLflow, DVC."""
 
 from __future__ import annotations
 
-import os
+import json
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
+import yaml
 
-from tests.conftest import _sh, dvc_env, micro_params, write_params
+from tests.conftest import ROOT, _sh, dvc_env, micro_params, write_params
 
 pytestmark = pytest.mark.slow
 
-ALL = {"data", "base", "sft", "teacher:math", "teacher:code", "teacher:if", "difficulty", "distill",
-       "merge", "evaluate"}
+TEACHERS = {"teacher:math", "teacher:code", "teacher:if"}
+EVALS = {"evaluate:sft", "evaluate:distill", "evaluate:merge"} | {f"evaluate:{t}" for t in TEACHERS}
+ALL = {"data", "base", "sft", "difficulty", "distill", "merge", "report:full"} | TEACHERS | EVALS
 
 
 @pytest.fixture
@@ -21,15 +28,14 @@ def prefect_env(tmp_path, monkeypatch):
     from prefect.testing.utilities import prefect_test_harness
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MOPD_MAX_PARALLEL", "8")  # every ready stage starts at once
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         with prefect_test_harness(server_startup_timeout=120):
             yield
 
 
 def _run(project, **kw):
-    """Run the flow, return {stage: status} (also when the flow itself fails)."""
-    import json
-
+    """Run the flow, return (state, {stage: status}) (also when the flow itself fails)."""
     from flows.mopd_flow import mopd
 
     state = mopd(project_dir=str(project), return_state=True, **kw)
@@ -41,56 +47,140 @@ def _by(status, kind):
     return {k for k, v in status.items() if v == kind}
 
 
-def _dvc_status(project) -> str:
+def _dvc(project, *args) -> str:
     env = dvc_env()
-    return _sh([env["PATH"].split(":")[0] + "/dvc", "status"], project, env)
+    return _sh([env["PATH"].split(":")[0] + "/dvc", *args], project, env)
+
+
+def _plan(project) -> dict[str, dict]:
+    """`mopd plan --json` in a subprocess run from the project, so it sees the project's copy of
+    the code (as the stage subprocesses do)."""
+    out = subprocess.run([sys.executable, "-m", "mopd.cli", "plan", "--json"], cwd=project,
+                         capture_output=True, text=True, check=True).stdout
+    return {d["stage"]: d for d in json.loads(out)}
+
+
+def _task_times(state) -> dict[str, tuple[float, float]]:
+    """Task run name -> (start, end) timestamps, from the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {r.name: (r.start_time.timestamp(), r.end_time.timestamp()) for r in runs
+            if r.start_time and r.end_time}
+
+
+def _release_when(path, release, stop: threading.Event) -> threading.Thread:
+    def loop():
+        while not stop.is_set() and not path.exists():
+            time.sleep(0.2)
+        release.parent.mkdir(parents=True, exist_ok=True)
+        release.touch()
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     project = dvc_project
-    # 1. Everything computes the first time; dvc.lock then records Prefect's work, so DVC does
-    #    not call every stage stale.
+    # 1. Everything computes the first time. `difficulty` is held (a scheduling drill) until
+    #    `merge` has finished: merge needs only SFT + teachers, so it must not wait for difficulty.
+    monkeypatch.setenv("MOPD_HOLD_STAGES", "difficulty")
+    monkeypatch.setenv("MOPD_HOLD_SECONDS", "240")
+    stop = threading.Event()
+    _release_when(project / "artifacts" / "merge" / "result.json",
+                  project / ".mopd" / "hold" / "difficulty.release", stop)
     state, status = _run(project)
+    stop.set()
+    monkeypatch.delenv("MOPD_HOLD_STAGES")
     assert state.is_completed(), state.message
     assert _by(status, "computed") == ALL
-    assert "up to date" in _dvc_status(project)
+    times = _task_times(state)
+    assert times["merge"][0] < times["difficulty"][1], times  # started before difficulty ended
+    # dvc.lock records Prefect's work, so DVC does not call every stage stale.
+    assert "up to date" in _dvc(project, "status")
+    # The watchable progress record: every stage ended, with its step counts.
+    from mopd.progress import latest_run, render
 
-    # 2. Nothing changed: every stage is a cache hit, except that a cache hit whose files were
-    #    deleted is recomputed (and, merges being deterministic, nothing downstream changes).
+    text, ended = render(latest_run(project))
+    assert ended and "teacher:math" in text and "done" in text and "2/2" in text, text
+
+    # 2. `mopd plan` after a completed run: every stage cached. A comment appended to a module of
+    #    mopd/objectives/ reruns exactly the stages that import it and what depends on them.
+    assert {s for s, d in _plan(project).items() if d["action"] != "cached"} == set()
+    opd = project / "mopd" / "objectives" / "opd.py"
+    original = opd.read_text()
+    opd.write_text(original + "\n# a comment\n")
+    plan = _plan(project)
+    to_run = {s for s, d in plan.items() if d["action"] == "run"}
+    assert to_run == {"distill", "evaluate:distill", "report:full"}, plan
+    assert "code mopd/objectives/opd.py: changed" in plan["distill"]["reasons"]
+    assert plan["evaluate:distill"]["reasons"] == ["upstream distill will run"]
+    dvc_stale = {line[:-1] for line in _dvc(project, "status").splitlines()
+                 if line.endswith(":") and not line[0].isspace()}
+    assert "distill" in dvc_stale and not dvc_stale & {"sft", "teacher-math", "difficulty"}, dvc_stale
+    opd.write_text(original)
+    assert {s for s, d in _plan(project).items() if d["action"] != "cached"} == set()
+
+    # 3. A second pipeline sharing SFT and teachers, with a distillation variant: it computes
+    #    only its own stages; the first pipeline's outputs are untouched.
+    pipes = yaml.safe_load((project / "pipelines.yaml").read_text())
+    pipes["pipelines"]["alt"] = {"domains": ["math", "code", "if"],
+                                 "stages": ["data", "base", "sft", "teacher", "distill:fast", "evaluate"]}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
+    params = micro_params()
+    params["variants"] = {"distill": {"fast": {"learning_rate": 1.0e-3}}}
+    write_params(project, params)
+    _sh([sys.executable, "-m", "mopd.cli", "dvc-yaml"], project)
+    before = {p: p.stat().st_mtime_ns for p in (project / "artifacts").rglob("result.json")}
+    state, status = _run(project, pipeline="alt")
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == {"distill:fast", "evaluate:distill:fast", "report:alt"}
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (project / "artifacts" / "distill" / "fast" / "model" / "model.safetensors").is_file()
+    table = (project / "artifacts" / "report" / "alt" / "avg_at_k.csv").read_text()
+    assert "distill:fast" in table and "teacher:math" in table
+    state, status = _run(project)
+    assert state.is_completed(), state.message
+    assert _by(status, "cached") == ALL  # nothing of `full` was recomputed or deleted
+
+    # 4. A cache hit whose files were deleted is recomputed (merges being deterministic, its
+    #    evaluation stays cached).
     (project / "artifacts" / "merge" / "linear" / "model.safetensors").unlink()
     state, status = _run(project)
     assert state.is_completed(), state.message
     assert _by(status, "computed") == {"merge"}
-    assert _by(status, "cached") == ALL - {"merge"}
 
-    # 3. One teacher's learning rate changes: exactly it and what depends on it recompute.
-    params = micro_params()
+    # 5. One teacher's learning rate changes: exactly it and what depends on it recompute.
     params["teacher"]["math"]["learning_rate"] = 1.0e-3
     write_params(project, params)
     state, status = _run(project)
     assert state.is_completed(), state.message
-    assert _by(status, "computed") == {"teacher:math", "distill", "merge", "evaluate"}
-    assert "up to date" in _dvc_status(project)
-
-    # 4. SFT changes, so every teacher must be recomputed, and one of them raises: the other
-    #    teachers complete, the stages that need every teacher are skipped, the flow fails.
+    assert _by(status, "computed") == {"teacher:math", "evaluate:teacher:math", "distill",
+                                       "evaluate:distill", "merge", "evaluate:merge", "report:full"}
+    assert "up to date" not in _dvc(project, "status")  # `alt`'s variant is stale for DVC now
+    # 6. SFT changes, so every teacher must be recomputed, and one of them raises: the others
+    #    complete, only the stages that need the failed one are skipped, the flow fails.
     params["sft"]["learning_rate"] = 1.0e-3
     write_params(project, params)
     monkeypatch.setenv("MOPD_FAIL_STAGES", "teacher:code")
     state, status = _run(project)
     assert state.is_failed()
-    assert status["sft"] == status["teacher:math"] == status["teacher:if"] == "computed"
-    assert status["difficulty"] == "computed"
-    assert status["teacher:code"] == "failed"
-    assert _by(status, "skipped") == {"distill", "merge", "evaluate"}
+    assert _by(status, "failed") == {"teacher:code"}
+    assert _by(status, "computed") == {"sft", "teacher:math", "teacher:if", "difficulty",
+                                       "evaluate:sft", "evaluate:teacher:math", "evaluate:teacher:if"}
+    assert _by(status, "skipped") == {"distill", "merge", "evaluate:teacher:code",
+                                      "evaluate:distill", "evaluate:merge", "report:full"}
 
-    # 5. The next run recomputes only the failed teacher and what depends on it.
+    # 7. The next run recomputes only the failed teacher and what depends on it.
     monkeypatch.delenv("MOPD_FAIL_STAGES")
     state, status = _run(project)
     assert state.is_completed(), state.message
-    assert _by(status, "computed") == {"teacher:code", "distill", "merge", "evaluate"}
+    assert _by(status, "computed") == {"teacher:code", "evaluate:teacher:code", "distill",
+                                       "evaluate:distill", "merge", "evaluate:merge", "report:full"}
 
-    # 6. `rerun` forces a stage whatever the cache says.
+    # 8. `rerun` forces a stage whatever the cache says.
     state, status = _run(project, rerun=["merge"])
     assert state.is_completed(), state.message
     assert _by(status, "computed") == {"merge"}
@@ -102,7 +192,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     exp = client.get_experiment_by_name("mopd")
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'",
                                  order_by=["attributes.start_time DESC"])
-    assert len(parents) == 6
+    assert len(parents) == 8
     last = parents[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{last.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == ALL
@@ -129,7 +219,7 @@ def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):
 
     state = mopd(project_dir=str(micro_project), return_state=True)
     assert state.is_failed()
-    assert "teacher.math.learning_rate" in state.message or "learning_rate" in str(state.result(raise_on_failure=False))
+    assert "teacher.math.learning_rate" in str(state.result(raise_on_failure=False))
     assert not (micro_project / "artifacts").exists()
 
 
@@ -140,3 +230,14 @@ def test_flow_rejects_unknown_rerun(micro_project, prefect_env):
     assert state.is_failed()
     assert "teachr" in str(state.result(raise_on_failure=False))
     assert not (micro_project / "artifacts").exists()
+
+
+def test_serve_builds_one_deployment_per_pipeline(micro_project):
+    from flows.serve import deployments
+
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"]["small"] = {"domains": ["math", "code", "if"], "stages": ["data", "base", "sft"]}
+    (micro_project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    deps = {d.name: d for d in deployments(micro_project)}
+    assert set(deps) == set(pipes["pipelines"])
+    assert deps["small"].parameters == {"pipeline": "small", "project_dir": str(micro_project)}

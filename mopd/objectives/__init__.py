@@ -1,99 +1,69 @@
-"""Distillation objectives, calibrations and baselines (ALGORITHMS §1–§6), as pure tensor functions."""
+"""Distillation objectives, calibrations and baselines (ALGORITHMS §1–§6), as pure tensor functions.
 
-from mopd.objectives._common import masked_average
-from mopd.objectives.balancing import (
-    UpsamplePlan,
-    detect_shape,
-    difficulty_histogram,
-    online_balance,
-    upsample_plan,
-)
-from mopd.objectives.calibration import (
-    calibrated_token_advantages,
-    margin,
-    margin_calibrate,
-    margin_calibrate_groups,
-)
-from mopd.objectives.opd import (
-    distillation_return,
-    opd_advantage,
-    pg_loss,
-    pg_per_token,
-    topk_distill_loss,
-    topk_distill_loss_from_logprobs,
-    topk_distill_per_token,
-    trust_probability,
-)
-from mopd.objectives.registry import (
-    OBJECTIVES,
-    DistillBatch,
-    ObjectiveFn,
-    get_objective,
-    register_objective,
-    required_fields,
-)
-from mopd.objectives.routing import (
-    combine_teacher_logprobs,
-    copd_advantage,
-    copd_exchange_pairs,
-    routing_weights,
-    teacher_weights,
-    validate_domain_weights,
-)
-from mopd.objectives.tropd import (
-    cosine_prefix_length,
-    entropy_top_mask,
-    generalized_jsd_full,
-    jsd_k1_advantage,
-    jsd_topk_per_token,
-    mask_outlier_advantage,
-    prefix_guidance_loss,
-    reopold_clip_advantage,
-    topk_fkl_per_token,
-    tropd_loss,
-    trust_mask,
-)
+The package exports are resolved lazily (PEP 562): importing one submodule, e.g.
+``mopd.objectives.balancing`` for the difficulty stage, does not import the others, so a stage's
+code identity (:mod:`mopd.codedeps`) covers only the objectives it really uses.
+"""
 
-__all__ = [
-    "OBJECTIVES",
-    "DistillBatch",
-    "ObjectiveFn",
-    "get_objective",
-    "register_objective",
-    "required_fields",
-    "UpsamplePlan",
-    "calibrated_token_advantages",
-    "combine_teacher_logprobs",
-    "copd_advantage",
-    "copd_exchange_pairs",
-    "cosine_prefix_length",
-    "detect_shape",
-    "difficulty_histogram",
-    "distillation_return",
-    "entropy_top_mask",
-    "generalized_jsd_full",
-    "jsd_k1_advantage",
-    "jsd_topk_per_token",
-    "margin",
-    "margin_calibrate",
-    "margin_calibrate_groups",
-    "mask_outlier_advantage",
-    "masked_average",
-    "online_balance",
-    "opd_advantage",
-    "pg_loss",
-    "pg_per_token",
-    "prefix_guidance_loss",
-    "reopold_clip_advantage",
-    "routing_weights",
-    "teacher_weights",
-    "topk_distill_loss",
-    "topk_distill_loss_from_logprobs",
-    "topk_distill_per_token",
-    "topk_fkl_per_token",
-    "tropd_loss",
-    "trust_mask",
-    "trust_probability",
-    "upsample_plan",
-    "validate_domain_weights",
-]
+from __future__ import annotations
+
+import importlib
+
+# name -> submodule; read statically by mopd.codedeps (keep it a literal dict)
+__mopd_lazy__ = {
+    "masked_average": "_common",
+    "UpsamplePlan": "balancing",
+    "detect_shape": "balancing",
+    "difficulty_histogram": "balancing",
+    "online_balance": "balancing",
+    "upsample_plan": "balancing",
+    "calibrated_token_advantages": "calibration",
+    "margin": "calibration",
+    "margin_calibrate": "calibration",
+    "margin_calibrate_groups": "calibration",
+    "distillation_return": "opd",
+    "opd_advantage": "opd",
+    "pg_loss": "opd",
+    "pg_per_token": "opd",
+    "topk_distill_loss": "opd",
+    "topk_distill_loss_from_logprobs": "opd",
+    "topk_distill_per_token": "opd",
+    "trust_probability": "opd",
+    "OBJECTIVES": "registry",
+    "DistillBatch": "registry",
+    "ObjectiveFn": "registry",
+    "get_objective": "registry",
+    "register_objective": "registry",
+    "required_fields": "registry",
+    "combine_teacher_logprobs": "routing",
+    "copd_advantage": "routing",
+    "copd_exchange_pairs": "routing",
+    "routing_weights": "routing",
+    "teacher_weights": "routing",
+    "validate_domain_weights": "routing",
+    "cosine_prefix_length": "tropd",
+    "entropy_top_mask": "tropd",
+    "generalized_jsd_full": "tropd",
+    "jsd_k1_advantage": "tropd",
+    "jsd_topk_per_token": "tropd",
+    "mask_outlier_advantage": "tropd",
+    "prefix_guidance_loss": "tropd",
+    "reopold_clip_advantage": "tropd",
+    "topk_fkl_per_token": "tropd",
+    "tropd_loss": "tropd",
+    "trust_mask": "tropd",
+}
+
+__all__ = sorted(__mopd_lazy__)
+
+
+def __getattr__(name: str):
+    if name in __mopd_lazy__:
+        value = getattr(importlib.import_module(f"{__name__}.{__mopd_lazy__[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__mopd_lazy__))

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+# the server runs as `python -m mopd.cli serve-teacher` (mopd.codedeps: not an import)
+__mopd_deps__ = ("mopd.cli",)
+
 import httpx
 
 from mopd.teachers.server import ServerLimits, create_app

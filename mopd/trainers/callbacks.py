@@ -60,6 +60,12 @@ class QuietProgressCallback(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         return None
 
+    def on_step_end(self, args, state, control, **kwargs):
+        from mopd.progress import report
+
+        report(state.global_step, state.max_steps, "steps")
+        return super().on_step_end(args, state, control, **kwargs)
+
 
 def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback) -> dict[str, list[tuple[int, float]]]:
     """Train quietly, drop the trainer's scratch directory, save one safetensors checkpoint to

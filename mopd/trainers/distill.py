@@ -44,6 +44,7 @@ from mopd.config import DistillParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
 from mopd.objectives.registry import DistillBatch, get_objective, required_fields
+from mopd.progress import report
 from mopd.rollout import RolloutBackend, Sample, TransformersRollout, pack
 from mopd.teachers import InProcessTeacher, SequenceScores, TeacherClient, TeacherError, lay_out
 
@@ -258,6 +259,7 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
             metrics = _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains,
                             params, topk, needs, rng, seed * 100_003 + step, score_fn)
             tracker.log_metrics(metrics, step=step)
+            report(step, params.max_steps, "steps")
             for k, v in metrics.items():
                 history.setdefault(k, []).append((step, v))
     save_checkpoint(student, tokenizer, out_dir / "model")

@@ -41,6 +41,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 NOBODY = 65534
+# read as source and run inside the sandbox (mopd.codedeps: not an import)
+__mopd_deps__ = ("mopd.verifiers.sandbox_child",)
 RUNNER_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 
