@@ -9,7 +9,7 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo test test-fast ui server repro bench clean
+.PHONY: install system demo test test-fast ui server repro bench clean plan dvc-yaml
 
 # torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -47,6 +47,14 @@ server: install
 
 repro: install system
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# What a run of PIPELINE (default full) would compute, and why (config key, upstream, code file).
+plan: install
+	$(BIN)/python -m mopd.cli plan --pipeline $${PIPELINE:-full}
+
+# dvc.yaml is generated from the stage table (mopd/graph.py) and pipelines.yaml; commit it.
+dvc-yaml: install
+	$(BIN)/python -m mopd.cli dvc-yaml
 
 bench: install system
 	$(BIN)/python benchmarks/objectives.py

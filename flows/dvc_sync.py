@@ -27,9 +27,24 @@ def sync_lock(project: Path, completed: list[str]) -> str:
     exe = str(dvc) if dvc.exists() else shutil.which("dvc")
     if not exe or not completed:
         return "skipped (no dvc executable or nothing completed)"
-    cmd = [exe, "commit", "--force", "--quiet", *[dvc_name(s) for s in completed]]
+    import yaml
+
+    try:
+        known = set((yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    except yaml.YAMLError as exc:
+        return f"skipped (dvc.yaml unreadable: {exc})"
+    names = [dvc_name(s) for s in completed]
+    absent = [n for n in names if n not in known]
+    names = [n for n in names if n in known]
+    note = (f"; {len(absent)} stage(s) not in dvc.yaml ({', '.join(absent[:5])}): it is stale, "
+            "regenerate it with `make dvc-yaml`") if absent else ""
+    if absent:
+        log.warning("dvc.yaml lacks stage(s) %s: regenerate it with `make dvc-yaml`", absent)
+    if not names:
+        return "skipped (no completed stage is in dvc.yaml)" + note
+    cmd = [exe, "commit", "--force", "--quiet", *names]
     proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
     if proc.returncode != 0:
         log.warning("dvc commit failed (%s): %s", proc.returncode, proc.stderr.strip()[-500:])
         return f"failed: {proc.stderr.strip()[-300:]}"
-    return f"committed {len(completed)} stage(s) to dvc.lock"
+    return f"committed {len(names)} stage(s) to dvc.lock" + note

@@ -188,8 +188,10 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
         _RUNS.pop(run_id, None)
         raise
 
+    # Stages computed by this run; cached ones were recorded by the run (or `dvc repro`) that made
+    # them, and `dvc commit` rehashes every output it is given (seconds per stage).
     summary = {"status": status, "parent_run_id": parent.run_id, "pipeline": pipeline,
-               "dvc": sync_lock(project, list(results))}
+               "dvc": sync_lock(project, [s for s in results if status[s] == "computed"])}
     logger.info("dvc.lock: %s", summary["dvc"])
     _finish(parent, project, pipeline, results, summary)
     failed = [k for k, v in status.items() if v == "failed"]

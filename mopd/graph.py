@@ -286,13 +286,14 @@ def check_shared_stages(cfg: "Config") -> None:
                 seen[spec.name] = (pipeline, spec)
                 continue
             other, first = seen[spec.name]
-            if first.identity() != spec.identity():
-                diff = [k for k, v in spec.identity().items() if first.identity()[k] != v]
+            a, b = first.identity(), spec.identity()
+            if a != b:
+                diff = "; ".join(f"{k}: {a[k]} vs {b[k]}" for k in a if a[k] != b[k])
                 raise ValueError(
-                    f"pipelines {other!r} and {pipeline!r} both run stage {spec.name!r} but it "
-                    f"differs in {diff} (e.g. domains {list(first.domains)} vs {list(spec.domains)}); "
-                    f"stages are shared by name across pipelines, so pipelines that share a stage "
-                    f"must agree on its domains and upstream stages")
+                    f"pipelines {other!r} and {pipeline!r} both run stage {spec.name!r}, but it "
+                    f"differs ({diff}); a stage's outputs are shared by name across pipelines, so "
+                    f"pipelines that share a stage must agree on its domains and upstream stages "
+                    f"(give one of them a variant, or the same domains and stages)")
 
 
 def config_sections(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
