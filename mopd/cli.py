@@ -20,8 +20,11 @@ def _serve_teacher(args: argparse.Namespace) -> int:
             print(f"error: --token-env {args.token_env}: environment variable is unset or empty",
                   file=sys.stderr)
             return 2
-    limits = ServerLimits(max_request_tokens=args.max_request_tokens, max_batch=args.max_batch,
-                          max_logprobs=args.max_logprobs, max_batch_tokens=args.max_batch_tokens)
+    try:
+        limits = ServerLimits(**{f: getattr(args, f) for f in ServerLimits.model_fields})
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     serve(args.model, host=args.host, port=args.port, token=token, limits=limits, dtype=args.dtype,
           threads=args.threads, name=args.served_model_name)
     return 0
@@ -38,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-env", default=None,
                    help="environment variable holding a bearer token that requests must carry")
-    p.add_argument("--served-model-name", default=None, help="name reported by /v1/models")
+    p.add_argument("--served-model-name", default=None,
+                   help="name reported by /v1/models; requests may use it or the --model path, "
+                        "any other `model` is a 404 (default: the --model path)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     d = ServerLimits()
@@ -47,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="largest prompt_logprobs")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="padded tokens per forward pass (dynamic batching)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="largest request body, checked before it is parsed (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds to receive a request body (408 beyond)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds to receive a request's headers (connection closed beyond)")
+    p.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_timeout,
+                   help="seconds an idle connection is kept open")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="largest request line + headers")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="concurrent connections (503 beyond)")
     p.set_defaults(func=_serve_teacher)
     return parser
 
