@@ -247,6 +247,12 @@ def test_model_names_fields_and_prompt_logprobs_only_when_asked(open_server, tin
         == plain
     zero = post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 0}).json()["choices"][0]
     assert [list(p) for p in zero["prompt_logprobs"][1:]] == [["5"], ["6"]]  # the prompt token only
+    as_ids = post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 1, "return_tokens_as_token_ids": True,
+                        "echo": True, "logprobs": 1}).json()["choices"][0]
+    assert as_ids["prompt_logprobs"][1]["5"]["decoded_token"] == "token_id:5"
+    assert as_ids["logprobs"]["tokens"] == ["token_id:4", "token_id:5", "token_id:6"]
+    assert as_ids["logprobs"]["token_logprobs"][1:] == [as_ids["prompt_logprobs"][t][k]["logprob"]
+                                                       for t, k in ((1, "5"), (2, "6"))]
     for value in ("Infinity", "NaN", "-1"):  # non-finite (not even JSON) or out of range
         r = httpx.post(f"{url}/v1/completions", content='{"prompt": [4], "temperature": %s}' % value,
                        headers={"content-type": "application/json"})
@@ -307,3 +313,12 @@ def test_request_json_never_crashes_the_server(open_server):
             assert message in r.json()["error"]["message"], (body[:60], r.json())
     r = post(url, {"prompt": [[1, 2, 3]], "truncate_prompt_tokens": 2, "prompt_logprobs": 0})
     assert json.loads(r.content)["usage"]["prompt_tokens"] == 2
+
+
+def test_cli_refuses_invalid_limits(capsys, tmp_path):
+    from mopd.cli import main
+
+    assert main(["serve-teacher", "--model", str(tmp_path), "--max-body-bytes", "10"]) == 2
+    assert "max_body_bytes" in capsys.readouterr().err
+    assert main(["serve-teacher", "--model", str(tmp_path), "--header-timeout", "0"]) == 2
+    assert "header_timeout" in capsys.readouterr().err
