@@ -195,7 +195,7 @@ def test_official_openai_client_with_standard_fields(token_server):
                                   temperature=0.0)
     ch = r.choices[0]
     assert ch.text == text and ch.logprobs.token_logprobs[0] is None
-    ids = load_tokenizer_ids(url, text)
+    ids = server_token_ids(url, text)
     (tok, _, _), = reference(model, [ids], [1], 2)
     assert torch.allclose(torch.tensor(ch.logprobs.token_logprobs[1:]).double(), tok, atol=1e-4)
     assert "".join(ch.logprobs.tokens) == text and ch.logprobs.text_offset[0] == 0
@@ -212,7 +212,7 @@ def test_official_openai_client_with_standard_fields(token_server):
             model="tiny", prompt=[1, 2], max_tokens=1)
 
 
-def load_tokenizer_ids(url: str, text: str) -> list[int]:
+def server_token_ids(url: str, text: str) -> list[int]:
     """The ids the server tokenized ``text`` into (``return_token_ids``)."""
     r = post(url, {"prompt": text, "max_tokens": 0, "return_token_ids": True},
              headers={"Authorization": f"Bearer {TOKEN}"})
