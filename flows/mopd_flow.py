@@ -40,6 +40,7 @@ from mopd.graph import StageSpec, build_graph, hash_inputs, levels, static_key_i
 from mopd.plan import decide, forced
 from mopd.progress import ENV as PROGRESS_ENV
 from mopd.progress import RunBoard
+from mopd.security import allowed_project_dir
 
 EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
 SUMMARY_FILE = ".mopd/last_run.json"
@@ -152,7 +153,9 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
-    project = Path(project_dir or os.environ.get("MOPD_PROJECT_DIR", ".")).resolve()
+    # project_dir is a deployment parameter any API client can set: keep it inside the roots
+    # this worker allows (MOPD_PROJECT_ROOTS, default the directory it was started in).
+    project = allowed_project_dir(project_dir or os.environ.get("MOPD_PROJECT_DIR", "."))
     cfg = load_config(project, pipeline=pipeline)  # any config error fails here, before work
     graph = build_graph(cfg)
     if len(graph) > MAX_STAGES:

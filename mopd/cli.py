@@ -10,30 +10,11 @@ import os
 import sys
 
 
-def _serve_teacher(args: argparse.Namespace) -> int:
-    from mopd.teachers.launch import serve
-
-    token = None
-    if args.token_env:
-        token = os.environ.get(args.token_env)
-        if not token:
-            print(f"error: --token-env {args.token_env}: environment variable is unset or empty",
-                  file=sys.stderr)
-            return 2
-    from mopd.teachers.server import ServerLimits
-
-    limits = ServerLimits(max_request_tokens=args.max_request_tokens, max_batch=args.max_batch,
-                          max_logprobs=args.max_logprobs, max_batch_tokens=args.max_batch_tokens)
-    serve(args.model, host=args.host, port=args.port, token=token, limits=limits, dtype=args.dtype,
-          threads=args.threads, name=args.served_model_name)
-    return 0
-
-
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from mopd.config import ConfigError, load_config  # codedeps: ignore (not the teacher server)
-    from mopd.plan import format_plan, plan  # codedeps: ignore (not the teacher server)
+    from mopd.config import ConfigError, load_config
+    from mopd.plan import format_plan, plan
 
     try:
         cfg = load_config(args.project_dir, pipeline=args.pipeline)
@@ -50,8 +31,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _dvc_yaml(args: argparse.Namespace) -> int:
-    from mopd import dvcgen  # codedeps: ignore (not the teacher server)
-    from mopd.config import ConfigError, load_config  # codedeps: ignore (not the teacher server)
+    from mopd import dvcgen
+    from mopd.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.project_dir)
@@ -72,7 +53,7 @@ def _dvc_yaml(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mopd.progress import PROGRESS_DIR, latest_run, render, watch  # codedeps: ignore (not the teacher server)
+    from mopd.progress import PROGRESS_DIR, latest_run, render, watch
 
     project = Path(args.project_dir).resolve()
     run_dir = project / PROGRESS_DIR / args.run if args.run else latest_run(project)
@@ -108,26 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--once", action="store_true", help="print the table once and exit")
     p.set_defaults(func=_watch)
-    p = sub.add_parser("serve-teacher", help="serve a teacher checkpoint for prompt-logprob scoring",
-                       description="Serve POST /v1/completions (vLLM's prompt_logprobs subset) and "
-                                   "GET /health for a causal LM.")
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token-env", default=None,
-                   help="environment variable holding a bearer token that requests must carry")
-    p.add_argument("--served-model-name", default=None, help="name reported by /v1/models")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    from mopd.teachers.server import ServerLimits
+    from mopd.teachers.command import add_parser
 
-    d = ServerLimits()
-    p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens)
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per request")
-    p.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="largest prompt_logprobs")
-    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="padded tokens per forward pass (dynamic batching)")
-    p.set_defaults(func=_serve_teacher)
+    add_parser(sub)
     return parser
 
 

@@ -21,9 +21,12 @@ SPLITS = ("train", "eval")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation prompts come from a different random stream
 
 
-def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int
-                   ) -> dict[str, list[dict]]:
-    """Train and eval records of one domain."""
+def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int, *,
+                   project_dir: Path | None = None, max_prompt_length: int | None = None,
+                   count_tokens=None) -> dict[str, list[dict]]:
+    """Train and eval records of one domain. Local data paths are resolved against
+    ``project_dir`` (default: the current directory) and must stay inside it unless absolute;
+    ``max_prompt_length`` / ``count_tokens``: see :func:`mopd.domains.loaders.load_records`."""
     from mopd.domains import generate
     from mopd.domains.loaders import load_records
 
@@ -36,10 +39,12 @@ def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int
     else:
         path = src.id if isinstance(src, HubSource) else src.path
         common = {"columns": dict(src.columns)}
+        checks = {"root": project_dir, "max_prompt_length": max_prompt_length,
+                  "count_tokens": count_tokens}
         if isinstance(src, HubSource):
             common["name"] = src.name
         train = load_records(dom.verifier, {"path": path, "split": getattr(src, "split", "train"),
-                                            "limit": params.n_train, **common})
+                                            "limit": params.n_train, **common}, **checks)
         eval_path = src.eval_path if isinstance(src, LocalSource) else path
         eval_split = src.eval_split if isinstance(src, HubSource) else "train"
         if isinstance(src, LocalSource) and src.eval_path is None:
@@ -47,7 +52,7 @@ def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int
             train, evals = train[: -params.n_eval], train[-params.n_eval:]
         else:
             evals = load_records(dom.verifier, {"path": eval_path, "split": eval_split or "test",
-                                                "limit": params.n_eval, **common})
+                                                "limit": params.n_eval, **common}, **checks)
     for rec in train + evals:
         rec["domain"] = name
     if not train or not evals:

@@ -311,11 +311,15 @@ def config_sections(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
 
 
 def static_key_inputs(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
-    """The part of a stage's key known before its upstream stages have run."""
+    """The part of a stage's key known before its upstream stages have run. Config values are
+    taken with credentials redacted (URL passwords, secret-named keys): they are recorded in
+    result.json, and a new password does not change what a stage computes."""
+    from mopd.security import redact_secrets
+
     return {
         "stage": spec.name,
         "domains": list(spec.domains),
-        "config": config_sections(cfg, spec),
+        "config": redact_secrets(config_sections(cfg, spec)),
         "code": code_files(spec.module),
     }
 

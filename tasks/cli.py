@@ -22,6 +22,7 @@ from typing import Callable
 from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
 from mopd.config import Config, ConfigError, load_config
 from mopd.graph import KINDS, build_graph, config_sections, get_spec, hash_inputs, key_inputs
+from mopd.security import redact_secrets
 from mopd.tracking import MLflowTracker, NullTracker, default_tracking_uri
 
 log = logging.getLogger("mopd.stage")
@@ -65,7 +66,7 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     # Provenance: every output carries the configuration it was made with, so a changed setting
     # changes the stage's content hash (and reruns what depends on it) even when the weights
     # happen to come out identical (e.g. a GRPO run whose groups all had equal rewards).
-    sections = config_sections(cfg, spec)
+    sections = redact_secrets(config_sections(cfg, spec))  # no URL credentials in files or MLflow
     (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
     if spec.models:  # what an evaluation of this stage finds in it: method label -> model dir
         (out_dir / MODELS_FILE).write_text(json.dumps(dict(spec.models), indent=2) + "\n")

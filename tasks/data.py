@@ -13,7 +13,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     """Write <out_dir>/<domain>/{train,eval}.parquet for every domain of the pipeline."""
     metrics = {}
     for name in cfg.domains:
-        records = domain_records(name, cfg.domain(name), cfg.params.data, cfg.params.seed)
+        records = domain_records(name, cfg.domain(name), cfg.params.data, cfg.params.seed,
+                                 project_dir=cfg.project_dir)
         write_domain(records, out_dir / name)
         for split, recs in records.items():
             metrics[f"{name}/{split}_records"] = len(recs)

@@ -23,8 +23,8 @@ def test_compose_services_and_wiring():
     c = _compose()
     services = c["services"]
     assert {"prefect-server", "mlflow", "worker"} <= set(services)
-    assert "4200:4200" in services["prefect-server"]["ports"]
-    assert "5000:5000" in services["mlflow"]["ports"]
+    assert [_port(p, {}) for p in services["prefect-server"]["ports"]] == [("127.0.0.1", "4200", "4200")]
+    assert [_port(p, {}) for p in services["mlflow"]["ports"]] == [("127.0.0.1", "5000", "5000")]
     assert "sqlite" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     mlflow_cmd = " ".join(services["mlflow"]["command"])
     assert "--backend-store-uri=sqlite:////data/mlflow/" in mlflow_cmd
@@ -50,6 +50,47 @@ def test_compose_services_and_wiring():
     allowed = re.search(r"--allowed-hosts=(\S+)", mlflow_cmd).group(1).split(",")
     assert "mlflow:5000" in allowed and "mlflow" in allowed
     assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR-default}`` substitution."""
+    def sub(m: re.Match) -> str:
+        name, op, default = m.group(1), m.group(2), m.group(3) or ""
+        if op == ":-":
+            return env.get(name) or default
+        if op == "-":
+            return env.get(name, default)
+        return env.get(name, "")
+
+    return re.sub(r"\$\{(\w+)(?:(:?-)([^}]*))?\}", sub, text)
+
+
+def _port(entry, env: dict[str, str]) -> tuple[str, str, str]:
+    """(host ip, host port, container port) of a published port, short or long syntax; a port
+    without a host ip is published on every interface ("0.0.0.0")."""
+    if isinstance(entry, dict):
+        return (_interpolate(str(entry.get("host_ip", "0.0.0.0")), env),
+                str(entry.get("published", "")), str(entry["target"]))
+    parts = _interpolate(str(entry), env).rsplit(":", 2)
+    if len(parts) == 1:
+        return "0.0.0.0", "", parts[0]
+    if len(parts) == 2:
+        return "0.0.0.0", parts[0], parts[1]
+    return parts[0].strip("[]"), parts[1], parts[2]
+
+
+def test_every_published_port_binds_loopback_by_default():
+    """Prefect and MLflow have no authentication (MLflow serves artifacts): published on
+    127.0.0.1 unless MOPD_BIND says otherwise."""
+    published = {name: svc.get("ports", []) for name, svc in _compose()["services"].items()}
+    assert published["prefect-server"] and published["mlflow"]
+    for name, ports in published.items():
+        for entry in ports:
+            assert _port(entry, {})[0] == "127.0.0.1", (name, entry)
+            assert _port(entry, {"MOPD_BIND": "0.0.0.0"})[0] == "0.0.0.0", (name, entry)
+    assert _port("8080:80", {})[0] == "0.0.0.0"  # the parser sees an unbound port as public
+    assert _port({"target": 80, "published": 8080}, {})[0] == "0.0.0.0"
+    assert "MOPD_BIND" in (CONTAINERS / "README.md").read_text()
 
 
 def test_compose_builds_point_at_dockerfiles():

@@ -129,7 +129,7 @@ def test_load_gsm8k_and_math_style(tmp_path):
     pd.DataFrame({"problem": ["Half?"], "solution": [solution]}).to_parquet(pq)
     recs = load_records("math", {"path": str(pq), "cache_dir": str(tmp_path / "c2"),
                                  "columns": {"prompt": "problem", "reference": "solution"}})
-    assert (tmp_path / "c2").is_dir()
+    assert not (tmp_path / "c2").exists()  # local files are read directly: no Arrow cache
     assert recs[0]["reference"] == "\\frac{1}{2}"
     assert verify("math", "the answer is 0.5", recs[0]["reference"]).reward == 1.0
 
@@ -172,13 +172,14 @@ def test_load_ifeval_style(tmp_path):
 
 
 def test_load_mc_with_choice_list(tmp_path):
-    src = _write_jsonl(tmp_path / "mc.jsonl", [
-        {"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1},
+    src = _write_jsonl(tmp_path / "mc.jsonl", [  # one type per reference column (issue 14)
+        {"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}])
+    text = _write_jsonl(tmp_path / "mc_text.jsonl", [
         {"question": "Sky?", "choices": ["blue", "red"], "answer": "blue"},
         {"question": "Q?", "choices": ["x", "y"], "answer": "b"},
     ])
     recs = load_records("mc", src)
-    assert [r["reference"] for r in recs] == ["B", "A", "B"]
+    assert [r["reference"] for r in recs + load_records("mc", text)] == ["B", "A", "B"]
     arc = _write_jsonl(tmp_path / "arc.jsonl", [
         {"question": "Hot?", "choices": {"text": ["ice", "fire"], "label": ["A", "B"]},
          "answerKey": "B"}])
@@ -209,7 +210,7 @@ def test_loader_errors_name_the_problem(tmp_path):
         load_records("mc", bad_mc)
     empty = _write_jsonl(tmp_path / "e.jsonl", [{"question": "x", "answer": "1"},
                                                 {"question": "y", "answer": None}])
-    with pytest.raises(ValueError, match="math-e_jsonl-train-000001: empty reference"):
+    with pytest.raises(ValueError, match="e.jsonl: row 1, column 'answer': empty reference"):
         load_records("math", empty)
     recs = load_records("math", {"path": src, "columns": {"prompt": "q", "reference": "a",
                                                           "id": "q"}, "limit": 1})

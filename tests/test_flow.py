@@ -29,6 +29,7 @@ def prefect_env(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MOPD_MAX_PARALLEL", "8")  # every ready stage starts at once
+    monkeypatch.setenv("MOPD_PROJECT_ROOTS", str(tmp_path))
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         with prefect_test_harness(server_startup_timeout=120):
             yield
@@ -246,6 +247,15 @@ def test_flow_rejects_unknown_rerun(micro_project, prefect_env):
     assert state.is_failed()
     assert "teachr" in str(state.result(raise_on_failure=False))
     assert not (micro_project / "artifacts").exists()
+
+
+def test_flow_refuses_project_dir_outside_allowed_roots(micro_project, prefect_env, tmp_path_factory):
+    from flows.mopd_flow import mopd
+
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    state = mopd(project_dir=str(elsewhere), return_state=True)
+    assert state.is_failed()
+    assert "outside the allowed project roots" in str(state.result(raise_on_failure=False))
 
 
 def test_serve_builds_one_deployment_per_pipeline(micro_project):

@@ -16,7 +16,7 @@ import torch
 from mopd.config import TinyProfile
 from mopd.models import build_base, load_model, load_tokenizer
 from mopd.teachers import HTTPTeacher, InProcessTeacher, TeacherError, lay_out
-from mopd.teachers.launch import free_port, wait_healthy
+from mopd.teachers.launch import free_port, uvicorn_config, wait_healthy
 from mopd.teachers.server import ServerLimits, create_app
 
 TEXTS = [f"[math] {a}+{b}=\\boxed{{{a + b}}}" for a in range(15) for b in range(15)]
@@ -32,12 +32,13 @@ def tiny(tmp_path_factory):
     return path
 
 
-def run_in_thread(app) -> tuple[str, object]:
-    """A real uvicorn server on an ephemeral 127.0.0.1 port, in a daemon thread."""
+def run_in_thread(app, limits: ServerLimits = ServerLimits()) -> tuple[str, object]:
+    """A real uvicorn server (as `mopd serve-teacher` configures it) on an ephemeral 127.0.0.1
+    port, in a daemon thread."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, timeout=30)
@@ -47,7 +48,7 @@ def run_in_thread(app) -> tuple[str, object]:
 @pytest.fixture(scope="module")
 def served(tiny):
     model, tok = load_model(tiny), load_tokenizer(tiny)
-    url, server = run_in_thread(create_app(model, tok, name="tiny", limits=LIMITS))
+    url, server = run_in_thread(create_app(model, tok, name="tiny", limits=LIMITS), LIMITS)
     yield url, model
     server.should_exit = True
 
@@ -108,16 +109,16 @@ def test_response_has_vllm_prompt_logprobs_format(served):
 
 BAD = [
     ("{not json", "not valid JSON"),
-    (json.dumps({"prompt": [1, 2], "max_tokens": 1, "temperature": 0.5}), "temperature: unknown field"),
-    (json.dumps({"prompt": "hello", "max_tokens": 1}), "prompt"),
+    (json.dumps({"prompt": [1, 2], "max_tokens": 1, "temprature": 0.5}), "temprature: unknown field"),
+    (json.dumps({"prompt": {"ids": [1]}, "max_tokens": 1}), "prompt"),
     (json.dumps({"prompt": [1, 2.5], "max_tokens": 1}), "prompt"),
-    (json.dumps({"prompt": [1, 2], "max_tokens": 7}), "max_tokens"),
+    (json.dumps({"prompt": [1, 2], "max_tokens": 7}), "max_tokens: 7; this server scores prompts"),
     (json.dumps({"prompt": [1, 2], "prompt_logprobs": "3"}), "prompt_logprobs"),
     (json.dumps({"prompt": [1, 2], "prompt_logprobs": 11}), "prompt_logprobs: 11 exceeds"),
     (json.dumps({"prompt": []}), "prompt: is empty"),
     (json.dumps({"prompt": [[1, 2], []]}), "prompt[1]: is empty"),
     (json.dumps({"prompt": [1, 300]}), "token id 300 outside the vocabulary [0, 300)"),
-    (json.dumps({"prompt": [[1] * 100] * 5}), "500 tokens; this server accepts at most 400"),
+    (json.dumps({"prompt": [[1] * 100] * 5}), "tokens; this server accepts at most 400"),
     (json.dumps({"prompt": [[1, 2]] * 9}), "9 sequences; this server accepts at most 8"),
     (json.dumps({"prompt": [1] * 300}), "exceed the model's context of 256"),
 ]

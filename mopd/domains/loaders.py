@@ -1,7 +1,9 @@
-"""Real data into the record schema, through the ``datasets`` library.
+"""Real data into the record schema: local files (json/jsonl/parquet/csv, read and confined by
+:mod:`mopd.domains.local_files`) or a hub id (through the ``datasets`` library).
 
-``load_records(domain, source)`` reads a hub id or local files (json/jsonl/parquet/csv) and maps
-columns to record fields. Supported layouts (column names come from ``source.columns`` or the
+``load_records(domain, source)`` reads them and maps columns to record fields; a reference column
+must hold one type of value, prompts may be capped at the model's context, and every error names
+the file, the row and the column. Supported layouts (column names come from ``source.columns`` or the
 domain's defaults):
 
 - math: GSM8K (``answer`` ends with ``#### 72``) or MATH (``solution`` holds ``\\boxed{..}``),
@@ -19,10 +21,11 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mopd.domains.local_files import is_local, read_rows, resolve_local
 from mopd.domains.registry import Domain, get_domain
 from mopd.verifiers.ifeval import from_ifeval
 
@@ -30,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("prompt", "reference", "completion", "id", "choices", "entry_point", "setup",
                  "kwargs")
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,16 @@ class DataSource:
         raise ValueError(f"data source must be a DataSource, dict or path, got {type(source)}")
 
 
-def load_records(domain: str, source: DataSource | Mapping[str, Any] | str) -> list[dict]:
-    """Load ``source`` as records of ``domain`` (see module docstring for layouts)."""
+def load_records(domain: str, source: DataSource | Mapping[str, Any] | str, *,
+                 root: str | os.PathLike | None = None, max_prompt_length: int | None = None,
+                 count_tokens: Callable[[str], int] | None = None) -> list[dict]:
+    """Load ``source`` as records of ``domain`` (see module docstring for layouts).
+
+    ``root``: the project directory; local paths follow the rule of
+    :mod:`mopd.domains.local_files` (relative ones resolved against it and kept inside it).
+    ``max_prompt_length``: the longest prompt accepted (the model's context), in tokens as
+    counted by ``count_tokens`` (e.g. ``lambda s: len(tokenizer(s).input_ids)``) or, without
+    it, in characters. Every error names the file, the row and the column."""
     spec = get_domain(domain)
     src = DataSource.coerce(source)
     columns = dict(src.columns or spec.default_columns)
@@ -77,61 +87,121 @@ def load_records(domain: str, source: DataSource | Mapping[str, Any] | str) -> l
     for required in ("prompt", "reference"):
         if required not in columns:
             raise ValueError(f"columns: missing mapping for required field {required!r}")
-    table = _load_table(src)
-    missing = sorted(c for c in columns.values() if c not in table.column_names)
-    if missing:
-        raise ValueError(
-            f"{src.path}: missing column(s) {missing}; available: {sorted(table.column_names)}"
-        )
     tag = re.sub(r"[^A-Za-z0-9]+", "_", os.path.basename(src.path.rstrip("/")) or src.path)
-    records = []
-    for index, row in enumerate(table):
-        if src.limit is not None and index >= src.limit:
-            break
-        records.append(_to_record(spec, columns, row, f"{domain}-{tag}-{src.split}-{index:06d}"))
+    records: list[dict] = []
+    for name, names, rows in _load_parts(src, root):
+        missing = sorted(c for c in set(columns.values()) if c not in names)
+        if missing:
+            raise ValueError(f"{name}: missing column(s) {missing}; available: {sorted(names)}")
+        _check_types(name, rows, columns["reference"])
+        for index, row in enumerate(rows):
+            if src.limit is not None and len(records) >= src.limit:
+                break
+            default_id = f"{domain}-{tag}-{src.split}-{len(records):06d}"
+            try:
+                record = _to_record(spec, columns, row, default_id)
+                _check_length(record["prompt"], max_prompt_length, count_tokens, columns["prompt"])
+            except ValueError as exc:
+                raise ValueError(f"{name}: row {index}, {exc}") from None
+            records.append(record)
     logger.info("loaded %d %s records from %s", len(records), domain, src.path)
     return records
 
 
-def _load_table(src: DataSource):
-    import datasets  # heavy import, only when real data is loaded
+def _load_parts(src: DataSource, root) -> list[tuple[str, list[str], list[dict]]]:
+    """(file name, column names, rows) of each local file, or of the hub dataset."""
+    if is_local(src.path, root):
+        return [(str(f), *read_rows(f)) for f in resolve_local(src.path, root)]
+    import datasets  # heavy import, only for hub data
 
-    ext = os.path.splitext(src.path)[1].lower()
-    if os.path.isdir(src.path):
-        files = sorted(f for f in os.listdir(src.path) if os.path.splitext(f)[1] in _LOCAL_FORMATS)
-        if not files:
-            raise ValueError(f"{src.path}: directory holds no .json/.jsonl/.parquet/.csv file")
-        ext = os.path.splitext(files[0])[1]
-        data_files = [os.path.join(src.path, f) for f in files if f.endswith(ext)]
-        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=data_files, split="train",
-                                     cache_dir=src.cache_dir)
-    if ext in _LOCAL_FORMATS:
-        return datasets.load_dataset(_LOCAL_FORMATS[ext], data_files=src.path, split="train",
-                                     cache_dir=src.cache_dir)
-    return datasets.load_dataset(src.path, src.name, split=src.split, cache_dir=src.cache_dir)
+    try:
+        table = datasets.load_dataset(src.path, src.name, split=src.split, cache_dir=src.cache_dir)
+    except Exception as exc:  # noqa: BLE001 - name the dataset, keep the cause short
+        raise ValueError(f"{src.path} (hub, split {src.split!r}): cannot be loaded: "
+                         f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    return [(f"{src.path}[{src.split}]", list(table.column_names), list(table))]
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _check_types(name: str, rows: list[dict], column: str) -> None:
+    """One kind of value per reference column (text, number, list, ...): a file where row 3
+    holds "12" and row 7 holds [12] was written by two different processes, and is refused."""
+    first: tuple[int, str] | None = None
+    for index, row in enumerate(rows):
+        kind = _kind(row.get(column))
+        if kind is None:
+            continue
+        if first is None:
+            first = (index, kind)
+        elif kind != first[1]:
+            raise ValueError(f"{name}: column {column!r} mixes types: row {first[0]} is "
+                             f"{first[1]}, row {index} is {kind}; make every value one type")
+
+
+def _check_length(prompt: str, limit: int | None, count: Callable[[str], int] | None,
+                  column: str) -> None:
+    if limit is None:
+        return
+    n, unit = (count(prompt), "tokens") if count else (len(prompt), "characters")
+    if n > limit:
+        raise ValueError(f"column {column!r}: the prompt is {n} {unit} long, over the limit of "
+                         f"{limit} (the model's context); shorten or drop the row")
 
 
 def _to_record(spec: Domain, columns: dict[str, str], row: dict, default_id: str) -> dict:
-    question = str(row[columns["prompt"]])
-    raw_ref = row[columns["reference"]]
+    """One row as a record; a ValueError's message starts with the column at fault."""
+    question = row.get(columns["prompt"])
+    if not isinstance(question, str) or not question.strip():
+        what = ("empty" if question is None or isinstance(question, str)
+                else f"of type {type(question).__name__}, not text")
+        raise ValueError(f"column {columns['prompt']!r}: the prompt is {what}")
+    ref_col = columns["reference"]
+    raw_ref = row.get(ref_col)
     if raw_ref is None or (isinstance(raw_ref, (str, list)) and not raw_ref):
-        raise ValueError(f"{default_id}: empty reference in column {columns['reference']!r}")
-    completion = row[columns["completion"]] if "completion" in columns else None
-    if spec.verifier == "math":
-        reference = math_reference(raw_ref)
-        completion = completion if completion is not None else f"\\boxed{{{reference}}}"
-    elif spec.verifier == "code":
-        reference = code_reference(raw_ref, row.get(columns.get("setup", "")),
-                                   row.get(columns.get("entry_point", "")))
-    elif spec.verifier == "if":
-        reference = if_reference(raw_ref, row.get(columns.get("kwargs", "")))
-    else:
-        choices = _choice_texts(row.get(columns.get("choices", "")))
-        if choices is not None:
-            question += " " + " ".join(f"{chr(65 + i)}){c}" for i, c in enumerate(choices))
-        reference = mc_reference(raw_ref, choices)
-        completion = completion if completion is not None else f"Answer: {reference}"
-    record_id = str(row[columns["id"]]) if "id" in columns else default_id
+        raise ValueError(f"column {ref_col!r}: empty reference")
+    completion = row.get(columns["completion"]) if "completion" in columns else None
+    try:
+        if spec.verifier == "math":
+            reference = math_reference(raw_ref)
+            completion = completion if completion is not None else f"\\boxed{{{reference}}}"
+        elif spec.verifier == "code":
+            reference = code_reference(raw_ref, row.get(columns.get("setup", "")),
+                                       row.get(columns.get("entry_point", "")))
+        elif spec.verifier == "if":
+            reference = if_reference(raw_ref, row.get(columns.get("kwargs", "")))
+        else:
+            try:
+                choices = _choice_texts(row.get(columns.get("choices", "")))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"column {columns.get('choices')!r}: {exc}") from None
+            if choices is not None:
+                question += " " + " ".join(f"{chr(65 + i)}){c}" for i, c in enumerate(choices))
+            reference = mc_reference(raw_ref, choices)
+            completion = completion if completion is not None else f"Answer: {reference}"
+    except ValueError as exc:
+        if str(exc).startswith("column "):
+            raise
+        raise ValueError(f"column {ref_col!r}: {exc}") from None
+    record_id = default_id
+    if "id" in columns:
+        if row.get(columns["id"]) in (None, ""):
+            raise ValueError(f"column {columns['id']!r}: empty id")
+        record_id = str(row[columns["id"]])
     return {"id": record_id, "domain": spec.name, "prompt": spec.format_prompt(question),
             "completion": "" if completion is None else str(completion), "reference": reference}
 

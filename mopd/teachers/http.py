@@ -24,6 +24,7 @@ try:  # orjson (a prefect/dvc dependency) parses the per-position dicts faster, 
 except ImportError:  # pragma: no cover
     from json import loads as _loads
 
+from mopd.security import redact_text, redact_url
 from mopd.teachers.base import SequenceScores, TeacherError, check_scores, validate_request
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ def parse_prompt_logprobs(positions: list, seq: list[int], start: int, topk: int
 
 class HTTPTeacher:
     """A domain's teacher behind one or more prefill endpoints (base URLs, e.g.
-    ``http://127.0.0.1:8001``). Thread-safe; requests carry at most ``max_batch`` sequences."""
+    ``http://127.0.0.1:8001``). Thread-safe; requests carry at most ``max_batch`` sequences.
+    Credentials in an endpoint URL (``http://user:pass@host``) are used but never shown: names,
+    logs and errors carry the URL redacted (:func:`mopd.security.redact_url`)."""
 
     def __init__(self, domain: str, endpoints: Sequence[str], *, model: str | None = None,
                  token: str | None = None, timeout: float = 120.0, max_attempts: int | None = None,
@@ -68,7 +71,8 @@ class HTTPTeacher:
             raise ValueError(f"teacher for domain {domain!r}: no endpoints given")
         self.domain = domain
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self.name = f"{domain}@{','.join(self.endpoints)}"
+        self.shown = {e: redact_url(e) for e in self.endpoints}
+        self.name = f"{domain}@{','.join(self.shown.values())}"
         self.model = model
         self.max_attempts = max_attempts or len(self.endpoints)
         self.max_batch = max_batch
@@ -111,30 +115,30 @@ class HTTPTeacher:
             try:
                 resp = self._http.post(f"{url}/v1/completions", json=body)
             except httpx.HTTPError as exc:
-                errors.append(f"{url}: {type(exc).__name__}: {exc}")
+                errors.append(f"{self.shown[url]}: {type(exc).__name__}: {redact_text(str(exc))}")
             else:
                 if resp.status_code < 400:
                     if attempt:
                         with self._lock:
                             self.failovers += 1
-                    return _loads(resp.content), url
-                msg = _message(resp)
+                    return _loads(resp.content), self.shown[url]
+                msg = redact_text(_message(resp))
                 if resp.status_code < 500:
-                    raise TeacherError(f"teacher for domain {self.domain!r} at {url} rejected the "
-                                       f"request ({resp.status_code}): {msg}")
-                errors.append(f"{url}: HTTP {resp.status_code}: {msg}")
+                    raise TeacherError(f"teacher for domain {self.domain!r} at {self.shown[url]} "
+                                       f"rejected the request ({resp.status_code}): {msg}")
+                errors.append(f"{self.shown[url]}: HTTP {resp.status_code}: {msg}")
             log.warning("teacher %s: %s; trying the next replica", self.domain, errors[-1])
         raise TeacherError(f"teacher for domain {self.domain!r}: no endpoint answered after "
                            f"{self.max_attempts} attempt(s): " + "; ".join(errors))
 
     def health(self) -> dict[str, bool]:
-        """Endpoint -> whether ``GET /health`` answers 200."""
+        """Endpoint (credentials masked) -> whether ``GET /health`` answers 200."""
         ok = {}
         for url in self.endpoints:
             try:
-                ok[url] = self._http.get(f"{url}/health", timeout=5.0).status_code == 200
+                ok[self.shown[url]] = self._http.get(f"{url}/health", timeout=5.0).status_code == 200
             except httpx.HTTPError:
-                ok[url] = False
+                ok[self.shown[url]] = False
         return ok
 
     def close(self) -> None:

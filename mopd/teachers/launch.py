@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -14,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-# the server runs as `python -m mopd.cli serve-teacher` (mopd.codedeps: not an import)
-__mopd_deps__ = ("mopd.cli",)
+# the server runs as `python -m mopd.teachers.command serve-teacher` (mopd.codedeps: not an import)
+__mopd_deps__ = ("mopd.teachers.command",)
 
 import httpx
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mopd.teachers.server import ServerLimits, create_app
 
@@ -27,12 +30,16 @@ log = logging.getLogger(__name__)
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           limits: ServerLimits = ServerLimits(), dtype: str = "float32", threads: int | None = None,
           name: str | None = None) -> None:
-    """Load ``model_path`` (a local checkpoint or hub id) and serve it until interrupted."""
+    """Load ``model_path`` (a local checkpoint or hub id) and serve it until interrupted.
+    Requests may name the model by ``name`` (default: the path) or by the path."""
     import torch
     import uvicorn
 
     from mopd.models import load_model, load_tokenizer
 
+    warning = bind_warning(host, token)
+    if warning:
+        log.warning(warning)
     if threads:
         torch.set_num_threads(threads)
     model = load_model(model_path, dtype=dtype)
@@ -40,9 +47,76 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, token: 
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError):  # a bare model directory: no decoded_token strings
         tokenizer = None
-    app = create_app(model, tokenizer, name=name or str(model_path), token=token, limits=limits)
+    app = create_app(model, tokenizer, name=name or str(model_path), aliases=[str(model_path)],
+                     token=token, limits=limits)
     log.info("teacher %s serving on http://%s:%d", model_path, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn_config(app, host, port, limits)).run()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` exposes the server to this machine only."""
+    if host.strip("[]").lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def bind_warning(host: str, token: str | None) -> str | None:
+    """The loud warning for a server reachable from other machines without a bearer token."""
+    if token or is_loopback(host):
+        return None
+    return (f"\n{'!' * 78}\n!! teacher server bound to {host} WITHOUT a bearer token: anyone who "
+            f"can reach this\n!! address can use the model. Pass --token-env VAR (and send "
+            f"'Authorization: Bearer ...')\n!! or bind 127.0.0.1.\n{'!' * 78}")
+
+
+class _TimedH11(H11Protocol):
+    """uvicorn's h11 protocol plus a header timeout, which uvicorn lacks: a connection whose
+    request line and headers are not complete ``header_timeout`` seconds after it opened (or
+    after the previous response) is closed, so slow or idle clients cannot hold connections.
+    uvicorn's keep-alive timer is cancelled by any byte received; this one is not."""
+
+    header_timeout = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _expire(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete  # no request being served
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app, host: str, port: int, limits: ServerLimits = ServerLimits(), **kwargs):
+    """The uvicorn configuration every teacher server runs with (h11 with a header timeout,
+    header size cap, keep-alive timeout, connection cap)."""
+    import uvicorn
+
+    protocol = type("TimedH11", (_TimedH11,), {"header_timeout": limits.header_timeout})
+    return uvicorn.Config(app, host=host, port=port, http=protocol,
+                          timeout_keep_alive=limits.keep_alive_timeout,
+                          h11_max_incomplete_event_size=limits.max_header_bytes,
+                          limit_concurrency=limits.max_connections,
+                          log_level=kwargs.pop("log_level", "warning"),
+                          access_log=kwargs.pop("access_log", False), **kwargs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,7 +146,7 @@ def start_server(model_path: Path | str, *, port: int | None = None, threads: in
     """Start `mopd serve-teacher` as a subprocess on 127.0.0.1; returns (process, base URL)
     without waiting for it (see `wait_healthy`)."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "mopd.cli", "serve-teacher", "--model", str(model_path),
+    cmd = [sys.executable, "-m", "mopd.teachers.command", "serve-teacher", "--model", str(model_path),
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     if threads:
         cmd += ["--threads", str(threads)]

@@ -1,17 +1,22 @@
-"""The embedded teacher prefill server (`mopd serve-teacher`): the subset of vLLM's
-OpenAI-compatible ``POST /v1/completions`` that teacher scoring needs, so one HTTP client works
-against it and against a real ``vllm serve`` teacher on a GPU host.
+"""The embedded teacher prefill server (`mopd serve-teacher`): vLLM's OpenAI-compatible
+``POST /v1/completions`` for scoring prompts, so one HTTP client (ours or the official ``openai``
+one) works against it and against a real ``vllm serve`` teacher on a GPU host.
 
-Request: ``{"model": str?, "prompt": [ids] | [[ids], ...], "max_tokens": 0|1, "prompt_logprobs": k}``.
-No token is generated (``max_tokens`` 1 is accepted because vLLM rejects 0; the choice's text is
-empty). Response, as vLLM's: ``choices[i].prompt_logprobs`` is a list over prompt positions, None at
-position 0, else ``{str(token_id): {"logprob", "rank", "decoded_token"}}`` holding the actual prompt
-token (rank = 1 + number of vocabulary tokens strictly more likely) plus the top-k (ranks 1..k).
+Request: the OpenAI / vLLM completions fields (see :mod:`mopd.teachers.protocol` for which are
+honoured, which ignored); what scoring sends is ``{"model"?, "prompt": [ids] | [[ids], ...],
+"max_tokens": 0|1, "prompt_logprobs": k}``. No token is generated (``text`` is empty, or the
+prompt with ``echo``). Response, as vLLM's: ``choices[i].prompt_logprobs`` (only when the request
+asks for it) is a list over prompt positions, None at position 0, else
+``{str(token_id): {"logprob", "rank", "decoded_token"}}`` holding the actual prompt token (rank =
+1 + number of vocabulary tokens strictly more likely) plus the top-k (ranks 1..k); log-probs
+below -9999 are clamped to -9999 as vLLM does.
 
-Concurrent requests are merged into one forward pass by a single worker thread (dynamic
-batching up to ``max_batch_tokens``), which also keeps torch's thread pool uncontended.
-Errors: 400 malformed / unknown field / wrong type / empty prompt / bad token id, 401 bad token,
-413 too many tokens or sequences; the message names the field. ``GET /health`` answers 200.
+Bad input never does harm: auth and the ``Content-Length`` are checked before the body is read,
+the body is read with a size cap and a deadline, parsing, the forward pass and the encoding of
+the response run off the event loop (the response is streamed block by block), so ``/health``
+keeps answering while the largest allowed request is served. Errors: 400 malformed / unknown
+field / wrong type / unsupported value, 401 bad token, 404 unknown model, 408 body too slow,
+413 body, tokens or sequences over the limit; the message names the field.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import logging
 import queue
 import threading
 import time
-from typing import Annotated
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+import pydantic
+import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
-from mopd.teachers.inprocess import prefill
+from mopd.teachers.inprocess import Prefill, prefill
+from mopd.teachers.protocol import CompletionRequest, unsupported
 
 try:  # orjson (a prefect/dvc dependency) encodes the per-position dicts several times faster
     from orjson import dumps as _dumps
@@ -38,29 +47,27 @@ except ImportError:  # pragma: no cover
     import json
 
     def _dumps(obj) -> bytes:
-        return json.dumps(obj).encode()
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 log = logging.getLogger(__name__)
 
-TokenIds = list[StrictInt]
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    prompt: TokenIds | list[TokenIds]
-    max_tokens: Annotated[StrictInt, Field(ge=0, le=1)] = 1
-    prompt_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
+MIN_LOGPROB = -9999.0  # vLLM clamps -inf to this so the JSON stays valid
+BLOCK = 1024  # prompt positions encoded per chunk of the streamed response
 
 
 class ServerLimits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_request_tokens: int = 65536  # summed over a request's prompts
-    max_batch: int = 256  # prompts per request
-    max_logprobs: int = 64  # largest prompt_logprobs k
-    max_batch_tokens: int = 16384  # padded tokens per forward pass
+    max_request_tokens: int = Field(65536, ge=1)  # summed over a request's prompts
+    max_batch: int = Field(256, ge=1)  # prompts per request
+    max_logprobs: int = Field(64, ge=0)  # largest prompt_logprobs / logprobs k
+    max_batch_tokens: int = Field(16384, ge=1)  # padded tokens per forward pass
+    max_body_bytes: int = Field(8 << 20, ge=1024)  # request body, checked before parsing
+    body_timeout: float = Field(30.0, gt=0)  # seconds to receive the whole body (else 408)
+    header_timeout: float = Field(10.0, gt=0)  # seconds to receive a request's headers
+    keep_alive_timeout: int = Field(5, ge=1)  # idle seconds before a connection is closed
+    max_header_bytes: int = Field(16384, ge=1024)  # request line + headers
+    max_connections: int = Field(128, ge=1)  # concurrent connections; beyond: 503
 
 
 class _Reject(Exception):
@@ -69,9 +76,61 @@ class _Reject(Exception):
         self.status, self.message = status, message
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 413: "RequestTooLarge"}.get(status, "Error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+_KINDS = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+          408: "RequestTimeout", 413: "RequestTooLarge", 500: "InternalServerError"}
+
+
+def _error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """vLLM's error body. ``close``: the body may be unread, so the connection cannot be reused."""
+    return JSONResponse({"error": {"message": message, "type": _KINDS.get(status, "Error"),
+                                   "code": status}}, status_code=status,
+                        headers={"connection": "close"} if close else None)
+
+
+class _Guard:
+    """Pure ASGI middleware, before routing and before any body byte is read: the bearer token
+    (every path but ``/health``) and the declared ``Content-Length``."""
+
+    def __init__(self, app, token: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            if self.expected and scope["path"] != "/health" and not hmac.compare_digest(
+                    headers.get(b"authorization", b""), self.expected):
+                reply = _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                               close=True)
+                return await reply(scope, receive, send)
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                reply = _error(413, f"request body: Content-Length {length[:20].decode(errors='replace')}"
+                                    f" exceeds this server's limit of {self.max_body_bytes} bytes",
+                               close=True)
+                return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The body, counted while it streams in (chunked uploads have no Content-Length) and read
+    within ``body_timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout
+    body = bytearray()
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), deadline - loop.time())
+        except TimeoutError:
+            raise _Reject(408, f"request body: not received within {limits.body_timeout:g} s") from None
+        if message["type"] == "http.disconnect":
+            raise _Reject(400, "request body: the client disconnected")
+        body += message.get("body", b"")
+        if len(body) > limits.max_body_bytes:
+            raise _Reject(413, f"request body: exceeds this server's limit of "
+                               f"{limits.max_body_bytes} bytes")
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 class _Batcher:
@@ -102,6 +161,7 @@ class _Batcher:
                 k = max(j[1] for j in jobs)
                 out = prefill(self.model, [s for j in jobs for s in j[0]], topk=k, ranks=True,
                               pad_id=self.pad_id, max_batch_tokens=self.max_batch_tokens)
+                out = [_finite(p) for p in out]
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
                 log.exception("prefill failed")
                 for _, _, fut in jobs:
@@ -112,86 +172,267 @@ class _Batcher:
                 out = out[len(seqs):]
 
 
-def _check(req: CompletionRequest, limits: ServerLimits, vocab: int, max_len: int) -> list[list[int]]:
-    seqs = [req.prompt] if not req.prompt or isinstance(req.prompt[0], int) else req.prompt
-    if not seqs or not seqs[0]:
-        raise _Reject(400, "prompt: is empty; send a list of token ids (or a list of such lists)")
-    if len(seqs) > limits.max_batch:
-        raise _Reject(413, f"prompt: {len(seqs)} sequences; this server accepts at most "
+def _finite(p: Prefill) -> Prefill:
+    """-inf clamped as vLLM does; NaN (a broken model) is an error, never a number."""
+    if bool(torch.isnan(p.token_logprobs_N).any()):
+        raise ValueError("the model produced NaN log-probs")
+    top = p.topk_logprobs_NK
+    return Prefill(p.token_logprobs_N.clamp_min(MIN_LOGPROB), p.ranks_N, p.topk_ids_NK,
+                   None if top is None else top.clamp_min(MIN_LOGPROB))
+
+
+@dataclass
+class _Job:
+    """A validated request: its sequences (token ids), their texts for ``echo``, and k values."""
+
+    req: CompletionRequest
+    seqs: list[list[int]]
+    texts: list[str | None]
+    k_prompt: int | None  # prompt_logprobs (None: not requested)
+    k_echo: int | None  # logprobs over the prompt with echo (None: not requested)
+
+
+class _Tokens:
+    """Token id <-> text through the tokenizer (one caller at a time: fast tokenizers are not
+    safe to mutate from several threads), decoded strings cached."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+        self.cache: dict[int, str] = {}
+
+    def piece(self, tid: int, as_id: bool = False) -> str | None:
+        if as_id:
+            return f"token_id:{tid}"
+        if self.tokenizer is None:
+            return None
+        got = self.cache.get(tid)
+        if got is None:
+            with self.lock:
+                got = self.cache[tid] = self.tokenizer.decode([tid])
+        return got
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        with self.lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids)
+
+
+def _parse(body: bytes, limits: ServerLimits, names: frozenset[str], tokens: _Tokens,
+           vocab: int, max_len: int) -> _Job:
+    """Body -> validated job, or :class:`_Reject` naming the field. Runs in a worker thread."""
+    try:
+        req = CompletionRequest.model_validate_json(body)
+    except pydantic.ValidationError as exc:
+        raise _Reject(400, _describe(exc)) from None
+    if req.model is not None and req.model not in names:
+        raise _Reject(404, f"model: the model `{req.model[:200]}` does not exist; this server "
+                           f"serves {sorted(names)}")
+    why = unsupported(req)
+    if why:
+        raise _Reject(400, why)
+    k_prompt, k_echo = req.prompt_logprobs, (req.logprobs if req.echo else None)
+    for field, k in (("prompt_logprobs", k_prompt), ("logprobs", req.logprobs)):
+        if k is not None and k > limits.max_logprobs:
+            raise _Reject(400, f"{field}: {k} exceeds this server's maximum {limits.max_logprobs}")
+    prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(
+        req.prompt[0], int) else [req.prompt]
+    if not prompts or not prompts[0]:
+        raise _Reject(400, "prompt: is empty; send token ids, a list of them, or text")
+    if len(prompts) > limits.max_batch:
+        raise _Reject(413, f"prompt: {len(prompts)} sequences; this server accepts at most "
                            f"{limits.max_batch} per request")
-    total = sum(map(len, seqs))
-    if total > limits.max_request_tokens:
-        raise _Reject(413, f"prompt: {total} tokens; this server accepts at most "
-                           f"{limits.max_request_tokens} per request")
-    for i, s in enumerate(seqs):
-        if not s:
+    if (req.echo or any(isinstance(p, str) for p in prompts)) and tokens.tokenizer is None:
+        raise _Reject(400, "prompt: text prompts and echo need the model's tokenizer, which this "
+                           "server has not loaded; send token ids without echo")
+    seqs: list[list[int]] = []
+    texts: list[str | None] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if len(p) > 64 * limits.max_request_tokens:
+                raise _Reject(413, f"prompt[{i}]: {len(p)} characters; far over this server's "
+                                   f"{limits.max_request_tokens} tokens per request")
+            ids = tokens.encode(p, req.add_special_tokens)
+        else:
+            ids = list(p)
+        n_ids = len(ids)
+        ids = _truncate(ids, req.truncate_prompt_tokens, req.truncation_side, max_len)
+        if not ids:
             raise _Reject(400, f"prompt[{i}]: is empty")
-        if len(s) > max_len:
-            raise _Reject(400, f"prompt[{i}]: {len(s)} tokens exceed the model's context of {max_len}")
-        bad = [t for t in s if not 0 <= t < vocab]
+        if len(ids) > max_len:
+            raise _Reject(400, f"prompt[{i}]: {len(ids)} tokens exceed the model's context of {max_len}")
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise _Reject(400, f"prompt[{i}]: token id {bad[0]} outside the vocabulary [0, {vocab})")
-    k = req.prompt_logprobs or 0
-    if k > limits.max_logprobs:
-        raise _Reject(400, f"prompt_logprobs: {k} exceeds this server's maximum {limits.max_logprobs}")
-    return seqs
+        if req.echo:  # the prompt as sent, unless truncation cut it
+            texts.append(p if isinstance(p, str) and len(ids) == n_ids else tokens.decode(ids))
+        else:
+            texts.append(None)
+        seqs.append(ids)
+        total = sum(map(len, seqs))
+        if total > limits.max_request_tokens:
+            raise _Reject(413, f"prompt: at least {total} tokens; this server accepts at most "
+                               f"{limits.max_request_tokens} per request")
+    return _Job(req, seqs, texts, k_prompt, k_echo)
 
 
-def _choice(i: int, seq: list[int], pre, k: int, decode) -> dict:
-    positions: list[dict | None] = [None]
-    for t in range(len(seq) - 1):
-        tok = seq[t + 1]
-        entry = {str(tok): {"logprob": float(pre.token_logprobs_N[t]), "rank": int(pre.ranks_N[t]),
-                            "decoded_token": decode(tok)}}
-        if k:
-            for r, (tid, lp) in enumerate(zip(pre.topk_ids_NK[t, :k].tolist(),
-                                              pre.topk_logprobs_NK[t, :k].tolist()), start=1):
-                if str(tid) not in entry:
-                    entry[str(tid)] = {"logprob": lp, "rank": r, "decoded_token": decode(tid)}
-        positions.append(entry)
-    return {"index": i, "text": "", "logprobs": None, "finish_reason": "length",
-            "stop_reason": None, "prompt_logprobs": positions}
+def _truncate(ids: list[int], keep: int | None, side: str | None, max_len: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens`` (-1: the model's context), keeping the last tokens
+    unless ``truncation_side`` is "right"."""
+    if keep is None:
+        return ids
+    keep = max_len if keep == -1 else keep
+    if len(ids) <= keep:
+        return ids
+    return ids[:keep] if side == "right" else ids[len(ids) - keep:]
 
 
-def create_app(model, tokenizer=None, *, name: str = "teacher", token: str | None = None,
-               limits: ServerLimits = ServerLimits()) -> FastAPI:
-    """The FastAPI app serving ``model`` (a transformers causal LM, eval mode)."""
+def _describe(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "json_invalid":
+            parts.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown field (neither an OpenAI nor a vLLM completions "
+                         "parameter)")
+        elif err["type"] == "model_type":
+            parts.append("body: expected a JSON object")
+        else:
+            parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)[:2000]
+
+
+class _Blocks:
+    """A JSON array encoded block by block (each block a list of plain JSON items) while the
+    response streams, so neither memory nor one chunk's hold on the GIL grows with the request."""
+
+    def __init__(self, blocks: Iterable[list]):
+        self.blocks = blocks
+
+
+def _encode(obj) -> Iterator[bytes]:
+    """``obj`` as JSON, in chunks: dicts and lists of dicts are walked, :class:`_Blocks` encoded
+    one block at a time, anything else in one piece."""
+    if isinstance(obj, _Blocks):
+        yield b"["
+        first = True
+        for block in obj.blocks:
+            if block:
+                inner = _dumps(block)[1:-1]
+                yield inner if first else b"," + inner
+                first = False
+        yield b"]"
+    elif isinstance(obj, dict):
+        yield b"{"
+        for j, (key, value) in enumerate(obj.items()):
+            yield (b"," if j else b"") + _dumps(key) + b":"
+            yield from _encode(value)
+        yield b"}"
+    elif isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        yield b"["
+        for j, item in enumerate(obj):
+            if j:
+                yield b","
+            yield from _encode(item)
+        yield b"]"
+    else:
+        yield _dumps(obj)
+
+
+def _prompt_logprobs(seq: list[int], pre: Prefill, k: int, tokens: _Tokens, as_id: bool,
+                     keys: list[str]) -> Iterator[list]:
+    """vLLM's ``prompt_logprobs`` of one sequence, :data:`BLOCK` positions at a time."""
+    yield [None]
+    n = len(seq) - 1
+    for a in range(0, n, BLOCK):
+        b = min(a + BLOCK, n)
+        lps, ranks = pre.token_logprobs_N[a:b].tolist(), pre.ranks_N[a:b].tolist()
+        ids = pre.topk_ids_NK[a:b, :k].tolist() if k else None
+        tops = pre.topk_logprobs_NK[a:b, :k].tolist() if k else None
+        out = []
+        for t in range(b - a):
+            tok = seq[a + 1 + t]
+            entry = {keys[tok]: {"logprob": lps[t], "rank": ranks[t],
+                                 "decoded_token": tokens.piece(tok, as_id)}}
+            if k:
+                for r, (tid, lp) in enumerate(zip(ids[t], tops[t]), start=1):
+                    if keys[tid] not in entry:
+                        entry[keys[tid]] = {"logprob": lp, "rank": r,
+                                            "decoded_token": tokens.piece(tid, as_id)}
+            out.append(entry)
+        yield out
+
+
+def _echo_logprobs(seq: list[int], pre: Prefill, k: int, tokens: _Tokens, as_id: bool) -> dict:
+    """The legacy OpenAI ``logprobs`` object over the echoed prompt (first position None)."""
+    pieces = [tokens.piece(t, as_id) or "" for t in seq]
+    offsets = [0]
+    for p in pieces[:-1]:
+        offsets.append(offsets[-1] + len(p))
+
+    def tops() -> Iterator[list]:
+        yield [None]
+        for a in range(0, len(seq) - 1, BLOCK):
+            b = min(a + BLOCK, len(seq) - 1)
+            lps = pre.token_logprobs_N[a:b].tolist()
+            ids = pre.topk_ids_NK[a:b, :k].tolist() if k else [[]] * (b - a)
+            top_lps = pre.topk_logprobs_NK[a:b, :k].tolist() if k else [[]] * (b - a)
+            block = []
+            for t in range(b - a):
+                entry = {pieces[a + 1 + t]: lps[t]}
+                for tid, lp in zip(ids[t], top_lps[t]):
+                    entry.setdefault(tokens.piece(tid, as_id) or "", lp)
+                block.append(entry)
+            yield block
+
+    return {"text_offset": offsets, "token_logprobs": [None, *pre.token_logprobs_N.tolist()],
+            "tokens": pieces, "top_logprobs": _Blocks(tops())}
+
+
+def _payload(job: _Job, pres: list[Prefill] | None, tokens: _Tokens, keys: list[str], name: str,
+             seconds: float) -> dict:
+    req, as_id = job.req, bool(job.req.return_tokens_as_token_ids)
+    choices = []
+    for i, seq in enumerate(job.seqs):
+        choice = {"index": i, "text": job.texts[i] or "", "logprobs": None,
+                  "finish_reason": "length", "stop_reason": None}
+        if job.k_echo is not None:
+            choice["logprobs"] = _echo_logprobs(seq, pres[i], job.k_echo, tokens, as_id)
+        elif req.logprobs is not None:  # log-probs of the generated tokens: there are none
+            choice["logprobs"] = {"text_offset": [], "token_logprobs": [], "tokens": [],
+                                  "top_logprobs": []}
+        if req.return_token_ids:
+            choice["prompt_token_ids"], choice["token_ids"] = seq, []
+        choice["prompt_logprobs"] = (None if job.k_prompt is None else _Blocks(
+            _prompt_logprobs(seq, pres[i], job.k_prompt, tokens, as_id, keys)))
+        choices.append(choice)
+    n = sum(map(len, job.seqs))
+    return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
+            "model": name, "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
+            "mopd": {"prefill_seconds": seconds}}
+
+
+def create_app(model, tokenizer=None, *, name: str = "teacher", aliases: Iterable[str] = (),
+               token: str | None = None, limits: ServerLimits = ServerLimits()) -> FastAPI:
+    """The FastAPI app serving ``model`` (a transformers causal LM, eval mode) as ``name``; a
+    request's ``model`` must be ``name`` or one of ``aliases`` (e.g. the checkpoint path)."""
     model.eval()
     vocab = model.config.vocab_size
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     batcher = _Batcher(model, pad_id, limits.max_batch_tokens)
-    cache: dict[int, str] = {}
+    tokens = _Tokens(tokenizer)
+    keys = [str(i) for i in range(vocab)]
+    names = frozenset([name, *aliases])
 
-    def decode(tid: int) -> str | None:
-        if tokenizer is None:
-            return None
-        if tid not in cache:
-            cache[tid] = tokenizer.decode([tid])
-        return cache[tid]
-
+    # /docs and /redoc are off (they load scripts from a CDN); /openapi.json needs the token
     app = FastAPI(title="mopd teacher", docs_url=None, redoc_url=None)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors()[:5]:
-            loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-            if err["type"] == "json_invalid":
-                parts.append(f"body is not valid JSON ({err.get('ctx', {}).get('error', err['msg'])})")
-            elif err["type"] == "extra_forbidden":
-                parts.append(f"{loc}: unknown field")
-            else:
-                parts.append(f"{loc}: {err['msg']}")
-        return _error(400, "; ".join(parts))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if token and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-        return await call_next(request)
+    app.add_middleware(_Guard, token=token, max_body_bytes=limits.max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -199,25 +440,27 @@ def create_app(model, tokenizer=None, *, name: str = "teacher", token: str | Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "max_model_len": max_len}]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "max_model_len": max_len}
+                                           for n in [name, *sorted(names - {name})]]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(request: Request):
         try:
-            seqs = _check(req, limits, vocab, max_len)
+            body = await _read_body(request, limits)
+            job = await run_in_threadpool(_parse, body, limits, names, tokens, vocab, max_len)
         except _Reject as rej:
-            return _error(rej.status, rej.message)
-        k = req.prompt_logprobs or 0
+            return _error(rej.status, rej.message, close=rej.status in (408, 413))
         t0 = time.perf_counter()
-        pres = await asyncio.wrap_future(batcher.submit(seqs, k))
-        choices = [_choice(i, s, p, k, decode) for i, (s, p) in enumerate(zip(seqs, pres))]
-        n = sum(map(len, seqs))
-        # encoded here: FastAPI's jsonable_encoder walk over every position would cost more
-        # than the prefill itself for a small model
-        payload = {"id": f"cmpl-{time.time_ns()}", "object": "text_completion",
-                   "created": int(time.time()), "model": req.model or name, "choices": choices,
-                   "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
-                   "mopd": {"prefill_seconds": time.perf_counter() - t0}}
-        return Response(_dumps(payload), media_type="application/json")
+        pres = None
+        if job.k_prompt is not None or job.k_echo is not None:
+            k = max(job.k_prompt or 0, job.k_echo or 0)
+            try:
+                pres = await asyncio.wrap_future(batcher.submit(job.seqs, k))
+            except Exception as exc:  # noqa: BLE001 - the client sees why, the log has the trace
+                return _error(500, f"prefill failed: {type(exc).__name__}: {str(exc)[:300]}")
+        payload = await run_in_threadpool(_payload, job, pres, tokens, keys, name,
+                                          time.perf_counter() - t0)
+        # a sync iterator: Starlette pulls each chunk in a worker thread, off the event loop
+        return StreamingResponse(_encode(payload), media_type="application/json")
 
     return app
