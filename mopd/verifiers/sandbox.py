@@ -6,14 +6,20 @@ Each program gets a fresh process tree inside bubblewrap (``bwrap``):
   (only a loopback with nothing on it), no view of host processes (the parent is not even
   visible), no nested user namespaces (``--disable-userns``), no capabilities;
 - root filesystem = read-only binds of ``/usr`` (and ``/lib``, ``/bin``... as on the host) plus the
-  interpreter's prefix; the only writable place is a size-capped tmpfs (``/tmp``, the working
-  directory) that vanishes with the sandbox, so nothing is written on the host;
+  interpreter's prefix; the root itself and ``/dev`` are remounted read-only, so the only
+  writable place is a size-capped tmpfs (``/tmp``, the working directory) that vanishes with the
+  sandbox: nothing is written on the host and no program holds more than ``tmpfs_bytes`` in files;
 - uid/gid 65534 (nobody) inside; when the host process is root, bwrap itself is started as
   65534 too, so even an escape lands on an unprivileged user;
 - empty environment (``--clearenv`` and an empty ``env=``): no inherited secrets;
 - rlimits set by the in-sandbox runner before any model code runs: address space, CPU seconds,
   processes, file size, open files, no core dumps; the host enforces a wall-clock deadline and an
   output cap, and kills the whole sandbox (``--die-with-parent`` + pid namespace) on either.
+
+Inside, the tests and the model's program run in two processes (see ``sandbox_child.py``): a
+non-dumpable judge that holds the tests and the report channel, and a fresh interpreter for the
+solution that answers calls with plain data. The verdict is computed where the solution cannot
+reach it.
 
 If bwrap is missing or unusable, running code raises :class:`SandboxUnavailable`, unless the
 caller opts into the weaker mode (``allow_unsandboxed=True`` or ``MOPD_ALLOW_UNSANDBOXED=1``):
@@ -53,8 +59,8 @@ class SandboxUnavailable(RuntimeError):
 class SandboxLimits:
     """Per-program limits. ``memory_bytes`` is RLIMIT_AS (virtual address space) *per process*.
 
-    ``nproc`` counts the sandbox's tasks (bwrap's init, the interpreter, its threads and
-    children), so 4 leaves room for two extra threads/processes. rlimits are per process, so
+    ``nproc`` counts the sandbox's tasks (bwrap's init, the judge, the solution process, their
+    threads and children), so 5 leaves room for two extra threads/processes. rlimits are per process, so
     one sandbox can hold up to about ``(nproc - 1) * memory_bytes + tmpfs_bytes`` of memory and
     ``verify_batch`` runs several sandboxes at once: bound the verifier with a container or
     cgroup memory limit when running untrusted code at scale.
@@ -63,7 +69,7 @@ class SandboxLimits:
     wall_s: float = 5.0
     cpu_s: int = 3
     memory_bytes: int = 256 << 20
-    nproc: int = 4
+    nproc: int = 5
     file_bytes: int = 4 << 20
     tmpfs_bytes: int = 16 << 20
     nofile: int = 64
@@ -93,7 +99,7 @@ def _allow_unsandboxed_from_env() -> bool:
 
 
 class Sandbox:
-    """Runs ``code`` then ``tests`` (asserts) in one sandboxed interpreter; thread-safe.
+    """Runs ``tests`` against ``code``'s definitions in one sandbox; thread-safe.
 
     ``python``: interpreter to run inside (default: the first of $MOPD_SANDBOX_PYTHON, this
     interpreter's base executable, /usr/bin/python3 that works in the sandbox).
@@ -116,7 +122,8 @@ class Sandbox:
         return self._mode
 
     def run(self, code: str, tests: str) -> RunResult:
-        """Execute ``code`` then ``tests``; never raises for anything the program does."""
+        """Run ``code`` in the solution process and ``tests`` in the judge (``tests`` call the
+        names ``code`` defines); never raises for anything the program does."""
         self._ensure_ready()
         return self._execute(code, tests, self._mode or "bwrap", self._python or "")
 
@@ -176,7 +183,8 @@ class Sandbox:
 
     def _bwrap_argv(self, python: str) -> list[str]:
         argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user",
-                "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
+                "--cap-drop", "ALL",
                 "--clearenv",
                 "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -187,8 +195,10 @@ class Sandbox:
         prefix = os.path.dirname(os.path.dirname(python))
         if not prefix.startswith("/usr/") and prefix != "/usr":
             argv += ["--ro-bind", prefix, prefix]
-        argv += ["--proc", "/proc", "--dev", "/dev",
+        # The root bwrap builds and its /dev are tmpfs mounts without a size cap: read-only.
+        argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
                  "--size", str(self.limits.tmpfs_bytes), "--tmpfs", "/tmp",
+                 "--remount-ro", "/",
                  "--uid", str(NOBODY), "--gid", str(NOBODY), "--chdir", "/tmp"]
         for key, value in _ENV.items():
             argv += ["--setenv", key, value]
@@ -196,8 +206,10 @@ class Sandbox:
 
     def _execute(self, code: str, tests: str, mode: str, python: str) -> RunResult:
         nonce = secrets.token_hex(16)
-        payload = marshal.dumps({"code": _clean(code), "tests": _clean(tests), "nonce": nonce,
-                                 "limits": asdict(self.limits)})
+        # Two blocks: the judge forks the solution process after reading the first one only.
+        blocks = (marshal.dumps({"code": _clean(code), "limits": asdict(self.limits)}),
+                  marshal.dumps({"tests": _clean(tests), "nonce": nonce}))
+        payload = b"".join(len(b).to_bytes(8, "big") + b for b in blocks)
         as_nobody = os.geteuid() == 0
         workdir = None
         if mode == "bwrap":
