@@ -9,7 +9,7 @@ import pytest
 from mopd.verifiers import Verdict, verify, verify_batch
 from mopd.verifiers.choice import extract_choice
 from mopd.verifiers.ifeval import CHECKERS, from_ifeval
-from mopd.verifiers.math_answer import extract_answer, last_boxed
+from mopd.verifiers.math_answer import last_boxed, normalize
 
 # (response, reference, expected reward)
 MATH_TABLE = [
@@ -29,8 +29,20 @@ MATH_TABLE = [
     ("\\boxed{3}", "\\frac{6}{2}", 1.0),
     ("\\boxed{(1,2)}", "(1,2)", 1.0),
     ("\\boxed{\\pi}", "\\pi", 1.0),
-    ("\\boxed{\\frac{1}{2}} then \\boxed{3}", "3", 1.0),  # the last box counts
+    ("\\boxed{\\frac{1}{2}} then \\boxed{3}", "3", 0.0),  # several boxes: a set, no hedging
     ("\\boxed{9999999999999999999999}", "9999999999999999999999", 1.0),
+    ("The answer is **42**.", "42", 1.0),  # markdown bold
+    ("The answer is 42, as computed above.", "42", 1.0),  # text after the answer
+    ("The answer is \u22125.", "-5", 1.0),  # Unicode minus
+    ("The answer is $\\dfrac{3}{4}$.", "3/4", 1.0),
+    ("#### 1,234", "1234", 1.0),
+    ("The answer is 2.5e3.", "2500", 1.0),
+    # the old last-number fallback passed these wrong answers
+    ("The answer is \u22125.", "5", 0.0),  # minus dropped
+    ("The answer is $\\dfrac{3}{4}$.", "4", 0.0),  # denominator
+    ("The answer is 2.5e3.", "3", 0.0),  # exponent
+    ("The answer is 2.5e3.", "2.5", 0.0),  # mantissa
+    ("**41** is close, but the answer is 42", "41", 0.0),
     # false positives that must be rejected
     ("\\boxed{-3}", "3", 0.0),
     ("\\boxed{22}", "23", 0.0),
@@ -58,8 +70,8 @@ def test_math_table(response, reference, expected):
 def test_math_extraction_and_reasons():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{unclosed") is None
-    assert extract_answer("The answer is $\\frac{3}{4}$.") == "\\frac{3}{4}"
-    assert extract_answer("nothing") is None
+    assert normalize("\u2212 5 is \u22125, 2.5e3 or 2.5 \\times 10^{3}.") == "- 5 is -5, 2500 or 2500"
+    assert normalize("**42** and 2**3**4 and -\\boxed{3}") == "42 and 2**3**4 and \\boxed{-3}"
     assert verify("math", "", "5").reason == "no answer found"
     assert verify("math", "\\boxed{4}", "5").reason == "wrong answer '4'"
     assert verify("math", "\\boxed{" + "1+" * 500 + "1}", "5").reason == "answer too long"
