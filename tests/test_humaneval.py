@@ -124,3 +124,20 @@ def test_package_source_errors_name_the_problem():
         package_records("math", HumanEvalSource(source="humaneval"), 4)
     with pytest.raises(ValueError, match=r"n_eval must lie in 1\.\.163"):
         package_records("code", HumanEvalSource(source="humaneval"), 164)
+
+
+def test_new_source_kinds_validate_in_pipelines_yaml(tmp_path):
+    import yaml
+
+    from mopd.config import ConfigError
+
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["domains"]["arithmetic"]["data"] = {"source": "reasoning_gym", "size": 10}
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(pipes))
+    with pytest.raises(ConfigError, match=r"domains\.arithmetic\.data\.task"):
+        load_pipelines(path)
+    pipes["domains"]["arithmetic"]["data"] = {"source": "reasoning_gym", "task": "x", "sise": 1}
+    path.write_text(yaml.safe_dump(pipes))
+    with pytest.raises(ConfigError, match=r"domains\.arithmetic\.data\.sise: unknown key"):
+        load_pipelines(path)

@@ -174,6 +174,22 @@ def test_bad_references_and_garbage_never_raise():
         assert verdict.reward == 0.0 and reason in verdict.reason, verdict
 
 
+def test_ifbench_ids_without_their_nltk_data_score_zero_without_downloading(monkeypatch):
+    import nltk
+
+    calls = []
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: calls.append(a))
+    reference = ifeval_reference(["count:word_count_range"], [{"min_words": 1, "max_words": 9}])
+    verdict = verify("if", "a few words", reference)
+    try:
+        nltk.data.find("corpora/stopwords")
+    except LookupError:  # this machine: IFBench's data is not installed
+        assert verdict.reward == 0.0 and "IFBench checkers need NLTK data" in verdict.reason
+    else:
+        assert verdict.reward == 1.0, verdict
+    assert calls == []
+
+
 def test_loose_mode_is_ifevals_loose_variant():
     reference = json.dumps({"instruction_id_list": ["startend:end_checker"],
                             "kwargs": [{"end_phrase": "bye"}], "loose": True})

@@ -133,7 +133,8 @@ def checker_class(instruction_id: str) -> Any:
         return ifeval[instruction_id]
     ifbench = _ifbench_registry()
     if isinstance(ifbench, str):
-        raise IFReferenceError(f"unknown instruction id {instruction_id!r} ({ifbench})")
+        raise IFReferenceError(f"unknown instruction id {instruction_id!r}: not an IFEval id, "
+                               f"and {ifbench}")
     if instruction_id in ifbench:
         return ifbench[instruction_id]
     raise IFReferenceError(f"unknown instruction id {instruction_id!r}")
