@@ -28,11 +28,14 @@ def check(candidate):
 
 check(mean)
 """
-PROBLEMS = {"asserts": ("f", ASSERTS), "check": ("mean", CHECK)}
+# trusted code that iterates: an exception type the candidate picks must not end it early
+ITERATING = "assert all(map(lambda x: f(x) == 2 * x + 1, [3, -1, 10]))"
+PROBLEMS = {"asserts": ("f", ASSERTS), "check": ("mean", CHECK), "iterating": ("f", ITERATING)}
 
 # Honest programs: reward 1, including ones that touch the same machinery the hacks use.
 HONEST = {
     "plain": {"asserts": "def f(x):\n    return 2 * x + 1",
+              "iterating": "def f(x):\n    return 2 * x + 1",
               "check": "def mean(xs):\n    return sum(xs) / len(xs)"},
     "prints_and_imports": {
         "asserts": "import gc, sys\nprint('PASS', sys.version)\ngc.collect()\n"
@@ -180,6 +183,7 @@ def isclose(*a, **k):
 def {fn}(*a): return 0
 """,
     "generator_result": "def {fn}(*a):\n    yield 0",
+    "stop_iteration_ends_trusted_loops": "def {fn}(*a):\n    raise StopIteration",
     "returns_a_function": "def {fn}(*a):\n    return lambda *b: True",
     "raises_assertion_inside_call": "def {fn}(*a):\n    raise AssertionError('passed')",
     "swallowed_error_with_except": """
@@ -202,7 +206,8 @@ def _cases():
         for name, program in HACKS.items():
             cases.append((f"hack:{name}:{problem}", program.replace("{fn}", fn), tests, 0.0))
         for name, programs in HONEST.items():
-            cases.append((f"honest:{name}:{problem}", programs[problem], tests, 1.0))
+            if problem in programs:
+                cases.append((f"honest:{name}:{problem}", programs[problem], tests, 1.0))
     return cases
 
 
@@ -212,7 +217,7 @@ def test_every_hack_scores_zero_and_every_honest_program_one(box):
                             sandbox=box, workers=4)
     wrong = {case[0]: v for case, v in zip(cases, verdicts) if v.reward != case[3]}
     assert not wrong, wrong
-    assert len(cases) == 2 * (len(HACKS) + len(HONEST))
+    assert len(cases) == 3 * len(HACKS) + 2 * len(HONEST) + 1
 
 
 def test_isolation_of_the_judge(box):

@@ -357,22 +357,36 @@ class _Remote:
         self._fail("not plain data", "malformed reply from the solution process")
 
 
+# Exception types the candidate's errors keep in the judge. Others become RuntimeError: a
+# StopIteration, say, would end a trusted ``all(map(...))`` early and make it pass.
+_KEPT_EXCEPTIONS = frozenset({
+    "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError", "ZeroDivisionError",
+    "ArithmeticError", "OverflowError", "NotImplementedError", "RuntimeError", "AssertionError",
+    "RecursionError", "MemoryError", "NameError", "UnboundLocalError", "LookupError",
+    "UnicodeError", "UnicodeDecodeError", "UnicodeEncodeError", "FileNotFoundError", "OSError",
+})
+
+
 def _exception(name, text):
-    """The candidate's exception as the built-in Exception class of that name (else
-    RuntimeError): tests that expect e.g. a ValueError still work; SystemExit and other
-    BaseExceptions do not leave the judge."""
+    """The candidate's exception as the built-in class of that name when it is one of
+    ``_KEPT_EXCEPTIONS`` (tests that expect e.g. a ValueError still work), else RuntimeError."""
     import builtins
 
-    cls = getattr(builtins, str(name), None)
+    cls = getattr(builtins, str(name), None) if str(name) in _KEPT_EXCEPTIONS else None
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
         cls = RuntimeError
     try:
+        if cls is UnicodeDecodeError or cls is UnicodeEncodeError:
+            cls = UnicodeError
         return cls(str(text))
     except BaseException:
         return RuntimeError(f"{name}: {text}")
 
 
 def _module(name):
+    """The judge's own copy of a module the solution imported (allow-listed modules only)."""
+    if name not in _PRELOAD:
+        return None
     try:
         __import__(name)
         return sys.modules[name]
@@ -532,7 +546,9 @@ def judge_main():
             elif kind[0] == "v" and len(kind) == 2:
                 namespace[name] = kind[1]
             elif kind[0] == "m" and len(kind) == 2:  # a module the solution imported:
-                namespace[name] = _module(str(kind[1]))  # the judge imports its own copy
+                module = _module(str(kind[1]))  # the judge imports its own copy
+                if module is not None:
+                    namespace[name] = module
         exec(tests, namespace)
     except BaseException as exc:
         if remote.broken is not None:
