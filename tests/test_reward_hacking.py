@@ -29,7 +29,8 @@ def check(candidate):
 check(mean)
 """
 # trusted code that iterates: an exception type the candidate picks must not end it early
-ITERATING = "assert all(map(lambda x: f(x) == 2 * x + 1, [3, -1, 10]))"
+ITERATING = ("assert all(map(lambda x: f(x) == 2 * x + 1, [3, -1, 10]))\n"
+             "assert __builtins__ is not None and __name__ == '__main__'")
 PROBLEMS = {"asserts": ("f", ASSERTS), "check": ("mean", CHECK), "iterating": ("f", ITERATING)}
 
 # Honest programs: reward 1, including ones that touch the same machinery the hacks use.
@@ -180,6 +181,11 @@ def check(candidate):
     return True
 def isclose(*a, **k):
     return True
+def {fn}(*a): return 0
+""",
+    "fake_builtins_for_the_tests": """
+__builtins__ = {"abs": lambda x: 0, "AssertionError": KeyError, "print": 0}
+__name__ = "not main"
 def {fn}(*a): return 0
 """,
     "generator_result": "def {fn}(*a):\n    yield 0",

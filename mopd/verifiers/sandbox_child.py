@@ -534,7 +534,10 @@ def judge_main():
 
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        wanted = sorted(n for n in _names(tests) if not hasattr(builtins, n))
+        # never a builtin or a dunder (a plain dict sent as __builtins__ would become the
+        # tests' builtins)
+        wanted = sorted(n for n in _names(tests) if not hasattr(builtins, n)
+                        and not (n.startswith("__") and n.endswith("__")))
         seen = remote.request(("names", wanted))
         if type(seen) is not dict:
             remote._fail("not plain data", "malformed reply from the solution process")
