@@ -1,4 +1,5 @@
-"""The program that runs INSIDE the sandbox (``python -I -S -c <this file's text> [solution]``).
+"""The program that runs INSIDE the sandbox (``python -I -S``; its code object, compiled once
+by the same interpreter outside, arrives on stdin ahead of the payload; see ``sandbox.py``).
 
 Two processes, so that the verdict lives outside the solution's reach:
 
@@ -19,8 +20,11 @@ Two processes, so that the verdict lives outside the solution's reach:
   pipes, and prints to stderr. Whatever it does to itself (patched builtins, frames, ``gc``,
   ``__main__``, ``sys.exit``, fake report lines) cannot change the judge's comparison.
 
-Built-in modules only (plus ``ctypes`` for ``prctl``); no imports from mopd (the package is not
-visible in the sandbox). Wire format: 4-byte big-endian length + a tagged encoding (see
+Built-in modules only (``_ctypes`` for ``prctl``); no imports from mopd (the package is not
+visible in the sandbox). Exceptions the program raises reach the tests as the same built-in
+type only for ordinary errors (``ValueError``...); a ``StopIteration`` would end a trusted
+``all(map(...))`` early, so it and other control-flow exceptions arrive as ``RuntimeError``.
+Arguments and results are copies: the tests never see the program mutate an argument. Wire format: 4-byte big-endian length + a tagged encoding (see
 ``encode``); the decoder builds only built-in objects, bounded in depth and size.
 """
 
