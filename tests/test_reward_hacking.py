@@ -258,6 +258,27 @@ report["writable"] = [p for p in ("/x", "/dev/x", "/dev/shm/x", "/usr/x", "/tmp/
     assert v.reward == 1.0, v
 
 
+def test_kernel_held_memory_is_refused():
+    """Memory no rlimit bounds (a detached System V segment lives until its IPC namespace dies;
+    a memfd per descriptor) cannot be allocated: the seccomp deny-list answers EPERM."""
+    program = r"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+held = []
+for _ in range(4):
+    seg = libc.shmget(0, 64 << 20, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+    held.append(("shm", seg, ctypes.get_errno()))
+try:
+    held.append(("memfd", os.memfd_create("hold"), 0))
+except OSError as exc:
+    held.append(("memfd", -1, exc.errno))
+"""
+    tests = ("import errno\n"
+             "assert all(ret == -1 and err == errno.EPERM for _, ret, err in held), held\n")
+    v = verify_code(program, tests, Sandbox())
+    assert v.reward == 1.0, v
+
+
 def test_files_cannot_hold_more_than_the_tmpfs_cap():
     """Writable space is /tmp alone, capped: filling it stops at the cap (here 4 MiB)."""
     cap = 4 << 20

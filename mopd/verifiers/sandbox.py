@@ -44,7 +44,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mopd.verifiers.seccomp import filter_program
+
 logger = logging.getLogger(__name__)
+_SECCOMP = filter_program()  # None on an architecture without a table (logged on first use)
 
 NOBODY = 65534
 RUNNER_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
@@ -181,6 +184,9 @@ class Sandbox:
             python = self._probe("bwrap", problems)
             if python is not None:
                 logger.info("sandbox: bwrap with %s", python)
+                if _SECCOMP is None:
+                    logger.warning("sandbox: no seccomp table for this architecture; running "
+                                   "without the syscall deny-list")
                 return "bwrap", python
         message = "code sandbox unusable: " + "; ".join(problems)
         if not self.allow_unsandboxed:
@@ -248,8 +254,15 @@ class Sandbox:
                            for b in ((runner,) if runner is not None else ()) + blocks)
         as_nobody = os.geteuid() == 0
         workdir = None
+        seccomp_fd = None
         if mode == "bwrap":
             argv, cwd = self._bwrap_argv(python), "/"
+            if _SECCOMP is not None:  # a pipe holding the BPF program, read by bwrap
+                seccomp_fd, write_end = os.pipe()
+                os.write(write_end, _SECCOMP)
+                os.close(write_end)
+                at = argv.index("--")
+                argv[at:at] = ["--seccomp", str(seccomp_fd)]
         else:
             workdir = tempfile.mkdtemp(prefix="mopd-sandbox-")
             if as_nobody:
@@ -260,12 +273,15 @@ class Sandbox:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=cwd, env=dict(_ENV, HOME=cwd), start_new_session=True, close_fds=True,
-                **drop,
+                pass_fds=() if seccomp_fd is None else (seccomp_fd,), **drop,
             )
         except OSError as exc:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             return RunResult("sandbox error", f"cannot start: {exc}")
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         try:
             return self._collect(proc, payload, nonce)
         finally:
