@@ -78,8 +78,8 @@ class SandboxUnavailable(RuntimeError):
 class SandboxLimits:
     """Per-program limits. ``memory_bytes`` is RLIMIT_AS (virtual address space) *per process*.
 
-    ``nproc`` counts the sandbox's tasks (bwrap's init, the judge, the solution process, their
-    threads and children), so 5 leaves room for two extra threads/processes. rlimits are per process, so
+    ``nproc`` counts the sandbox's tasks (the judge, which is the pid namespace's init, the
+    solution process, their threads and children), so 5 leaves room for three more. rlimits are per process, so
     one sandbox can hold up to about ``(nproc - 1) * memory_bytes + tmpfs_bytes`` of memory and
     ``verify_batch`` runs several sandboxes at once: bound the verifier with a container or
     cgroup memory limit when running untrusted code at scale.
