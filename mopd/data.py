@@ -3,7 +3,8 @@
 Layout: ``<data_dir>/<domain>/train.parquet`` and ``eval.parquet`` with the record schema of
 :mod:`mopd.domains` (id, domain, prompt, completion, reference). Synthetic domains are generated
 from the seed (evaluation from a separate seed stream; `eval_disjoint` excludes training prompts); ``hub`` and ``local`` sources go through
-``datasets`` by the same code (:func:`mopd.domains.loaders.load_records`).
+``datasets`` by the same code (:func:`mopd.domains.loaders.load_records`); ``humaneval`` and
+``reasoning_gym`` come from the packages that ship them (:mod:`mopd.domains.sources`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int, 
         train = generate(kind, params.n_train, seed)
         exclude = {r["prompt"] for r in train} if params.eval_disjoint else ()
         evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET, exclude_prompts=exclude)
+    elif src.source in ("humaneval", "reasoning_gym"):  # benchmarks shipped by packages
+        from mopd.domains.sources import package_records
+
+        train, evals = package_records(dom.verifier, src, params.n_eval,
+                                       eval_seed_offset=EVAL_SEED_OFFSET)
     else:
         path = src.id if isinstance(src, HubSource) else src.path
         common = {"columns": dict(src.columns)}

@@ -165,10 +165,19 @@ def test_load_ifeval_style(tmp_path):
          "kwargs": [{}, {"relation": "at least", "num_words": 3}, {}]},
     ])
     recs = load_records("if", src)
-    cons = json.loads(recs[0]["reference"])
-    assert cons == [{"kind": "no_commas"}, {"kind": "word_count", "min": 3}, {"kind": "uppercase"}]
-    assert verify("if", "CATS ARE GREAT", recs[0]["reference"]).reward == 1.0
+    assert json.loads(recs[0]["reference"]) == {
+        "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words",
+                                "change_case:english_capital"],
+        "kwargs": [{}, {"relation": "at least", "num_words": 3}, {}]}
+    assert verify("if", "CATS ARE GREAT AND THEY SLEEP ALL DAY", recs[0]["reference"]
+                  ).reward == 1.0
     assert verify("if", "cats, are great", recs[0]["reference"]).reward == pytest.approx(1 / 3)
+    # the HF IFEval layout stores every kwarg key, None where unused: dropped
+    hf = _write_jsonl(tmp_path / "hf.json", [
+        {"prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+         "kwargs": [{"num_words": None, "relation": None}]}])
+    ref = load_records("if", hf)[0]["reference"]
+    assert json.loads(ref)["kwargs"] == [{}] and verify("if", "ok", ref).reward == 1.0
 
 
 def test_load_mc_with_choice_list(tmp_path):

@@ -5,11 +5,12 @@ import logging
 import shutil
 
 import pytest
+from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT as IFEVAL_IDS
 
 from mopd.verifiers import Verdict, verify, verify_batch
 from mopd.verifiers.choice import extract_choice
-from mopd.verifiers.ifeval import CHECKERS, from_ifeval
-from mopd.verifiers.math_answer import extract_answer, last_boxed
+from mopd.verifiers.ifeval import ifeval_reference
+from mopd.verifiers.math_answer import last_boxed, normalize
 
 # (response, reference, expected reward)
 MATH_TABLE = [
@@ -29,8 +30,20 @@ MATH_TABLE = [
     ("\\boxed{3}", "\\frac{6}{2}", 1.0),
     ("\\boxed{(1,2)}", "(1,2)", 1.0),
     ("\\boxed{\\pi}", "\\pi", 1.0),
-    ("\\boxed{\\frac{1}{2}} then \\boxed{3}", "3", 1.0),  # the last box counts
+    ("\\boxed{\\frac{1}{2}} then \\boxed{3}", "3", 0.0),  # several boxes: a set, no hedging
     ("\\boxed{9999999999999999999999}", "9999999999999999999999", 1.0),
+    ("The answer is **42**.", "42", 1.0),  # markdown bold
+    ("The answer is 42, as computed above.", "42", 1.0),  # text after the answer
+    ("The answer is \u22125.", "-5", 1.0),  # Unicode minus
+    ("The answer is $\\dfrac{3}{4}$.", "3/4", 1.0),
+    ("#### 1,234", "1234", 1.0),
+    ("The answer is 2.5e3.", "2500", 1.0),
+    # the old last-number fallback passed these wrong answers
+    ("The answer is \u22125.", "5", 0.0),  # minus dropped
+    ("The answer is $\\dfrac{3}{4}$.", "4", 0.0),  # denominator
+    ("The answer is 2.5e3.", "3", 0.0),  # exponent
+    ("The answer is 2.5e3.", "2.5", 0.0),  # mantissa
+    ("**41** is close, but the answer is 42", "41", 0.0),
     # false positives that must be rejected
     ("\\boxed{-3}", "3", 0.0),
     ("\\boxed{22}", "23", 0.0),
@@ -58,8 +71,8 @@ def test_math_table(response, reference, expected):
 def test_math_extraction_and_reasons():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{unclosed") is None
-    assert extract_answer("The answer is $\\frac{3}{4}$.") == "\\frac{3}{4}"
-    assert extract_answer("nothing") is None
+    assert normalize("\u2212 5 is \u22125, 2.5e3 or 2.5 \\times 10^{3}.") == "- 5 is -5, 2500 or 2500"
+    assert normalize("**42** and 2**3**4 and -\\boxed{3}") == "42 and 2**3**4 and \\boxed{-3}"
     assert verify("math", "", "5").reason == "no answer found"
     assert verify("math", "\\boxed{4}", "5").reason == "wrong answer '4'"
     assert verify("math", "\\boxed{" + "1+" * 500 + "1}", "5").reason == "answer too long"
@@ -94,7 +107,8 @@ GARBAGE = [b"\xff\xfe\x00\x80", b"", "", None, 3.5, ["list"], "\x00" * 10, "}" *
            "\\boxed{" * 5_000, "x" * 1_000_000, "\\boxed{\\frac{1}{0}}", "\\boxed{\\left(}"]
 
 
-@pytest.mark.parametrize("kind,reference", [("math", "5"), ("if", '[{"kind": "uppercase"}]'),
+@pytest.mark.parametrize("kind,reference", [("math", "5"),
+                                            ("if", ifeval_reference(["startend:quotation"])),
                                             ("mc", "B")])
 def test_garbage_never_raises(kind, reference):
     for response in GARBAGE:
@@ -107,105 +121,61 @@ def test_bytes_are_decoded():
     assert verify("mc", b"Answer: B", "B").reward == 1.0
 
 
-# (response, constraint, satisfied?)
+# (response, IFEval instruction id, kwargs, followed?) -- the cases the old hand-written
+# checkers got wrong, now decided by the official IFEval checkers
 IF_TABLE = [
-    ("CAT CAT", {"kind": "uppercase"}, True),
-    ("CAT Cat", {"kind": "uppercase"}, False),
-    ("123", {"kind": "uppercase"}, False),  # no letters is not upper case
-    ("cat cat", {"kind": "lowercase"}, True),
-    ("cat Cat", {"kind": "lowercase"}, False),
-    ("a b c", {"kind": "word_count", "n": 3}, True),
-    ("a b c d", {"kind": "word_count", "n": 3}, False),
-    ("a b c d", {"kind": "word_count", "min": 3}, True),
-    ("a b", {"kind": "word_count", "min": 3}, False),
-    ("a b", {"kind": "word_count", "max": 2}, True),
-    ("a b c", {"kind": "word_count", "max": 2}, False),
-    ("One. Two! Three?", {"kind": "sentence_count", "n": 3}, True),
-    ("One. Two", {"kind": "sentence_count", "n": 3}, False),
-    ("p1\n\np2\n\n\np3", {"kind": "paragraph_count", "n": 3}, True),
-    ("p1\np2", {"kind": "paragraph_count", "n": 2}, False),  # single newline: one paragraph
-    ("a * * * b", {"kind": "paragraph_count", "n": 2, "separator": "* * *"}, True),
-    ("I like Cats", {"kind": "keyword", "word": "cat"}, True),
-    ("I like dogs", {"kind": "keyword", "word": "cat"}, False),
-    ("cat cat", {"kind": "keyword", "word": "cat", "min": 3}, False),
-    ("cat dog", {"kind": "keywords", "words": ["cat", "dog"]}, True),
-    ("cat", {"kind": "keywords", "words": ["cat", "dog"]}, False),
-    ("a nice day", {"kind": "forbidden", "words": ["bad"]}, True),
-    ("a BAD day", {"kind": "forbidden", "words": ["bad"]}, False),
-    ("a badge", {"kind": "forbidden", "word": "bad"}, True),  # whole words only
-    ('{"a": 1}', {"kind": "json_format"}, True),
-    ('```json\n{"a": [1, 2]}\n```', {"kind": "json_format"}, True),
-    ("{'a': 1}", {"kind": "json_format"}, False),
-    ("Dear [name], at [address]", {"kind": "placeholders", "min": 2}, True),
-    ("Dear [name]", {"kind": "placeholders", "min": 2}, False),
-    ("Hello there, friend", {"kind": "starts_with", "phrase": "hello"}, True),
-    ("Oh hello there", {"kind": "starts_with", "phrase": "hello"}, False),
-    ("That is all!", {"kind": "ends_with", "phrase": "all!"}, True),
-    ("That is all! Not.", {"kind": "ends_with", "phrase": "all!"}, False),
-    ("- a\n- b\n* c", {"kind": "bullet_count", "n": 3}, True),
-    ("- a\n-b\nc - d", {"kind": "bullet_count", "n": 3}, False),
-    ("banana", {"kind": "letter_frequency", "letter": "a", "n": 3}, True),
-    ("banana", {"kind": "letter_frequency", "letter": "a", "max": 2}, False),
-    ("no commas here", {"kind": "no_commas"}, True),
-    ("one, two", {"kind": "no_commas"}, False),
-    ('"quoted"', {"kind": "quotation"}, True),
-    ('"half', {"kind": "quotation"}, False),
-    ("<<My Title>>\nbody", {"kind": "title"}, True),
-    ("<<>> body", {"kind": "title"}, False),
-    ("body\nP.S. bye", {"kind": "postscript"}, True),
-    ("no ps here", {"kind": "postscript"}, False),
-    ("THE BIG dog", {"kind": "capital_words", "min": 2}, True),
-    ("The Big dog", {"kind": "capital_words", "min": 2}, False),
+    ("", "punctuation:no_comma", {}, False),  # empty responses fail every instruction
+    ("   ", "keywords:forbidden_words", {"forbidden_words": ["bad"]}, False),
+    ("\n", "length_constraints:number_words", {"num_words": 5, "relation": "less than"}, False),
+    ("no commas here", "punctuation:no_comma", {}, True),
+    ("p1\n***\np2\n***\np3", "length_constraints:number_paragraphs", {"num_paragraphs": 3},
+     True),  # IFEval's paragraph separator is ***
+    ("p1\n\np2\n\np3", "length_constraints:number_paragraphs", {"num_paragraphs": 3}, False),
+    ("My answer is yes.", "detectable_format:constrained_response", {}, True),
+    ("<<Title>>\nbody", "detectable_format:title", {}, True),
+    ("a *b* and *c*", "detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     True),
+    ("one\n******\ntwo", "combination:two_responses", {}, True),
 ]
 
 
-@pytest.mark.parametrize("response,constraint,ok", IF_TABLE)
-def test_if_table(response, constraint, ok):
-    verdict = verify("if", response, json.dumps([constraint]))
+@pytest.mark.parametrize("response,instruction_id,kwargs,ok", IF_TABLE)
+def test_if_table(response, instruction_id, kwargs, ok):
+    verdict = verify("if", response, ifeval_reference([instruction_id], [kwargs]))
     assert verdict.reward == float(ok), verdict
 
 
-def test_if_table_covers_every_checker():
-    assert {c["kind"] for _, c, _ in IF_TABLE} == set(CHECKERS)
-    assert len(CHECKERS) >= 12
-
-
 def test_if_fraction_and_all_modes():
-    cons = [{"kind": "uppercase"}, {"kind": "word_count", "n": 3},
-            {"kind": "keyword", "word": "cat"}, {"kind": "no_commas"}]
-    v = verify("if", "CAT, CAT", json.dumps(cons))
-    assert v.reward == 0.5 and v.reason == "failed: word_count, no_commas"
-    v = verify("if", "CAT, CAT", json.dumps({"mode": "all", "constraints": cons}))
-    assert v.reward == 0.0
-    v = verify("if", "CAT CAT CAT", json.dumps({"mode": "all", "constraints": cons}))
-    assert (v.reward, v.reason) == (1.0, "all constraints met")
+    ids = ["punctuation:no_comma", "length_constraints:number_words", "keywords:existence",
+           "startend:end_checker"]
+    kwargs = [{}, {"num_words": 3, "relation": "less than"}, {"keywords": ["cat"]},
+              {"end_phrase": "!"}]
+    v = verify("if", "cat, cat!", ifeval_reference(ids, kwargs))
+    assert v.reward == 0.75 and v.reason == "failed: punctuation:no_comma"
+    assert verify("if", "cat, cat!", ifeval_reference(ids, kwargs, mode="all")).reward == 0.0
+    v = verify("if", "cat cat!", ifeval_reference(ids, kwargs, mode="all"))
+    assert (v.reward, v.reason) == (1.0, "all instructions followed")
 
 
-def test_if_bad_references_score_zero_and_log(caplog):
+def test_if_bad_references_score_zero_and_log(caplog, monkeypatch):
+    import mopd.verifiers.ifeval as ifeval_module
+
+    monkeypatch.setattr(ifeval_module, "_warned", set())  # each bad reference warns once
     with caplog.at_level(logging.WARNING, logger="mopd.verifiers.ifeval"):
-        v = verify("if", "x", '[{"kind": "haiku_form"}]')
-    assert v.reward == 0.0 and v.reason == "unknown constraint kind(s) ['haiku_form']"
-    assert "haiku_form" in caplog.text
+        v = verify("if", "x", ifeval_reference(["haiku:form"]))
+    assert v.reward == 0.0 and v.reason.startswith("bad reference: unknown instruction id")
+    assert "haiku:form" in caplog.text
     assert verify("if", "x", "not json").reason.startswith("bad reference: reference is not JSON")
-    assert verify("if", "x", "[]").reason.startswith("bad reference")
-    assert verify("if", "x", '{"mode": "most", "constraints": [{"kind": "uppercase"}]}'
-                  ).reason == "bad reference: mode must be 'fraction' or 'all', got 'most'"
-    assert verify("if", "a b", '[{"kind": "word_count"}]'
-                  ).reason == "bad reference: word_count: needs 'n', 'min' or 'max'"
-    assert verify("if", "a", '[{"kind": "keyword"}]').reason.startswith("bad reference: keyword")
+    assert verify("if", "x", '{"instruction_id_list": []}').reason.startswith("bad reference")
 
 
-def test_from_ifeval():
-    assert from_ifeval("length_constraints:number_words",
-                       {"relation": "less than", "num_words": 50}) == {"kind": "word_count",
-                                                                       "max": 49}
-    assert from_ifeval("keywords:letter_frequency", {"letter": "z", "let_frequency": 2,
-                                                     "let_relation": "at least"}) == {
-        "kind": "letter_frequency", "letter": "z", "min": 2}
-    assert from_ifeval("keywords:existence", {"keywords": ["a", "b"]}) == {
-        "kind": "keywords", "words": ["a", "b"]}
-    assert from_ifeval("language:response_language", {"language": "fr"}) == {
-        "kind": "ifeval:language:response_language"}
+def test_synthetic_if_references_are_ifeval_rows():
+    from mopd.domains import generate
+
+    for record in generate("if", 50, seed=0):
+        spec = json.loads(record["reference"])
+        assert set(spec) == {"instruction_id_list", "kwargs"}
+        assert all(i in IFEVAL_IDS for i in spec["instruction_id_list"])
 
 
 MC_TABLE = [
@@ -240,7 +210,8 @@ def test_mc_extraction_and_bad_reference():
 def test_verify_batch_order_and_errors():
     kinds = ["math", "mc", "if", "math", "code"]
     responses = ["\\boxed{3}", "Answer: C", "HI", "7", "def f():\n    return 1"]
-    references = ["3", "B", '[{"kind": "uppercase"}]', "8", "assert f() == 1"]
+    references = ["3", "B", ifeval_reference(["change_case:capital_word_frequency"], [
+        {"capital_frequency": 1, "capital_relation": "at least"}]), "8", "assert f() == 1"]
     rewards = [v.reward for v in verify_batch(kinds, responses, references, workers=2)]
     assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert verify_batch([], [], []) == []

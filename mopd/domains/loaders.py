@@ -9,9 +9,10 @@ domain's defaults):
 - math: GSM8K (``answer`` ends with ``#### 72``) or MATH (``solution`` holds ``\\boxed{..}``),
   or a bare final answer;
 - code: MBPP (``test_list``: list of asserts, optional ``setup`` column) or HumanEval (``test``
-  defines ``check(candidate)``; map ``entry_point`` so ``check(<entry_point>)`` is appended);
-- if: IFEval (``instruction_id_list`` + ``kwargs``) or a column that already holds our JSON
-  constraint list;
+  defines ``check(candidate)``; map ``entry_point`` so ``check(<entry_point>)`` is appended, and
+  the prompt's helper functions are put in front of the tests);
+- if: IFEval (``instruction_id_list`` + ``kwargs``) or a column that already holds the `if`
+  verifier's JSON reference;
 - mc: a question, a ``choices`` list, and the answer as a letter, an index or the choice text.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from mopd.domains.local_files import is_local, read_rows, resolve_local
 from mopd.domains.registry import Domain, get_domain
-from mopd.verifiers.ifeval import from_ifeval
+from mopd.verifiers.ifeval import ifeval_reference
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _to_record(spec: Domain, columns: dict[str, str], row: dict, default_id: str
             completion = completion if completion is not None else f"\\boxed{{{reference}}}"
         elif spec.verifier == "code":
             reference = code_reference(raw_ref, row.get(columns.get("setup", "")),
-                                       row.get(columns.get("entry_point", "")))
+                                       row.get(columns.get("entry_point", "")), question)
         elif spec.verifier == "if":
             reference = if_reference(raw_ref, row.get(columns.get("kwargs", "")))
         else:
@@ -228,32 +229,38 @@ def math_reference(raw: Any) -> str:
     return boxed.strip() if boxed is not None else text.strip()
 
 
-def code_reference(raw: Any, setup: Any = None, entry_point: Any = None) -> str:
-    """Assert code: MBPP test lists joined; HumanEval's ``check`` called on the entry point."""
+def code_reference(raw: Any, setup: Any = None, entry_point: Any = None,
+                   prompt: str | None = None) -> str:
+    """Test code: MBPP test lists joined; HumanEval's ``check`` called on the entry point, after
+    the prompt's helpers (so the tests use their own ``poly``, not the response's)."""
     tests = "\n".join(map(str, raw)) if isinstance(raw, (list, tuple)) else str(raw)
     if setup:
         tests = f"{setup}\n{tests}"
     if entry_point and "def check(" in tests:
-        tests += f"\ncheck({entry_point})"
+        from mopd.domains.humaneval import humaneval_reference
+
+        return humaneval_reference(prompt or "", tests, str(entry_point))
     return tests
 
 
 def if_reference(raw: Any, kwargs: Any = None) -> str:
-    """Our JSON constraint list, from IFEval ids + kwargs or from an existing JSON list."""
+    """The `if` verifier's JSON reference, from IFEval ids + kwargs or an existing reference."""
     if isinstance(raw, str):
         try:
             parsed = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"if reference is not a JSON constraint list: {raw[:80]!r}") from exc
+            raise ValueError(f"if reference is neither an IFEval id list nor JSON: "
+                             f"{raw[:80]!r}") from exc
+        if isinstance(parsed, Mapping) and "instruction_id_list" in parsed:
+            return json.dumps(parsed)
         raw = parsed
-    if not isinstance(raw, (list, tuple)):
-        raise ValueError(f"if reference must be a list, got {type(raw).__name__}")
-    if all(isinstance(c, Mapping) for c in raw):
-        return json.dumps([dict(c) for c in raw])
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(i, str) for i in raw):
+        raise ValueError(f"if reference must be a list of IFEval instruction ids, got {raw!r:.80}")
     kwargs_list = list(kwargs) if kwargs is not None else [{}] * len(raw)
     if len(kwargs_list) != len(raw):
         raise ValueError(f"if: {len(raw)} instruction ids but {len(kwargs_list)} kwargs entries")
-    return json.dumps([from_ifeval(str(i), k or {}) for i, k in zip(raw, kwargs_list)])
+    kwargs_list = [json.loads(k) if isinstance(k, str) else (k or {}) for k in kwargs_list]
+    return ifeval_reference([str(i) for i in raw], kwargs_list)
 
 
 def mc_reference(raw: Any, choices: Any = None) -> str:

