@@ -9,7 +9,7 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo test test-fast ui server repro bench clean plan dvc-yaml
+.PHONY: install system demo test test-fast ui server repro bench clean plan dvc-yaml study
 
 # torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -55,6 +55,10 @@ plan: install
 # dvc.yaml is generated from the stage table (mopd/graph.py) and pipelines.yaml; commit it.
 dvc-yaml: install
 	$(BIN)/python -m mopd.cli dvc-yaml
+
+# The full pipeline over 3 seeds sharing only the code: mean ± sd per method (CSV, PNG, MLflow).
+study: install system
+	$(BIN)/python benchmarks/study.py --seeds 0 1 2
 
 bench: install system
 	$(BIN)/python benchmarks/objectives.py

@@ -63,11 +63,20 @@ def _stop(proc: subprocess.Popen | None) -> None:
 def _print_scores() -> None:
     import pandas as pd
 
-    ev = PROJECT / "artifacts" / "report" / PIPELINE
-    for name, title in (("avg_at_k.csv", "avg@k per domain"),
-                        ("normalized.csv", "MOPD normalised score (0 = SFT student, 1 = teacher)")):
-        if (ev / name).is_file():
-            print(f"\n{title}:\n" + pd.read_csv(ev / name, index_col=0).round(3).to_string())
+    rep = PROJECT / "artifacts" / "report" / PIPELINE
+    if (rep / "table.csv").is_file():
+        t = pd.read_csv(rep / "table.csv")
+        t["cell"] = [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in zip(t.avg_at_k, t.ci_lo, t.ci_hi)]
+        wide = t.pivot(index="method", columns="benchmark", values="cell").reindex(t.method.unique())
+        print("\navg@k per domain [95% bootstrap CI over prompts]:\n" + wide.to_string())
+    if (rep / "normalized.csv").is_file():
+        norm = pd.read_csv(rep / "normalized.csv", index_col=0)
+        notes = norm.pop("note") if "note" in norm else None
+        print("\nMOPD normalised score (0 = SFT student, 1 = teacher; NaN = teacher gain not "
+              "significant):\n" + norm.round(3).to_string())
+        if notes is not None and notes.notna().any():
+            for note in dict.fromkeys(n for n in notes.dropna() for n in str(n).split(" | ")):
+                print(f"  note: {note}")
 
 
 def _run_and_follow(env: dict) -> str:

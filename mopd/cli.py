@@ -67,6 +67,21 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from mopd.config import ConfigError, load_config
+    from mopd.local_run import StageError, run_pipeline
+
+    try:
+        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        status = run_pipeline(cfg, rerun=args.rerun, track=not args.no_track)
+    except (ConfigError, ValueError, StageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{sum(v == 'computed' for v in status.values())} computed, "
+          f"{sum(v == 'cached' for v in status.values())} cached")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='print [{"stage", "action": "run"|"cached", "reasons": [...]}, ...]')
     p.set_defaults(func=_plan)
+    p = sub.add_parser("run", help="run a pipeline in the foreground, stage after stage (no Prefect)",
+                       description="The flow's stages and cache decisions, sequentially in this "
+                                   "terminal: for debugging, scripts and the seeds study.")
+    p.add_argument("--pipeline", default="full")
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--rerun", nargs="*", default=[], help="stages or kinds to force")
+    p.add_argument("--no-track", action="store_true", help="do not log the stages to MLflow")
+    p.set_defaults(func=_run)
     p = sub.add_parser("dvc-yaml", help="generate dvc.yaml from the stage table (every pipeline)")
     p.add_argument("--project-dir", default=".")
     p.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")

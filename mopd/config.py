@@ -115,7 +115,9 @@ class DifficultyParams(_Strict):
     n_samples: Annotated[int, Field(ge=2)] = 8
     temperature: PosFloat = 1.0
     max_new_tokens: PosInt = 32
-    max_prompts: PosInt = 256  # training prompts scored per domain (a random subset)
+    # training prompts scored per domain to estimate the histogram (a random subset); the
+    # balanced set handed to distillation holds every training prompt (mopd.difficulty.balance_all)
+    max_prompts: PosInt = 256
     success_threshold: Prob = 1.0  # reward >= this counts as a pass
     bins: list[Annotated[int, Field(ge=0)]] | None = None  # None: from the shape (U: 1..N-1, J: 0..N-1)
     cap: Annotated[float, Field(ge=1)] = 4.0
@@ -166,10 +168,22 @@ class MergeParams(_Strict):
 
 
 class EvaluateParams(_Strict):
-    k: PosInt = 4  # samples per problem for avg@k
+    """Sampling evaluation (ALGORITHMS §8): n samples per prompt give avg@k (mean reward, an
+    unbiased estimate for any k <= n) and unbiased pass@k; intervals are bootstrap over prompts."""
+
+    n: PosInt = 4  # samples per prompt
+    k: PosInt = 4  # the k of avg@k / pass@k (k <= n)
     temperature: PosFloat = 1.0
     max_new_tokens: PosInt = 32
     batch_size: PosInt = 64
+    ci_level: Annotated[float, Field(gt=0.5, lt=1)] = 0.95  # bootstrap interval level
+    bootstrap: Annotated[int, Field(ge=100, le=100_000)] = 2000  # bootstrap resamples
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> "EvaluateParams":
+        if self.k > self.n:
+            raise ValueError(f"k ({self.k}) must be <= n ({self.n}): pass@k needs n >= k samples")
+        return self
 
 
 class Params(_Strict):

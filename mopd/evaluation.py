@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mopd.config import EvaluateParams
@@ -34,20 +35,27 @@ def sampled_rewards(model, tok, records: list[dict], kind: str, *, n: int, max_n
 
 
 def evaluate_model(model_dir: Path, problems: dict[str, tuple[str, list[dict]]],
-                   params: EvaluateParams, seed: int) -> dict[str, dict[str, float]]:
-    """``problems``: domain -> (verifier kind, records). Returns domain -> {avg@k, pass@k, n}."""
+                   params: EvaluateParams, seed: int) -> dict[str, dict]:
+    """``problems``: domain -> (verifier kind, records). Returns domain -> a cell: ``avg@k`` and
+    ``pass@k`` (means over prompts), ``n``, ``k``, ``n_prompts`` and the per-prompt values
+    ``per_prompt_avg`` / ``per_prompt_pass`` (in record order) that intervals and paired tests
+    are computed from (:mod:`mopd.stats`)."""
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     out = {}
     for domain, (kind, recs) in problems.items():
-        rewards = sampled_rewards(model, tok, recs, kind, n=params.k, max_new_tokens=params.max_new_tokens,
+        rewards = sampled_rewards(model, tok, recs, kind, n=params.n, max_new_tokens=params.max_new_tokens,
                                   temperature=params.temperature, seed=seed, batch_size=params.batch_size)
-        correct = [sum(1 for r in row if r >= 1.0) for row in rewards]
+        per_avg = [float(np.mean(row)) for row in rewards]
+        per_pass = [pass_at_k(params.n, sum(1 for r in row if r >= 1.0), params.k) for row in rewards]
         out[domain] = {
             "avg@k": float(avg_at_k(rewards)),
-            "pass@k": sum(pass_at_k(params.k, c, params.k) for c in correct) / len(recs),
-            "n": float(len(recs)),
+            "pass@k": float(np.mean(per_pass)),
+            "n": params.n, "k": params.k, "n_prompts": len(recs),
+            "per_prompt_avg": per_avg, "per_prompt_pass": per_pass,
+            "ids": [str(r.get("id", i)) for i, r in enumerate(recs)],
         }
-        log.info("%s on %s: avg@%d=%.3f", model_dir, domain, params.k, out[domain]["avg@k"])
+        log.info("%s on %s: avg@%d=%.3f pass@%d=%.3f (n=%d, %d prompts)", model_dir, domain, params.k,
+                 out[domain]["avg@k"], params.k, out[domain]["pass@k"], params.n, len(recs))
     return out
 
 

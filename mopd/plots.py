@@ -78,11 +78,13 @@ def training_curves(
     return fig
 
 
-def score_table_chart(df, title: str, *, value_fmt: str = "{:.3g}") -> Figure:
+def score_table_chart(df, title: str, *, value_fmt: str = "{:.3g}", ci=None) -> Figure:
     """Grouped bars (left) and an annotated heatmap (right) of a methods x columns score table.
 
     ``df``: pandas DataFrame, index = methods (e.g. "SFT", "MOPD", "Param-Merge (TA)"), columns
     = domains / benchmarks / "normalised"; numeric cells, NaN for missing entries.
+    ``ci``: optional (lower, upper) DataFrames shaped like ``df``: drawn as error bars, and the
+    heatmap cells read ``value [lo, hi]``.
     """
     if df is None or df.shape[0] == 0 or df.shape[1] == 0:
         raise ValueError("score_table_chart: the score table is empty (need >= 1 method row and >= 1 column)")
@@ -98,8 +100,16 @@ def score_table_chart(df, title: str, *, value_fmt: str = "{:.3g}") -> Figure:
 
     width = 0.8 / n_m
     x_C = np.arange(n_c)
+    lo_MC = hi_MC = None
+    if ci is not None:
+        lo_MC = ci[0].reindex(index=df.index, columns=df.columns).to_numpy(dtype=np.float64)
+        hi_MC = ci[1].reindex(index=df.index, columns=df.columns).to_numpy(dtype=np.float64)
     for i, method in enumerate(methods):
-        ax_bar.bar(x_C + (i - (n_m - 1) / 2) * width, np.nan_to_num(vals[i]), width, label=method)
+        yerr = None
+        if lo_MC is not None:
+            yerr = np.nan_to_num(np.stack([vals[i] - lo_MC[i], hi_MC[i] - vals[i]]).clip(min=0))
+        ax_bar.bar(x_C + (i - (n_m - 1) / 2) * width, np.nan_to_num(vals[i]), width, label=method,
+                   yerr=yerr, capsize=2 if yerr is not None else 0, error_kw={"linewidth": 0.8})
     ax_bar.set_xticks(x_C, columns, rotation=30, ha="right")
     ax_bar.axhline(0.0, color="black", linewidth=0.6)
     ax_bar.grid(axis="y", alpha=0.3)
@@ -115,6 +125,8 @@ def score_table_chart(df, title: str, *, value_fmt: str = "{:.3g}") -> Figure:
         for j in range(n_c):
             v = vals[i, j]
             text = "—" if not math.isfinite(v) else value_fmt.format(v)
+            if lo_MC is not None and math.isfinite(v) and math.isfinite(lo_MC[i, j]):
+                text += f"\n[{value_fmt.format(lo_MC[i, j])}, {value_fmt.format(hi_MC[i, j])}]"
             color = "white" if math.isfinite(v) and v <= mid else "black"  # NaN cells are blank
             ax_heat.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     fig.colorbar(im, ax=ax_heat, shrink=0.8)

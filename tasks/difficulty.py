@@ -12,7 +12,7 @@ import pandas as pd
 from mopd.artifacts import Result, finalize
 from mopd.config import Config
 from mopd.data import BALANCED_FILE, read_split
-from mopd.difficulty import balance, pass_counts
+from mopd.difficulty import balance_all, pass_counts
 from mopd.progress import report
 
 
@@ -22,17 +22,20 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
 
     p = cfg.params.difficulty
     metrics: dict[str, float] = {}
-    for i, d in enumerate(cfg.domains):
-        report(i, len(cfg.domains), "domains", force=True)
+    for n_done, d in enumerate(cfg.domains):
+        report(n_done, len(cfg.domains), "domains", force=True)
         records = read_split(inputs["data"], d, "train")
-        records = random.Random(cfg.params.seed).sample(records, min(p.max_prompts, len(records)))
-        counts = pass_counts(inputs["sft"] / "model", records, cfg.domain(d).verifier, p, cfg.params.seed)
-        balanced, plan = balance(records, counts, p, cfg.params.seed)
+        # Score a random subset to estimate the histogram; hand on every prompt (never drop).
+        scored = sorted(random.Random(cfg.params.seed).sample(range(len(records)),
+                                                              min(p.max_prompts, len(records))))
+        counts = pass_counts(inputs["sft"] / "model", [records[i] for i in scored],
+                             cfg.domain(d).verifier, p, cfg.params.seed)
+        balanced, plan, counts_info = balance_all(records, scored, counts, p, cfg.params.seed)
         (out_dir / d).mkdir(parents=True)
         pd.DataFrame(balanced).astype({"pass_count": "int64"}).to_parquet(out_dir / d / BALANCED_FILE, index=False)
         stats = {"shape": plan.shape, "bins": list(plan.bins), "target": plan.target,
                  "hist_before": plan.hist_before.tolist(), "hist_after": plan.hist_after.tolist(),
-                 "prompts": len(records), "balanced_prompts": len(balanced)}
+                 **counts_info}
         (out_dir / d / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         fig = difficulty_histogram(plan.hist_before, plan.hist_after,
                                    title=f"{d}: pass count of {p.n_samples} student samples ({plan.shape})")
@@ -41,6 +44,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
             tracker.log_artifact(out_dir / d / name, artifact_path=d)
         metrics |= {f"{d}/mean_pass_rate": float(counts.mean() / p.n_samples),
                     f"{d}/balanced_prompts": float(len(balanced)),
+                    f"{d}/prompts": float(len(records)), f"{d}/scored_prompts": float(len(scored)),
                     f"{d}/shape_is_U": float(plan.shape == "U"), f"{d}/shape_is_J": float(plan.shape == "J")}
     report(len(cfg.domains), len(cfg.domains), "domains", force=True)
     tracker.log_metrics(metrics)

@@ -1,57 +1,106 @@
-"""Stage `report:<pipeline>`: the pipeline's comparison table — every method it ran, per domain —
-and the MOPD normalised score (MOPD 4.1, ALGORITHMS §8), from the `evaluate:*` stages; CSV + PNG,
-logged to MLflow. The one stage named by its pipeline: comparing that pipeline's methods is what
-it computes."""
+"""Stage `report:<pipeline>`: the pipeline's comparison table — every method it ran, per domain,
+avg@k and pass@k with 95% bootstrap intervals over prompts — and the MOPD normalised score
+(MOPD 4.1, ALGORITHMS §8) where the teacher's gain over SFT is significant (else the cell says
+why it is missing). From the `evaluate:*` stages; CSV + JSON + PNG, logged to MLflow. The one stage
+named by its pipeline: comparing that pipeline's methods is what it computes."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 
 from mopd.artifacts import Result, finalize
 from mopd.config import Config
-from mopd.evaluation import score_tables
+from mopd.stats import comparison
 
 STUDENT = "sft"
 SCORES_FILE = "scores.json"  # written by tasks.evaluate
+TABLE_FILE = "table.json"
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipeline: str) -> Result:
-    """Gather the evaluations of ``pipeline``'s models into its score tables."""
-    scores: dict[str, dict[str, dict[str, float]]] = {}
-    for stage in sorted(inputs, key=list(inputs).index):  # upstream order: sft, teachers, methods
+    """Gather the evaluations of ``pipeline``'s models into its comparison table."""
+    scores: dict[str, dict[str, dict]] = {}
+    for stage in inputs:  # upstream order: sft, teachers, methods
         scores |= json.loads((inputs[stage] / SCORES_FILE).read_text())
     # Normalised per domain against that domain's own teacher; a domain whose teacher is a remote
     # endpoint has no checkpoint here to evaluate, so it is left out of the normalised table.
     local = [d for d in cfg.local_teacher_domains if f"teacher:{d}" in scores]
-    if STUDENT in scores and local:
-        table, norm = score_tables(scores, {d: cfg.benchmarks(d)[:1] for d in local},
-                                   student=STUDENT, teachers={d: f"teacher:{d}" for d in local})
-    else:  # nothing to normalise against: the avg@k table alone
-        table = pd.DataFrame({m: {b: v["avg@k"] for b, v in s.items()} for m, s in scores.items()}).T
-        norm = pd.DataFrame()
-    table.to_csv(out_dir / "avg_at_k.csv", index_label="method")
-    norm.to_csv(out_dir / "normalized.csv", index_label="method")
-    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    p = cfg.params.evaluate
+    table = comparison(scores, {d: cfg.benchmarks(d)[:1] for d in local}, student=STUDENT,
+                       teachers={d: f"teacher:{d}" for d in local}, level=p.ci_level,
+                       n_boot=p.bootstrap, seed=cfg.params.seed)
+    table |= {"pipeline": pipeline, "n": p.n, "k": p.k}
+    (out_dir / TABLE_FILE).write_text(json.dumps(table, indent=2) + "\n")
+
+    avg, lo, hi, long_rows = {}, {}, {}, []
+    for m, entry in table["methods"].items():
+        for b, c in entry["domains"].items():
+            avg.setdefault(m, {})[b], (lo.setdefault(m, {})[b], hi.setdefault(m, {})[b]) = c["avg"], c["ci"]
+            long_rows.append({"method": m, "benchmark": b, "avg_at_k": c["avg"], "ci_lo": c["ci"][0],
+                              "ci_hi": c["ci"][1], "pass_at_k": c["pass"], "pass_ci_lo": c["pass_ci"][0],
+                              "pass_ci_hi": c["pass_ci"][1], "n_prompts": c["n_prompts"]})
+    avg_df, lo_df, hi_df = (pd.DataFrame(x).T for x in (avg, lo, hi))
+    avg_df.to_csv(out_dir / "avg_at_k.csv", index_label="method")
+    pd.DataFrame(long_rows).to_csv(out_dir / "table.csv", index=False)
+    norm_df, nlo_df, nhi_df = _normalized_frames(table, local)
+    norm_df.to_csv(out_dir / "normalized.csv", index_label="method")
 
     from mopd.plots import score_table_chart
 
-    k = cfg.params.evaluate.k
-    figures = {"avg_at_k.png": score_table_chart(table, f"{pipeline}: avg@{k} per domain")}
-    if not norm.empty:
-        figures["normalized.png"] = score_table_chart(norm, f"{pipeline}: normalised score "
-                                                            "(0 = SFT, 1 = teacher)")
+    level = f"{p.ci_level:.0%}"
+    figures = {"avg_at_k.png": score_table_chart(
+        avg_df, f"{pipeline}: avg@{p.k} per domain ({level} bootstrap CI over prompts)", ci=(lo_df, hi_df))}
+    numeric = norm_df.drop(columns=["note"])
+    if local and numeric.notna().to_numpy().any():
+        figures["normalized.png"] = score_table_chart(
+            numeric, f"{pipeline}: normalised score (0 = SFT, 1 = teacher; — = teacher gain not "
+                     f"significant)", ci=(nlo_df, nhi_df))
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         tracker.log_artifact(out_dir / name)
-    for name in ("avg_at_k.csv", "normalized.csv"):
+    for name in ("avg_at_k.csv", "normalized.csv", "table.csv", TABLE_FILE):
         tracker.log_artifact(out_dir / name)
-    metrics = {f"avg_at_k/{m}/{b}": float(v) for m, row in table.iterrows() for b, v in row.items()}
-    metrics |= {f"normalized/{m}/{c}": float(v) for m, row in norm.iterrows() for c, v in row.items()}
+    metrics = {}
+    for m, entry in table["methods"].items():
+        for b, c in entry["domains"].items():
+            metrics |= {f"avg_at_k/{m}/{b}": c["avg"], f"avg_at_k_ci_lo/{m}/{b}": c["ci"][0],
+                        f"avg_at_k_ci_hi/{m}/{b}": c["ci"][1], f"pass_at_k/{m}/{b}": c["pass"]}
+        for d, cell in entry["normalized_domains"].items():
+            if cell["value"] is not None:
+                metrics[f"normalized/{m}/{d}"] = cell["value"]
+        if entry["normalized"] is not None:
+            metrics[f"normalized/{m}/score"] = entry["normalized"]
+    for d, g in table["teacher_gain"].items():
+        if g.get("gain") is not None:
+            metrics[f"teacher_gain/{d}"] = g["gain"]
+            metrics[f"teacher_gain_significant/{d}"] = float(g["significant"])
+    metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
     tracker.log_metrics(metrics)
     return finalize(f"report:{pipeline}", cfg.project_dir, out_dir, metrics)
+
+
+def _normalized_frames(table: dict, domains: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(values with a `note` column saying why a cell is missing, lower bounds, upper bounds)."""
+    vals, los, his = {}, {}, {}
+    for m, entry in table["methods"].items():
+        row, lo, hi, notes = {}, {}, {}, []
+        for d in domains:
+            cell = entry["normalized_domains"].get(d, {"value": None, "ci": None, "note": "not evaluated"})
+            row[d] = math.nan if cell["value"] is None else cell["value"]
+            lo[d], hi[d] = cell["ci"] if cell["ci"] else (math.nan, math.nan)
+            if cell.get("note"):
+                notes.append(f"{d}: {cell['note']}")
+        row["score"] = math.nan if entry["normalized"] is None else entry["normalized"]
+        lo["score"], hi["score"] = entry["normalized_ci"] or (math.nan, math.nan)
+        if entry.get("normalized_note") and not notes:
+            notes.append(entry["normalized_note"])
+        row["note"] = " | ".join(dict.fromkeys(notes))
+        vals[m], los[m], his[m] = row, lo, hi
+    return pd.DataFrame(vals).T, pd.DataFrame(los).T, pd.DataFrame(his).T
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def micro_params() -> dict:
         recipe.update(max_steps=2, batch_size=4, num_generations=2, max_completion_length=6)
     p["difficulty"].update(n_samples=2, max_prompts=4, max_new_tokens=6)
     p["distill"].update(max_steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=6)
-    p["evaluate"].update(k=2, max_new_tokens=6)
+    p["evaluate"].update(n=2, k=2, max_new_tokens=6, bootstrap=200)
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mopd.config import DifficultyParams, TinyProfile
-from mopd.difficulty import balance, pass_counts
+from mopd.difficulty import balance, balance_all, pass_counts
 from mopd.models import build_base
 
 SMALL = TinyProfile(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -35,3 +35,19 @@ def test_pass_counts_verify_real_samples(tmp_path):
     assert counts.sum() == 0
     params_lenient = DifficultyParams(n_samples=3, max_new_tokens=4, success_threshold=0.0)
     assert pass_counts(tmp_path / "m", records, "math", params_lenient, seed=0).tolist() == [3, 3]
+
+
+def test_balance_all_keeps_every_prompt_and_scales_the_scored_bins():
+    records = [{"id": str(i), "prompt": f"p{i}"} for i in range(140)]
+    scored = list(range(0, 140, 10))  # 14 of 140 scored: a tenth
+    counts = np.array([0] * 6 + [4] * 5 + [1, 2, 3])  # U-shaped sample: bins 1..3 upsampled
+    balanced, plan, stats = balance_all(records, scored, counts, DifficultyParams(n_samples=4, cap=4.0), seed=0)
+    ids = [r["id"] for r in balanced]
+    assert set(ids) == {r["id"] for r in records}  # every training prompt, scored or not
+    assert plan.hist_after.tolist() == [6, 4, 4, 4, 5]
+    # each of the 3 upsampled scored prompts gains (4 - 1) x 10 copies, the others none
+    for i, c in zip(scored, counts):
+        assert ids.count(str(i)) == (31 if c in (1, 2, 3) else 1)
+    assert stats == {"prompts": 140, "scored_prompts": 14, "balanced_prompts": 140 + 90, "extra_copies": 90}
+    unscored = {r["pass_count"] for r in balanced if int(r["id"]) % 10}
+    assert unscored == {-1}

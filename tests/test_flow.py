@@ -113,6 +113,13 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert _by(status, "computed") == ALL
     times = _task_times(state)
     assert times["merge"][0] < times["difficulty"][1], times  # started before difficulty ended
+    # The difficulty stage scores a subset but hands every training prompt to distillation.
+    import pandas as pd
+
+    for d in ("math", "code", "if"):
+        train = set(pd.read_parquet(project / f"artifacts/data/{d}/train.parquet")["id"])
+        balanced = pd.read_parquet(project / f"artifacts/difficulty/{d}/balanced.parquet")
+        assert set(balanced["id"]) == train and len(balanced) >= len(train)
     # dvc.lock records Prefect's work, so DVC does not call every stage stale.
     assert "up to date" in _dvc(project, "status")
     # The watchable progress record: every stage ended, with its step counts.

@@ -1,0 +1,64 @@
+"""Run a pipeline in this process's foreground, stage after stage, without Prefect or DVC:
+`mopd run [--pipeline P]` and `mopd stage NAME` (debugging one stage by hand, the seeds study).
+
+Each stage runs as the same command line the flow and DVC run (`python -m tasks.<kind> ...`),
+and the same decision function decides what is cached (:func:`mopd.plan.decide` on the stage's
+`result.json`), so a stage built here is cached for the flow and the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from mopd.artifacts import load_result
+from mopd.config import Config
+from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
+from mopd.plan import decide, forced
+
+class StageError(RuntimeError):
+    pass
+
+
+def stage_command(spec: StageSpec, cfg: Config, *, track: bool = True) -> list[str]:
+    return [sys.executable, "-m", spec.module, *spec.argv, "--project-dir", str(cfg.project_dir),
+            "--pipeline", cfg.pipeline, *([] if track else ["--no-track"])]
+
+
+def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None = None,
+              quiet: bool = False, track: bool = True) -> None:
+    """Run one stage's command line; raises StageError (with the log's tail) if it fails."""
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.run(stage_command(spec, cfg, track=track), cwd=cfg.project_dir, env=env, text=True,
+                          stdout=subprocess.PIPE if quiet else None,
+                          stderr=subprocess.STDOUT if quiet else None)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout or "").splitlines()[-20:])
+        raise StageError(f"stage {spec.name} exited with {proc.returncode}\n{tail}")
+
+
+def run_pipeline(cfg: Config, *, rerun: list[str] | tuple[str, ...] = (), quiet: bool = False,
+                 extra_env: dict[str, str] | None = None, track: bool = True) -> dict[str, str]:
+    """Every stage of ``cfg.pipeline`` in topological order; returns stage -> computed | cached.
+    Stops at the first failure (StageError)."""
+    status: dict[str, str] = {}
+    hashes: dict[str, str] = {}
+    graph = build_graph(cfg)
+    for i, spec in enumerate(graph, 1):
+        inputs = key_inputs(cfg, spec, {u: hashes[u] for u in spec.upstream})
+        decision, recorded = decide(cfg.project_dir, spec, hash_inputs(inputs), inputs,
+                                    force=forced(rerun, spec))
+        if recorded is None:
+            t0 = time.time()
+            print(f"[{i}/{len(graph)}] {spec.name}: run ({'; '.join(decision.reasons)})", flush=True)
+            run_stage(cfg, spec, extra_env=extra_env, quiet=quiet, track=track)
+            recorded = load_result(cfg.project_dir / spec.out_dir)
+            print(f"[{i}/{len(graph)}] {spec.name}: done in {time.time() - t0:.0f} s", flush=True)
+            status[spec.name] = "computed"
+        else:
+            print(f"[{i}/{len(graph)}] {spec.name}: cached", flush=True)
+            status[spec.name] = "cached"
+        hashes[spec.name] = recorded.content_hash
+    return status
