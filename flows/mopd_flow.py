@@ -56,12 +56,40 @@ def max_parallel() -> int:
     return int(os.environ.get(PARALLEL_ENV) or max(2, os.cpu_count() or 1))
 
 
+class _PriorityGate:
+    """At most ``slots`` holders; when a slot frees, the waiting stage earliest in the graph's
+    topological order gets it (teachers before the evaluations that could run beside them), not
+    whichever thread the OS wakes first."""
+
+    def __init__(self, slots: int):
+        self._free = slots
+        self._waiting: list[int] = []
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, priority: int):
+        with self._cond:
+            self._waiting.append(priority)
+            while not (self._free > 0 and min(self._waiting) == priority):
+                self._cond.wait()
+            self._waiting.remove(priority)
+            self._free -= 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += 1
+                self._cond.notify_all()
+
+
 class _RunState:
     """What the stage tasks of one flow run share (they run in this process's threads)."""
 
-    def __init__(self, board: RunBoard, slots: int):
+    def __init__(self, board: RunBoard, slots: int, order: dict[str, int]):
         self.board = board
-        self.slots = threading.BoundedSemaphore(slots)
+        self.gate = _PriorityGate(slots)
+        self.order = order
 
 
 _RUNS: dict[str, _RunState] = {}
@@ -90,7 +118,7 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
                          data={"result": recorded.to_dict(), "action": "cached", "reasons": []})
     logger.info("%s: to run (%s)", name, "; ".join(decision.reasons))
     try:
-        with run.slots if run else contextlib.nullcontext():
+        with run.gate.hold(run.order[name]) if run else contextlib.nullcontext():
             board and board.stage(name, "running")
             result = _run_stage(spec, key, project, pipeline, parent_run_id, threads, board, logger)
     except BaseException:
@@ -173,7 +201,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
     run_id = str(flow_run.get_id() or parent.run_id)
     board = RunBoard(project, run_id, pipeline, [s.name for s in graph])
-    _RUNS[run_id] = _RunState(board, max_parallel())
+    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)})
     width = {s.name: len(level) for level in levels(graph) for s in level}
     futures = {}
     try:

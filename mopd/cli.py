@@ -1,4 +1,5 @@
-"""The `mopd` command line. Subcommands: ``plan`` (what would run and why), ``dvc-yaml``
+"""The `mopd` command line. Subcommands: ``plan`` (what would run and why), ``run`` (a pipeline
+in the foreground), ``results`` (a pipeline's comparison table), ``dvc-yaml``
 (generate dvc.yaml from the stage table), ``watch`` (a run's progress), ``serve-teacher`` (a
 teacher as a prefill service)."""
 
@@ -82,6 +83,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mopd.graph import ARTIFACTS
+
+    path = Path(args.project_dir) / ARTIFACTS / "report" / args.pipeline / "table.json"
+    if not path.is_file():
+        print(f"error: {path}: no completed report for pipeline {args.pipeline!r} "
+              f"(run it: prefect deployment run mopd/{args.pipeline}, or mopd run --pipeline "
+              f"{args.pipeline})", file=sys.stderr)
+        return 2
+    table = json.loads(path.read_text())
+    if args.json:
+        out = {"pipeline": args.pipeline, "level": table["level"], "methods": {
+            m: {"domains": {b: {"avg": c["avg"], "ci": c["ci"], "pass": c["pass"],
+                                "pass_ci": c["pass_ci"]} for b, c in e["domains"].items()},
+                "normalized": e["normalized"], "normalized_ci": e["normalized_ci"],
+                "normalized_note": e["normalized_note"]}
+            for m, e in table["methods"].items()}}
+        print(json.dumps(out, indent=2))
+        return 0
+    benches = list(dict.fromkeys(b for e in table["methods"].values() for b in e["domains"]))
+    width = max(len(m) for m in table["methods"])
+    print(f"{'method':<{width}}  " + "  ".join(f"{b:<22}" for b in benches) + "  normalized")
+    for m, e in table["methods"].items():
+        cells = [f"{e['domains'][b]['avg']:.3f} [{e['domains'][b]['ci'][0]:.3f}, {e['domains'][b]['ci'][1]:.3f}]"
+                 if b in e["domains"] else "—" for b in benches]
+        norm = "—" if e["normalized"] is None else f"{e['normalized']:.3f}"
+        print(f"{m:<{width}}  " + "  ".join(f"{c:<22}" for c in cells) + f"  {norm}")
+    notes = {n for e in table["methods"].values() for n in [e.get("normalized_note")] if n}
+    for d, g in table["teacher_gain"].items():
+        if g.get("gain") is not None:
+            print(f"teacher gain on {d}: {g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
+                  f"{'' if g['significant'] else '  (not significant: no normalised score)'}")
+    for n in sorted(notes):
+        print(f"note: {n}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", nargs="*", default=[], help="stages or kinds to force")
     p.add_argument("--no-track", action="store_true", help="do not log the stages to MLflow")
     p.set_defaults(func=_run)
+    p = sub.add_parser("results", help="a pipeline's last comparison table (avg@k with CIs, "
+                                       "normalised score)")
+    p.add_argument("--pipeline", default="full")
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--json", action="store_true", help='{"methods": {m: {"domains": {d: {"avg", '
+                                                        '"ci"}}, "normalized"}}}')
+    p.set_defaults(func=_results)
     p = sub.add_parser("dvc-yaml", help="generate dvc.yaml from the stage table (every pipeline)")
     p.add_argument("--project-dir", default=".")
     p.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")

@@ -272,3 +272,23 @@ def test_serve_builds_one_deployment_per_pipeline(micro_project):
     deps = {d.name: d for d in deployments(micro_project)}
     assert set(deps) == set(pipes["pipelines"])
     assert deps["small"].parameters == {"pipeline": "small", "project_dir": str(micro_project)}
+
+
+def test_priority_gate_serves_waiting_stages_in_graph_order():
+    from flows.mopd_flow import _PriorityGate
+
+    gate, order = _PriorityGate(1), []
+
+    def stage(priority):
+        with gate.hold(priority):
+            order.append(priority)
+            time.sleep(0.02)
+
+    with gate.hold(0):  # the only slot is taken while the others queue up
+        threads = [threading.Thread(target=stage, args=(p,)) for p in (5, 3, 9, 1)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(10)
+    assert order == [1, 3, 5, 9]
