@@ -1,7 +1,9 @@
-"""Evaluation: avg@k with sampling, per domain (ALGORITHMS §8), and the score table.
+"""Evaluation: avg@k and pass@k with sampling, per domain (ALGORITHMS §8).
 
-avg@k = mean accuracy over k sampled completions per problem (reward 1.0 = correct; partial IF
-rewards count as their fraction). pass@k uses the unbiased estimator with n = k samples.
+avg@k = mean accuracy over sampled completions per problem (reward 1.0 = correct; partial IF
+rewards count as their fraction); with n >= k samples the mean over all n is an unbiased estimate.
+pass@k uses the unbiased estimator from n samples. Per-prompt values are kept so that the report
+can put bootstrap intervals on every cell (:mod:`mopd.stats`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from mopd.config import EvaluateParams
-from mopd.metrics import avg_at_k, normalized_score, pass_at_k
+from mopd.metrics import avg_at_k, pass_at_k
 from mopd.models import load_model, load_tokenizer
 from mopd.rollout import sample
 
@@ -57,14 +58,3 @@ def evaluate_model(model_dir: Path, problems: dict[str, tuple[str, list[dict]]],
         log.info("%s on %s: avg@%d=%.3f pass@%d=%.3f (n=%d, %d prompts)", model_dir, domain, params.k,
                  out[domain]["avg@k"], params.k, out[domain]["pass@k"], params.n, len(recs))
     return out
-
-
-def score_tables(scores: dict[str, dict[str, dict[str, float]]], benchmarks: dict[str, list[str]],
-                 *, student: str, teachers: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(avg@k table: methods × benchmark columns, normalised table: methods × domains + score).
-
-    ``scores``: method -> benchmark -> metrics. MOPD 4.1 normalisation against the SFT student
-    and each domain's own teacher."""
-    table = pd.DataFrame({m: {b: v["avg@k"] for b, v in s.items()} for m, s in scores.items()}).T
-    norm = normalized_score(table, domains=benchmarks, student=student, teacher=teachers)
-    return table, norm

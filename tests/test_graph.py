@@ -4,7 +4,6 @@ progress board, without running any stage."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
