@@ -139,6 +139,8 @@ def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, InjectedFault) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 2
+    shown = sorted(result.metrics.items())
+    more = f" (+{len(shown) - 12} more metrics in result.json)" if len(shown) > 12 else ""
     print(f"{name}: done -> {result.out_dir} " +
-          " ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
+          " ".join(f"{k}={v:.4g}" for k, v in shown[:12]) + more)
     return 0
