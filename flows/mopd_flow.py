@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
 from mopd.config import load_config
 from mopd.graph import StageSpec, build_graph, hash_inputs, levels, static_key_inputs, with_upstream
+from mopd.local_run import stage_command
 from mopd.plan import decide, forced
 from mopd.progress import ENV as PROGRESS_ENV
 from mopd.progress import RunBoard
@@ -131,8 +131,7 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
 def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_run_id: str | None,
                threads: int, board: RunBoard | None, logger) -> Result:
     name = spec.name
-    cmd = [sys.executable, "-m", spec.module, *spec.argv, "--project-dir", str(project),
-           "--pipeline", pipeline]
+    cmd = stage_command(spec, project, pipeline)
     if parent_run_id:
         cmd += ["--mlflow-parent", parent_run_id]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),

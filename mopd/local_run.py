@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mopd.artifacts import load_result
 from mopd.config import Config
@@ -22,16 +23,17 @@ class StageError(RuntimeError):
     pass
 
 
-def stage_command(spec: StageSpec, cfg: Config, *, track: bool = True) -> list[str]:
-    return [sys.executable, "-m", spec.module, *spec.argv, "--project-dir", str(cfg.project_dir),
-            "--pipeline", cfg.pipeline, *([] if track else ["--no-track"])]
+def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool = True) -> list[str]:
+    """The stage's command line, as the flow, `mopd run` and DVC run it."""
+    return [sys.executable, "-m", spec.module, *spec.argv, "--project-dir", str(project),
+            "--pipeline", pipeline, *([] if track else ["--no-track"])]
 
 
 def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None = None,
               quiet: bool = False, track: bool = True) -> None:
     """Run one stage's command line; raises StageError (with the log's tail) if it fails."""
     env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.run(stage_command(spec, cfg, track=track), cwd=cfg.project_dir, env=env, text=True,
+    proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track), cwd=cfg.project_dir, env=env, text=True,
                           stdout=subprocess.PIPE if quiet else None,
                           stderr=subprocess.STDOUT if quiet else None)
     if proc.returncode != 0:
