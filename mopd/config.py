@@ -77,6 +77,11 @@ class DataParams(_Strict):
     # stream); in a finite task space some also occur in training. `eval_disjoint: true` drops
     # every training prompt instead: a harder set, biased toward the rarest prompts.
     eval_disjoint: bool = False
+    # Synthetic domains: the probability that a training demonstration (the completion SFT
+    # imitates) is a plausible wrong answer instead of the gold one. Rewards and evaluation always
+    # use the gold reference. An imperfect demonstrator is what real SFT data is; it leaves the
+    # SFT student with a mix of right and wrong answers to sample, which RL can then sharpen.
+    flawed_demos: Prob = 0.0
 
 
 class SFTParams(_Strict):

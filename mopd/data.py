@@ -34,7 +34,7 @@ def domain_records(name: str, dom: DomainConfig, params: DataParams, seed: int, 
     src = dom.data
     if src.source == "synthetic":
         kind = name if name in ("math", "code", "if", "mc") else dom.verifier
-        train = generate(kind, params.n_train, seed)
+        train = generate(kind, params.n_train, seed, flawed=params.flawed_demos)
         exclude = {r["prompt"] for r in train} if params.eval_disjoint else ()
         evals = generate(kind, params.n_eval, seed + EVAL_SEED_OFFSET, exclude_prompts=exclude)
     elif src.source in ("humaneval", "reasoning_gym"):  # benchmarks shipped by packages
@@ -86,8 +86,11 @@ def read_split(data_dir: Path, domain: str, split: str) -> list[dict]:
 
 
 def corpus(data_dir: Path, domains: list[str]) -> list[str]:
-    """All training text (prompt + gold completion): what the tiny tokenizer is trained on."""
-    return [r["prompt"] + r["completion"] for d in domains for r in read_split(data_dir, d, "train")]
+    """All training text, prompts and gold completions as separate texts: what the tiny tokenizer
+    is trained on (apart, so that no merge spans the prompt/completion boundary, which the model
+    never sees joined: :func:`mopd.trainers.sft.tokenize_pairs`)."""
+    return [text for d in domains for r in read_split(data_dir, d, "train")
+            for text in (r["prompt"], r["completion"])]
 
 
 BALANCED_FILE = "balanced.parquet"

@@ -18,6 +18,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
         write_domain(records, out_dir / name)
         for split, recs in records.items():
             metrics[f"{name}/{split}_records"] = len(recs)
+        metrics[f"{name}/flawed_demos"] = sum(1 for r in records["train"] if r.get("flawed"))
     tracker.log_metrics(metrics)
     return finalize("data", cfg.project_dir, out_dir, metrics)
 

@@ -85,11 +85,34 @@ def test_exclude_prompts_that_cannot_be_met_raises(monkeypatch):
         generate("one", 5, seed=0, exclude_prompts={"[one] 1+1="})
 
 
-def test_math_has_a_spread_of_difficulty():
-    prompts = [r["prompt"] for r in generate("math", 400, seed=0)]
-    assert any("*" in p for p in prompts) and any(p.count("+") + p.count("-") + p.count("*") == 2
+def test_math_families_are_small_and_finite():
+    prompts = {r["prompt"] for r in generate("math", 3000, seed=0)}
+    assert any("*" in p for p in prompts) and any(p.startswith("[math] 1") and len(p) == 12
                                                   for p in prompts)
-    assert sum(len(p) <= len("[math] 9+9=") for p in prompts) > 40  # some easy single digits
+    assert 250 <= len(prompts) <= 300  # 3 families of 100 facts: learnable by the tiny model
+
+
+@pytest.mark.parametrize("domain", ["math", "code", "if", "mc"])
+def test_flawed_demonstrations_fail_the_real_verifier(domain):
+    """A flawed demonstration is wrong by the domain's own verifier (code through the sandbox,
+    if through Google's IFEval checkers) while the prompt and reference stay gold."""
+    from mopd.verifiers import verify_batch
+
+    gold = generate(domain, 300, seed=5)
+    noisy = generate(domain, 300, seed=5, flawed=0.5)
+    assert [r["prompt"] for r in noisy] == [r["prompt"] for r in gold]  # own random stream
+    assert [r["reference"] for r in noisy] == [r["reference"] for r in gold]
+    flawed = [r for r in noisy if r.get("flawed")]
+    assert 0.35 * 300 < len(flawed) < 0.6 * 300, len(flawed)
+    assert all(r["completion"] != g["completion"] for r, g in zip(noisy, gold) if r.get("flawed"))
+    assert all(r["completion"] == g["completion"] for r, g in zip(noisy, gold) if not r.get("flawed"))
+    verdicts = verify_batch([domain] * len(flawed), [r["completion"] for r in flawed],
+                            [r["reference"] for r in flawed])
+    assert all(v.reward < 1.0 for v in verdicts), [
+        (r["prompt"], r["completion"], v.reward) for r, v in zip(flawed, verdicts) if v.reward >= 1.0]
+    assert generate(domain, 50, seed=5, flawed=0.0) == gold[:50]
+    with pytest.raises(ValueError, match="flawed must be a probability"):
+        generate(domain, 5, seed=5, flawed=1.5)
 
 
 def test_registry_and_errors():

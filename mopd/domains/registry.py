@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from mopd.domains.synthetic import GENERATORS, RawExample
+from mopd.domains.synthetic import FLAWS, GENERATORS, Flaw, RawExample
 
 VERIFIER_KINDS = ("math", "code", "if", "mc")
 
@@ -35,6 +35,7 @@ class Domain:
     verifier: str
     prompt_template: str
     generator: Callable[[random.Random], RawExample] | None = None
+    flaw: Flaw | None = None  # a plausible wrong demonstration of a generated question
     default_columns: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,14 +54,14 @@ class Domain:
 
 
 DOMAINS: Mapping[str, Domain] = MappingProxyType({
-    "math": Domain("math", "math", "[math] {question}", GENERATORS["math"],
+    "math": Domain("math", "math", "[math] {question}", GENERATORS["math"], FLAWS["math"],
                    {"prompt": "question", "reference": "answer"}),  # GSM8K layout
-    "code": Domain("code", "code", "[code] {question}", GENERATORS["code"],
+    "code": Domain("code", "code", "[code] {question}", GENERATORS["code"], FLAWS["code"],
                    {"prompt": "text", "reference": "test_list"}),  # MBPP layout
-    "if": Domain("if", "if", "[if] {question}", GENERATORS["if"],
+    "if": Domain("if", "if", "[if] {question}", GENERATORS["if"], FLAWS["if"],
                  {"prompt": "prompt", "reference": "instruction_id_list",
                   "kwargs": "kwargs"}),  # IFEval layout
-    "mc": Domain("mc", "mc", "[mc] {question}", GENERATORS["mc"],
+    "mc": Domain("mc", "mc", "[mc] {question}", GENERATORS["mc"], FLAWS["mc"],
                  {"prompt": "question", "choices": "choices", "reference": "answer"}),
 })
 
@@ -74,20 +75,28 @@ def get_domain(name: str) -> Domain:
 
 
 def generate(domain: str, n: int, seed: int, *,
-             exclude_prompts: Collection[str] = ()) -> list[dict]:
+             exclude_prompts: Collection[str] = (), flawed: float = 0.0) -> list[dict]:
     """``n`` synthetic records of ``domain``, a pure function of the arguments.
 
     Ids are ``"{domain}-s{seed}-{index:06d}"``: unique within a call, distinct across seeds,
     and the first ``k`` records do not depend on ``n``. Prompts may repeat, within a call and
     across seeds (easy items are few): pass the training prompts as ``exclude_prompts`` to draw
     an evaluation set that does not overlap them.
+
+    ``flawed``: the probability that a record's ``completion`` (the demonstration SFT imitates)
+    is replaced by the domain's plausible wrong answer (``Domain.flaw``; such records carry
+    ``"flawed": True``). The prompt and ``reference`` stay gold, and the draw comes from its own
+    random stream, so the prompts do not depend on ``flawed``.
     """
     spec = get_domain(domain)
     if spec.generator is None:
         raise ValueError(f"domain {domain!r} has no synthetic generator; use load_records")
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if not 0.0 <= flawed <= 1.0:
+        raise ValueError(f"flawed must be a probability in [0, 1], got {flawed!r}")
     rng = random.Random(f"mopd-{domain}-{seed}")  # str seeds hash deterministically (sha512)
+    flaw_rng = random.Random(f"mopd-{domain}-{seed}-flaw")
     excluded = frozenset(exclude_prompts)
     records: list[dict] = []
     attempts = 0
@@ -100,11 +109,16 @@ def generate(domain: str, n: int, seed: int, *,
         if excluded and spec.format_prompt(question) in excluded:
             continue
         index = len(records)
-        records.append({
+        record = {
             "id": f"{domain}-s{seed}-{index:06d}",
             "domain": domain,
             "prompt": spec.format_prompt(question),
             "completion": completion,
             "reference": reference,
-        })
+        }
+        if flaw_rng.random() < flawed and spec.flaw is not None:
+            wrong = spec.flaw(flaw_rng, question, completion, reference)
+            if wrong is not None:
+                record.update(completion=wrong, flawed=True)
+        records.append(record)
     return records

@@ -21,23 +21,17 @@ RawExample = tuple[str, str, str]  # (question, gold completion, verifier refere
 
 
 def _math_example(rng: random.Random) -> RawExample:
-    """Arithmetic, four levels: 1-digit sums, 2-digit +/-, products, three operands."""
-    level = rng.choice((1, 2, 3, 4))
-    if level == 1:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        expr = f"{a}+{b}"
-    elif level == 2:
-        a, b, op = rng.randint(0, 30), rng.randint(0, 30), rng.choice("+-")
-        expr = f"{a}{op}{b}"
-    elif level == 3:
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
-        expr = f"{a}*{b}"
-    else:
-        a, b, c = rng.randint(0, 20), rng.randint(0, 12), rng.randint(0, 9)
-        op1, op2 = rng.choice("+-"), rng.choice("+-*")
-        expr = f"{a}{op1}{b}{op2}{c}"
+    """Arithmetic facts a ~1M-parameter model can partly learn: three small finite families
+    (one-digit sums, one-digit products, a teen plus a digit; 300 facts in all)."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    expr = rng.choice((f"{a}+{b}", f"{a}*{b}", f"{a + 10}+{b}"))
     value = _eval_arith(expr)
     return f"{expr}=", f"\\boxed{{{value}}}", str(value)
+
+
+def _math_flaw(rng: random.Random, question: str, completion: str, reference: str) -> str | None:
+    """A carry or off-by-one slip: the answer moves by 1 or 10."""
+    return f"\\boxed{{{int(reference) + rng.choice((-10, -1, 1, 10))}}}"
 
 
 def _eval_arith(expr: str) -> int:
@@ -63,23 +57,24 @@ def _eval_arith(expr: str) -> int:
 # (description template, body template, argument kind). Descriptions are short; the body is what
 # the model must write after "def f(x):\n return ". Early entries copy the prompt, later ones
 # translate words into code.
-_CODE_TEMPLATES: tuple[tuple[str, str, str], ...] = (
-    ("f(x)=x*{a}+{b}", "x*{a}+{b}", "int"),
-    ("f(x)=x+{a}", "x+{a}", "int"),
-    ("f(x)=x*x-{a}", "x*x-{a}", "int"),
-    ("f(x)=abs(x-{a})", "abs(x-{a})", "int"),
-    ("f(x)=x squared plus {a}", "x*x+{a}", "int"),
-    ("f(x)=x times {a} minus {b}", "x*{a}-{b}", "int"),
-    ("f(x)=max of x and {a}", "max(x,{a})", "int"),
-    ("f(x)=x mod {m}", "x%{m}", "int"),
-    ("f(s)=s reversed", "s[::-1]", "str"),
-    ("f(s)=s upper", "s.upper()", "str"),
-    ("f(s)=s repeated {r} times", "s*{r}", "str"),
-    ("f(s)=length of s plus {a}", "len(s)+{a}", "str"),
-    ("f(l)=sum of l", "sum(l)", "list"),
-    ("f(l)=max of l", "max(l)", "list"),
-    ("f(l)=l sorted", "sorted(l)", "list"),
-    ("f(l)=first {r} of l", "l[:{r}]", "list"),
+_CODE_TEMPLATES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    # (description, gold body, argument kind, plausible wrong bodies for flawed demonstrations)
+    ("f(x)=x*{a}+{b}", "x*{a}+{b}", "int", ("x*{a}-{b}", "x+{a}+{b}", "x*{b}+{a}")),
+    ("f(x)=x+{a}", "x+{a}", "int", ("x-{a}", "x*{a}")),
+    ("f(x)=x*x-{a}", "x*x-{a}", "int", ("x*x+{a}", "x*{a}")),
+    ("f(x)=abs(x-{a})", "abs(x-{a})", "int", ("x-{a}", "abs(x+{a})")),
+    ("f(x)=x squared plus {a}", "x*x+{a}", "int", ("x*2+{a}", "x*x-{a}")),
+    ("f(x)=x times {a} minus {b}", "x*{a}-{b}", "int", ("x*{a}+{b}", "x-{a}*{b}")),
+    ("f(x)=max of x and {a}", "max(x,{a})", "int", ("min(x,{a})", "x")),
+    ("f(x)=x mod {m}", "x%{m}", "int", ("x//{m}", "x%{a}")),
+    ("f(s)=s reversed", "s[::-1]", "str", ("s[1:]", "s")),
+    ("f(s)=s upper", "s.upper()", "str", ("s.lower()", "s")),
+    ("f(s)=s repeated {r} times", "s*{r}", "str", ("s*{a}", "s+s+s")),
+    ("f(s)=length of s plus {a}", "len(s)+{a}", "str", ("len(s)-{a}", "len(s)")),
+    ("f(l)=sum of l", "sum(l)", "list", ("len(l)", "max(l)")),
+    ("f(l)=max of l", "max(l)", "list", ("min(l)", "l[0]")),
+    ("f(l)=l sorted", "sorted(l)", "list", ("l", "sorted(l)[::-1]")),
+    ("f(l)=first {r} of l", "l[:{r}]", "list", ("l[{r}:]", "l[:{a}]")),
 )
 _CODE_INPUTS = {
     "int": (0, 1, 5, -3, 12),
@@ -88,17 +83,71 @@ _CODE_INPUTS = {
 }
 
 
+def _code_params(rng: random.Random) -> dict[str, int]:
+    return {"a": rng.randint(1, 9), "b": rng.randint(0, 9), "m": rng.randint(2, 7),
+            "r": rng.randint(2, 3)}
+
+
 def _code_example(rng: random.Random) -> RawExample:
     """A one-line Python function; the reference holds asserts computed from the gold body."""
-    desc, body, kind = rng.choice(_CODE_TEMPLATES)
-    params = {"a": rng.randint(1, 9), "b": rng.randint(0, 9), "m": rng.randint(2, 7),
-              "r": rng.randint(2, 3)}
+    desc, body, kind, _ = rng.choice(_CODE_TEMPLATES)
+    params = _code_params(rng)
     desc, body = desc.format(**params), body.format(**params)
     var = desc[2]  # "f(x)=..." -> "x"
     gold = eval(f"lambda {var}: {body}")  # noqa: S307 - our own template, never model output
     inputs = rng.sample(_CODE_INPUTS[kind], 2 if kind != "int" else 3)
     tests = "\n".join(f"assert f({arg!r})=={gold(arg)!r}" for arg in inputs)
     return desc, f"def f({var}):\n return {body}", tests
+
+
+def _code_flaw(rng: random.Random, question: str, completion: str, reference: str) -> str | None:
+    """One of the template's plausible wrong bodies that fails at least one of the asserts (None
+    when every candidate happens to pass them)."""
+    var = question[2]
+    gold_body = completion.split("return ", 1)[1]
+    inputs = [eval(line[len("assert f("):line.index(")==")])  # noqa: S307 - our own asserts
+              for line in reference.splitlines()]
+    gold = eval(f"lambda {var}: {gold_body}")  # noqa: S307 - our own template
+    for desc, _, _, wrong in _CODE_TEMPLATES:
+        pattern = desc.split("{", 1)[0]
+        if not question.startswith(pattern) or not _matches(desc, question):
+            continue
+        params = _code_params(rng)
+        params.update(_template_values(desc, question))
+        candidates = [w.format(**params) for w in wrong]
+        rng.shuffle(candidates)
+        for body in candidates:
+            bad = eval(f"lambda {var}: {body}")  # noqa: S307 - our own template
+            if any(_differs(bad, gold, arg) for arg in inputs):
+                return f"def f({var}):\n return {body}"
+        return None
+    return None
+
+
+def _differs(bad, gold, arg) -> bool:
+    try:
+        return bad(arg) != gold(arg)
+    except Exception:  # noqa: BLE001 - a body that raises fails the assert as well
+        return True
+
+
+def _template_regex(desc: str) -> str:
+    import re
+
+    return "^" + re.sub(r"\\\{(\w)\\\}", r"(?P<\1>-?\\d+)", re.escape(desc)) + "$"
+
+
+def _matches(desc: str, question: str) -> bool:
+    import re
+
+    return re.match(_template_regex(desc), question) is not None
+
+
+def _template_values(desc: str, question: str) -> dict[str, int]:
+    import re
+
+    m = re.match(_template_regex(desc), question)
+    return {k: int(v) for k, v in m.groupdict().items()} if m else {}
 
 
 # ------------------------------------------------------------------------------------------- if
@@ -146,6 +195,24 @@ def _if_example(rng: random.Random) -> RawExample:
     return f"{word} x{n} {case}", text, _ifeval(*cons)
 
 
+def _if_flaw(rng: random.Random, question: str, completion: str, reference: str) -> str | None:
+    """A near miss: one repetition too many, the wrong case, the "!" forgotten, a bullet
+    dropped, spaces left in."""
+    if question.startswith("list "):
+        lines = completion.split("\n")
+        return "\n".join(lines[:-1] if len(lines) > 1 else lines + lines)
+    if question.endswith(" no spaces"):
+        return " ".join(question[: -len(" no spaces")].split())
+    words = completion.rstrip("!").split()
+    end = "!" if completion.endswith("!") else ""
+    choice = rng.choice(("count", "case", "end") if end else ("count", "case"))
+    if choice == "count":
+        return " ".join(words + words[:1]) + end
+    if choice == "case":
+        return " ".join(w.lower() if w.isupper() else w.upper() for w in words) + end
+    return " ".join(words)
+
+
 # ------------------------------------------------------------------------------------------- mc
 
 
@@ -173,9 +240,25 @@ def _mc_example(rng: random.Random) -> RawExample:
     return f"{question} {shown}", f"Answer: {letter}", letter
 
 
+def _mc_flaw(rng: random.Random, question: str, completion: str, reference: str) -> str | None:
+    """Another option's letter."""
+    return "Answer: " + rng.choice([c for c in "ABCD" if c != reference])
+
+
 GENERATORS: dict[str, Callable[[random.Random], RawExample]] = {
     "math": _math_example,
     "code": _code_example,
     "if": _if_example,
     "mc": _mc_example,
+}
+
+Flaw = Callable[[random.Random, str, str, str], "str | None"]
+FLAWS: dict[str, Flaw] = {
+    # A flawed demonstration of the same question: what an imperfect demonstrator writes. It
+    # fails the domain's verifier against the gold reference (tests/test_domains.py checks this
+    # with the real verifiers); None where no flaw is found (the demonstration stays gold).
+    "math": _math_flaw,
+    "code": _code_flaw,
+    "if": _if_flaw,
+    "mc": _mc_flaw,
 }

@@ -12,20 +12,40 @@ from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 log = logging.getLogger(__name__)
 
 
+def tokenize_pairs(tokenizer, records: list[dict]) -> dict[str, list[list[int]]]:
+    """``input_ids`` = ids(prompt) + ids(completion) + [EOS], ``completion_mask`` over the latter.
+
+    The prompt and the completion are tokenized *apart*, because that is what the model sees at
+    inference: every rollout (GRPO, distillation, evaluation) tokenizes the prompt alone and
+    generates after its last token. Tokenizing ``prompt + completion`` as one string lets BPE merge
+    across the boundary (``"="`` + ``"\\boxed"`` -> ``"=\\"``; ``"l"`` + ``"def"`` -> ``"ldef"``),
+    so the model never sees the prompt's own last token followed by the completion and, at
+    inference, repeats the prompt's tail or drops the completion's head (TRL warns of this
+    mismatch and trains on the merged context; measured here: the tiny SFT model then answered
+    ``"=\\boxed{..}"`` to math and ``" f(l):"`` to code, scoring 0 on those items)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token: SFT completions could never end")
+    input_ids, masks = [], []
+    for r in records:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        input_ids.append(p + c)
+        masks.append([0] * len(p) + [1] * len(c))
+    return {"input_ids": input_ids, "completion_mask": masks}
+
+
 def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTParams, seed: int,
               tracker) -> dict[str, list[tuple[int, float]]]:
     """Fine-tune ``base_dir`` on prompt/completion ``records``; save the model to ``out_dir``.
 
-    Loss on completion tokens only (TRL's prompt-completion format). Returns the metric history."""
+    Loss on completion tokens only. Returns the metric history."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir)
-    dataset = Dataset.from_dict({
-        "prompt": [r["prompt"] for r in records],
-        "completion": [r["completion"] for r in records],
-    })
+    dataset = Dataset.from_dict(tokenize_pairs(tokenizer, records))
     args = SFTConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed),
         per_device_train_batch_size=params.batch_size,
