@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,7 +27,38 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float must be finite (`.inf` is no learning rate)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+NAME_RULE = "an identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 characters)"
+
+
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+LABEL_RULE = "letters, digits, '_', '.', '-' (at most 64, not starting with '.' or '-')"
+
+
+def _check_names(where: str, kind: str, names, pattern: re.Pattern = NAME,
+                 rule: str = NAME_RULE) -> None:
+    """Names become stage names, folder names and MLflow keys: identifiers only (a `/` or `..`
+    in a domain name would write outside the project)."""
+    for name in names:
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise ValueError(f"{where}: {kind} name {_short(name)} must be {rule}")
+
+
+def _cut(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to ``limit`` characters and with URL credentials masked: error messages
+    stay short and secret-free whatever was written."""
+    from mopd.security import redact_secrets  # codedeps: ignore
+
+    text = repr(redact_secrets(value))
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +113,10 @@ class DataParams(_Strict):
     # use the gold reference. An imperfect demonstrator is what real SFT data is; it leaves the
     # SFT student with a mix of right and wrong answers to sample, which RL can then sharpen.
     flawed_demos: Prob = 0.0
+    # Hub and local data: the longest prompt accepted, in tokens (the tiny profile counts UTF-8
+    # bytes, an upper bound on its byte-level tokens; a pretrained profile counts with its own
+    # tokenizer). A longer prompt fails the data stage naming file, row and column. null: no check.
+    max_prompt_length: PosInt | None = None
 
 
 class SFTParams(_Strict):
@@ -142,6 +177,7 @@ class DistillParams(_Strict):
     # A name in mopd.objectives.OBJECTIVES (tests check this list against the registry).
     objective: Literal["mopd_pg", "mopd_topk", "tropd", "reopold_clip", "mask_outlier",
                        "entropy_opd", "jsd", "topk_fkl"] = "mopd_pg"
+    # Extra keyword arguments of the objective (OBJECTIVE_PARAMS lists what each one takes).
     objective_params: dict[str, float | int | bool | None] = Field(default_factory=dict)
     max_steps: PosInt = 60
     learning_rate: PosFloat = 5e-4
@@ -161,6 +197,31 @@ class DistillParams(_Strict):
     # chunks are still sampling; wait only at the update.
     overlap: bool = True
     rollout_chunks: PosInt = 4
+
+
+    @model_validator(mode="after")
+    def _objective_params_known(self) -> "DistillParams":
+        accepted = OBJECTIVE_PARAMS[self.objective]
+        unknown = sorted(set(self.objective_params) - set(accepted))
+        if unknown:
+            raise ValueError(f"objective_params {unknown} are not parameters of objective "
+                             f"{self.objective!r} (it takes {list(accepted) or 'none'})")
+        return self
+
+
+# What `distill.objective_params` may set per objective (their keyword arguments besides `batch`,
+# and `clip`/`token_mean`, which come from the distill section). Torch-free, so that loading the
+# configuration never imports torch; tests/test_config.py checks it against the registry.
+OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
+    "mopd_pg": ("eps_low", "eps_high"),
+    "mopd_topk": (),
+    "tropd": ("eps_low", "eps_high", "prefix_beta"),
+    "reopold_clip": ("eps_low", "eps_high", "tau"),
+    "mask_outlier": ("eps_low", "eps_high", "tau"),
+    "entropy_opd": ("eps_low", "eps_high", "frac"),
+    "jsd": ("eps_low", "eps_high", "beta"),
+    "topk_fkl": (),
+}
 
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "sce"]
@@ -238,6 +299,30 @@ class Params(_Strict):
         return type(base).model_validate({**base.model_dump(), **overrides})
 
     @model_validator(mode="after")
+    def _names_and_lengths(self) -> "Params":
+        _check_names("profiles", "profile", self.profiles, LABEL, LABEL_RULE)
+        _check_names("teacher", "teacher recipe", self.teacher)
+        prof = self.profiles.get(self.profile)
+        if isinstance(prof, TinyProfile):  # a pretrained model's context is known once loaded
+            ctx = prof.max_position_embeddings
+            prompt = self.data.max_prompt_length or 0
+            lengths = {"difficulty.max_new_tokens": self.difficulty.max_new_tokens,
+                       "distill.max_new_tokens": self.distill.max_new_tokens,
+                       "evaluate.max_new_tokens": self.evaluate.max_new_tokens,
+                       **{f"teacher.{d}.max_completion_length": r.max_completion_length
+                          for d, r in self.teacher.items()}}
+            for key, n in lengths.items():
+                if prompt + n > ctx:
+                    raise ValueError(
+                        f"{key} = {n}" + (f" + data.max_prompt_length = {prompt}" if prompt else "")
+                        + f" does not fit profile {self.profile!r}'s context (max_position_embeddings"
+                        f" = {ctx}): lower it or raise the profile's max_position_embeddings")
+            if self.sft.max_length > ctx:
+                raise ValueError(f"sft.max_length = {self.sft.max_length} exceeds profile "
+                                 f"{self.profile!r}'s context (max_position_embeddings = {ctx})")
+        return self
+
+    @model_validator(mode="after")
     def _profile_exists(self) -> "Params":
         if self.profile not in self.profiles:
             raise ValueError(
@@ -293,7 +378,7 @@ class ReasoningGymSource(_Strict):
     source: Literal["reasoning_gym"]
     task: str = Field(min_length=1)  # a name in reasoning_gym's registry, e.g. basic_arithmetic
     size: PosInt = 1000
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -327,7 +412,11 @@ class DomainConfig(_Strict):
     verifier: VerifierKind
     data: DataSource = SyntheticSource()
     teacher: TeacherSource = LocalTeacher()
-    benchmarks: list[str] = Field(default_factory=list)  # evaluation columns; default: [<domain>]
+    # The domain's evaluation sets, each a column of the comparison table: the domain's own name
+    # (its eval split) and/or other declared domains of the same verifier kind, whose eval split
+    # the data stage then writes too (e.g. `code: benchmarks: [code, humaneval]`). The teacher's
+    # gain and the normalised score pool every benchmark of the domain. Default: [<domain>].
+    benchmarks: list[str] = Field(default_factory=list)
 
 
 DEFAULT_STAGES = ("data", "base", "sft", "teacher", "difficulty", "distill", "merge", "evaluate")
@@ -350,13 +439,13 @@ class PipelineConfig(_Strict):
             raise ValueError(f"domains {dup} listed more than once")
         for entry in self.stages:
             if self.stages.count(entry) > 1:
-                raise ValueError(f"stage {entry!r} listed more than once")
+                raise ValueError(f"stages: {entry!r} listed more than once")
             kind, variant = parse_entry(entry)
             if kind not in LISTABLE:
-                raise ValueError(f"unknown stage {entry!r} (stages: {list(LISTABLE)}, or "
+                raise ValueError(f"stages: unknown stage {entry!r} (stages: {list(LISTABLE)}, or "
                                  f"<kind>:<variant> for {list(VARIANT_KINDS)})")
             if variant is not None and (kind not in VARIANT_KINDS or not IDENT.fullmatch(variant)):
-                raise ValueError(f"stage {entry!r}: only {list(VARIANT_KINDS)} take a variant, "
+                raise ValueError(f"stages: {entry!r}: only {list(VARIANT_KINDS)} take a variant, "
                                  f"named by an identifier defined under params.yaml "
                                  f"`variants.{kind}`")
         return self
@@ -365,6 +454,42 @@ class PipelineConfig(_Strict):
 class Pipelines(_Strict):
     domains: dict[str, DomainConfig] = Field(min_length=1)
     pipelines: dict[str, PipelineConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_and_kinds(self) -> "Pipelines":
+        _check_names("domains", "domain", self.domains)
+        _check_names("pipelines", "pipeline", self.pipelines)
+        for name, dom in self.domains.items():
+            src = dom.data.source
+            need = {"humaneval": "code", "reasoning_gym": "math"}.get(src)
+            if src == "synthetic" and name in get_args(VerifierKind):
+                need = name  # mopd.data: a synthetic domain named like a kind uses its generator
+            if need is not None and dom.verifier != need:
+                raise ValueError(
+                    f"domains.{name}.verifier = {dom.verifier!r}: its {src} data "
+                    f"({'the ' + name + ' generator' if src == 'synthetic' else src}) is checked "
+                    f"by the {need!r} verifier; set verifier: {need}")
+        return self
+
+    @model_validator(mode="after")
+    def _benchmarks_known(self) -> "Pipelines":
+        for name, dom in self.domains.items():
+            for bench in dom.benchmarks:
+                if dom.benchmarks.count(bench) > 1:
+                    raise ValueError(f"domains.{name}.benchmarks: {bench!r} listed more than once")
+                if bench == name:
+                    continue
+                other = self.domains.get(bench)
+                if other is None:
+                    raise ValueError(
+                        f"domains.{name}.benchmarks: {bench!r} is neither {name!r} nor a domain "
+                        f"defined under `domains` (defined: {sorted(self.domains)})")
+                if other.verifier != dom.verifier:
+                    raise ValueError(
+                        f"domains.{name}.benchmarks: {bench!r} is checked by the {other.verifier!r} "
+                        f"verifier, {name!r} by {dom.verifier!r}: a benchmark of a domain must use "
+                        f"its verifier")
+        return self
 
     @model_validator(mode="after")
     def _domains_known(self) -> "Pipelines":
@@ -410,19 +535,26 @@ class Config(_Strict):
         return self.pipelines.domains[name]
 
     def benchmarks(self, domain: str) -> list[str]:
+        """The domain's evaluation sets; each is a domain name whose eval split is read."""
         return list(self.domain(domain).benchmarks) or [domain]
+
+    @property
+    def data_domains(self) -> list[str]:
+        """The pipeline's domains, then the other domains its benchmarks read (eval data only is
+        used from those)."""
+        out = list(self.domains)
+        for d in self.domains:
+            out += [b for b in self.benchmarks(d) if b not in out]
+        return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+    from mopd.yamlio import YamlError, read_yaml_mapping
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+        return read_yaml_mapping(path)
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _user_path(raw: Any, loc: tuple) -> tuple[list[str], Any]:
@@ -448,15 +580,23 @@ def _user_path(raw: Any, loc: tuple) -> tuple[list[str], Any]:
     return keys, node
 
 
+MAX_ERRORS = 8  # listed per file; the rest are counted
+
+
 def _format_errors(path: Path, exc: ValidationError, raw: dict) -> str:
-    lines = [f"{path}: {exc.error_count()} invalid setting(s):"]
-    for err in exc.errors():
+    errors = exc.errors()
+    lines = [f"{path}: {len(errors)} invalid setting(s):"]
+    for err in errors[:MAX_ERRORS]:
         keys, value = _user_path(raw, tuple(err["loc"]))
         key = ".".join(keys) or "<top level>"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (remove it or check its spelling)")
+        elif isinstance(value, (dict, list)) and err["type"] in ("value_error", "assertion_error"):
+            lines.append(f"  {key}: {_cut(err['msg'])}")  # the message names the entry
         else:
-            lines.append(f"  {key} = {value!r}: {err['msg']}")
+            lines.append(f"  {key} = {_short(value)}: {_cut(err['msg'])}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS} more")
     return "\n".join(lines)
 
 
@@ -522,6 +662,7 @@ def load_config(
                     f"`variants.{kind}.{variant}` section in {project_dir / params_file} "
                     f"(defined: {sorted(params.variants.get(kind, {}))})")
     cfg = Config(params=params, pipelines=pipes, pipeline=pipeline, project_dir=project_dir)
+    _check_local_paths(cfg, project_dir / pipelines_file)
     from mopd.graph import check_shared_stages  # codedeps: ignore
 
     try:
@@ -529,6 +670,25 @@ def load_config(
     except ValueError as exc:
         raise ConfigError(f"{project_dir / pipelines_file}: {exc}") from None
     return cfg
+
+
+def _check_local_paths(cfg: Config, file: Path) -> None:
+    """Local data of the selected pipeline exists and stays inside the project unless written as
+    an absolute path (the rule of :mod:`mopd.domains.local_files`), checked before any work."""
+    from mopd.domains.local_files import DataFileError, resolve_local  # codedeps: ignore
+
+    for d in cfg.data_domains:
+        src = cfg.domain(d).data
+        if not isinstance(src, LocalSource):
+            continue
+        for key in ("path", "eval_path"):
+            value = getattr(src, key)
+            if value is None:
+                continue
+            try:
+                resolve_local(value, cfg.project_dir)
+            except DataFileError as exc:
+                raise ConfigError(f"{file}: domains.{d}.data.{key} = {_short(value)}: {exc}") from None
 
 
 def section(params: Params, dotted: str) -> Any:

@@ -37,7 +37,7 @@ def sampled_rewards(model, tok, records: list[dict], kind: str, *, n: int, max_n
 
 def evaluate_model(model_dir: Path, problems: dict[str, tuple[str, list[dict]]],
                    params: EvaluateParams, seed: int) -> dict[str, dict]:
-    """``problems``: domain -> (verifier kind, records). Returns domain -> a cell: ``avg@k`` and
+    """``problems``: benchmark -> (verifier kind, records). Returns benchmark -> a cell: ``avg@k`` and
     ``pass@k`` (means over prompts), ``n``, ``k``, ``n_prompts`` and the per-prompt values
     ``per_prompt_avg`` / ``per_prompt_pass`` (in record order) that intervals and paired tests
     are computed from (:mod:`mopd.stats`)."""

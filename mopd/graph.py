@@ -126,7 +126,9 @@ def _domain_keys(*fields: str) -> Callable[[_Ctx, dict], tuple[str, ...]]:
 
 
 def _teachers(ctx: _Ctx) -> tuple[str, ...]:
-    return tuple(ctx.names("teacher"))
+    """Every local teacher's stage: a pipeline that distils or merges without a `teacher` stage
+    is refused at load time (missing upstream), not after SFT."""
+    return tuple(f"teacher:{d}" for d in ctx.cfg.local_teacher_domains)
 
 
 def _distill_params(ctx: _Ctx, a: dict) -> tuple[str, ...]:
@@ -158,7 +160,9 @@ def _report_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
 # only name kinds above it.
 KINDS: dict[str, StageKind] = {k.kind: k for k in (
     StageKind("data", "tasks.data", _one, lambda ctx, a: ("seed", "data"),
-              lambda a: f"{ARTIFACTS}/data", pipeline_keys=_domain_keys("verifier", "data")),
+              lambda a: f"{ARTIFACTS}/data",
+              pipeline_keys=lambda ctx, a: tuple(f"domains.{d}.{f}" for d in ctx.cfg.data_domains
+                                                 for f in ("verifier", "data"))),
     StageKind("base", "tasks.base", _one, lambda ctx, a: ("seed", "profile", "profiles"),
               lambda a: f"{ARTIFACTS}/base", upstream=lambda ctx, a: ("data",)),
     StageKind("sft", "tasks.sft", _one, lambda ctx, a: ("seed", "sft"), lambda a: f"{ARTIFACTS}/sft",

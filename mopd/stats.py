@@ -45,13 +45,14 @@ def mean_ci(values_P: Sequence[float], idx: np.ndarray, level: float = LEVEL) ->
 def gain_test(teacher_P: Sequence[float], student_P: Sequence[float], idx: np.ndarray,
               level: float = LEVEL) -> dict:
     """Paired bootstrap of the teacher's gain over the student on the same prompts:
-    ``{"gain", "ci": [lo, hi], "significant": lo > 0}`` (one-sided in effect: only a gain whose
+    ``{"gain", "ci": [lo, hi], "significant": lo > 0, "n_prompts"}`` (one-sided in effect: only a gain whose
     whole interval lies above zero can serve as a normalising denominator)."""
     t, s = np.asarray(teacher_P, dtype=np.float64), np.asarray(student_P, dtype=np.float64)
     if t.shape != s.shape:
         raise ValueError(f"teacher and student were scored on different prompt sets ({t.size} vs {s.size})")
     lo, hi = percentile_ci((t - s)[idx].mean(axis=1), level)
-    return {"gain": float((t - s).mean()), "ci": [lo, hi], "significant": bool(lo > 0)}
+    return {"gain": float((t - s).mean()), "ci": [lo, hi], "significant": bool(lo > 0),
+            "n_prompts": int(t.size)}
 
 
 def normalized_cell(method_P: Sequence[float], teacher_P: Sequence[float], student_P: Sequence[float],

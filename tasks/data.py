@@ -5,22 +5,39 @@ from __future__ import annotations
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
+from mopd.config import Config, PretrainedProfile
 from mopd.data import domain_records, write_domain
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
-    """Write <out_dir>/<domain>/{train,eval}.parquet for every domain of the pipeline."""
+    """Write <out_dir>/<domain>/{train,eval}.parquet for every domain of the pipeline and every
+    other domain one of its benchmarks reads (:attr:`Config.data_domains`)."""
     metrics = {}
-    for name in cfg.domains:
+    limit = cfg.params.data.max_prompt_length
+    count = _token_counter(cfg) if limit is not None else None
+    for name in cfg.data_domains:
         records = domain_records(name, cfg.domain(name), cfg.params.data, cfg.params.seed,
-                                 project_dir=cfg.project_dir)
+                                 project_dir=cfg.project_dir, max_prompt_length=limit,
+                                 count_tokens=count)
         write_domain(records, out_dir / name)
         for split, recs in records.items():
             metrics[f"{name}/{split}_records"] = len(recs)
         metrics[f"{name}/flawed_demos"] = sum(1 for r in records["train"] if r.get("flawed"))
     tracker.log_metrics(metrics)
     return finalize("data", cfg.project_dir, out_dir, metrics)
+
+
+def _token_counter(cfg: Config):
+    """Prompt length in tokens: the pretrained profile's own tokenizer; for the tiny profile,
+    whose tokenizer is trained after this stage, UTF-8 bytes (its byte-level BPE never makes more
+    tokens than bytes)."""
+    profile = cfg.params.model_profile
+    if isinstance(profile, PretrainedProfile):
+        from mopd.models import load_tokenizer
+
+        tok = load_tokenizer(profile.model, revision=profile.revision)
+        return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    return lambda text: len(text.encode("utf-8"))
 
 
 if __name__ == "__main__":

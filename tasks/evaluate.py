@@ -18,15 +18,16 @@ SCORES_FILE = "scores.json"
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, model: str) -> Result:
-    """Evaluate every model of stage ``model`` (its models.json) on every domain."""
+    """Evaluate every model of stage ``model`` (its models.json) on every benchmark of every
+    domain (a benchmark is a domain's eval split, checked by that domain's verifier)."""
     models: dict[str, str] = json.loads((inputs[model] / MODELS_FILE).read_text())
-    problems = {d: (cfg.domain(d).verifier, read_split(inputs["data"], d, "eval")) for d in cfg.domains}
+    problems = {b: (cfg.domain(b).verifier, read_split(inputs["data"], b, "eval"))
+                for d in cfg.domains for b in cfg.benchmarks(d)}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for i, (label, rel) in enumerate(models.items()):
         report(i, len(models), "models", force=True)
-        per_domain = evaluate_model(inputs[model] / rel, problems, cfg.params.evaluate, cfg.params.seed)
-        # One benchmark per domain for the synthetic default: the domain's held-out split.
-        scores[label] = {cfg.benchmarks(d)[0]: v for d, v in per_domain.items()}
+        scores[label] = evaluate_model(inputs[model] / rel, problems, cfg.params.evaluate,
+                                       cfg.params.seed)
     report(len(models), len(models), "models", force=True)
     (out_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
     metrics = {f"{stat}/{label}/{bench}": float(v[stat2])

@@ -30,7 +30,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
     # endpoint has no checkpoint here to evaluate, so it is left out of the normalised table.
     local = [d for d in cfg.local_teacher_domains if f"teacher:{d}" in scores]
     p = cfg.params.evaluate
-    table = comparison(scores, {d: cfg.benchmarks(d)[:1] for d in local}, student=STUDENT,
+    table = comparison(scores, {d: cfg.benchmarks(d) for d in local}, student=STUDENT,
                        teachers={d: f"teacher:{d}" for d in local}, level=p.ci_level,
                        n_boot=p.bootstrap, seed=cfg.params.seed)
     table |= {"pipeline": pipeline, "n": p.n, "k": p.k}

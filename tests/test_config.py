@@ -101,3 +101,18 @@ def test_remote_teacher_domain_has_no_teacher_stage(tmp_path):
     pipes["domains"]["math"]["teacher"]["endpoints"] = ["ftp://x"]
     with pytest.raises(ConfigError, match=r"domains.math.teacher.endpoints.0 = 'ftp://x'"):
         load_config(_project(tmp_path, params, pipes))
+
+
+def test_objective_params_table_matches_the_registry():
+    """config.OBJECTIVE_PARAMS (torch-free, checked at load time) lists exactly the keyword
+    arguments each registered objective takes, besides batch, clip, token_mean and generator."""
+    import inspect
+
+    from mopd.config import OBJECTIVE_PARAMS, DistillParams
+    from mopd.objectives import OBJECTIVES
+
+    assert set(OBJECTIVE_PARAMS) == set(OBJECTIVES)
+    for name, fn in OBJECTIVES.items():
+        taken = set(inspect.signature(inspect.unwrap(fn)).parameters)
+        assert set(OBJECTIVE_PARAMS[name]) == taken - {"batch", "clip", "token_mean", "generator"}, name
+    assert DistillParams(objective="jsd", objective_params={"beta": 0.3}).objective_params == {"beta": 0.3}

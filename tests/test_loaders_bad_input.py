@@ -157,3 +157,30 @@ def test_domain_records_resolves_local_data_against_the_project(project, tmp_pat
                                          r"characters long, over the limit of 10"):
         domain_records("math", dom, DataParams(n_train=4, n_eval=2), 0, project_dir=project,
                        max_prompt_length=10)
+
+
+def test_data_stage_applies_max_prompt_length_from_params(tmp_path):
+    """`data.max_prompt_length` reaches the loaders through the data stage (tiny profile: UTF-8
+    bytes bound the byte-level tokens), and the error names the file, the row and the column."""
+    import yaml
+
+    from mopd.config import load_config
+    from mopd.tracking import NullTracker
+    from tasks import data
+    from tests.conftest import ROOT, micro_params, write_params
+
+    params = micro_params()
+    params["data"]["max_prompt_length"] = 40
+    params["teacher"]["mine"] = params["teacher"]["math"]
+    write_params(tmp_path, params)
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["domains"]["mine"] = {"verifier": "math", "data": {"source": "local", "path": "mine.jsonl"}}
+    pipes["pipelines"]["full"]["domains"] = ["math", "mine"]
+    (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    rows = [{"question": "1+1=", "answer": "2"}] * 10 + [{"question": "é" * 30, "answer": "3"}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(tmp_path)
+    with pytest.raises(ValueError) as err:
+        data.run(cfg, {}, tmp_path / "artifacts" / "data", NullTracker())
+    msg = str(err.value)
+    assert "mine.jsonl" in msg and "row 10" in msg and "'question'" in msg and "67 tokens" in msg, msg  # "[mine] " + 60 bytes

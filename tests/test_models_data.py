@@ -86,3 +86,23 @@ def test_read_split_errors(tmp_path):
         read_split(tmp_path, "math", "dev")
     with pytest.raises(FileNotFoundError, match="no train data for domain 'math'"):
         read_split(tmp_path, "math", "train")
+
+
+def test_sft_tokenizes_prompt_and_completion_apart(tmp_path):
+    """SFT trains on ids(prompt) + ids(completion) + EOS: the prompt exactly as every rollout
+    tokenizes it. Joint tokenization merges across the boundary (this tokenizer was trained on
+    joined text, so `=\\` is one token) and would train on a context inference never shows."""
+    from mopd.trainers.sft import tokenize_pairs
+
+    build_base(SMALL, TEXTS, tmp_path / "a", seed=0)
+    tok = load_tokenizer(tmp_path / "a")
+    records = [{"prompt": f"[math] {a}+{a}=", "completion": f"\\boxed{{{2 * a}}}"} for a in range(8)]
+    joint = [tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] for r in records]
+    alone = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in records]
+    assert any(j[:len(p)] != p for j, p in zip(joint, alone))  # the hazard is real here
+    batch = tokenize_pairs(tok, records)
+    for ids, mask, p, r in zip(batch["input_ids"], batch["completion_mask"], alone, records):
+        assert ids[:len(p)] == p and mask[:len(p)] == [0] * len(p)
+        completion = [i for i, m in zip(ids, mask) if m]
+        assert completion[-1] == tok.eos_token_id
+        assert tok.decode(completion[:-1]) == r["completion"]
