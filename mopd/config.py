@@ -549,7 +549,7 @@ class Config(_Strict):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    from mopd.yamlio import YamlError, read_yaml_mapping
+    from mopd.yamlio import YamlError, read_yaml_mapping  # codedeps: ignore
 
     try:
         return read_yaml_mapping(path)
