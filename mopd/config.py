@@ -181,6 +181,11 @@ class DistillParams(_Strict):
     objective_params: dict[str, float | int | bool | None] = Field(default_factory=dict)
     max_steps: PosInt = 60
     learning_rate: PosFloat = 5e-4
+    # Optimiser steps per rollout batch (ALGORITHMS §1): `epochs` passes, each over `minibatches`
+    # shuffled minibatches, with the PPO clipped ratio against the rollout policy (eps_low /
+    # eps_high in objective_params, default 0.2). 1 x 1 = one plain step (ratio = 1).
+    epochs: PosInt = 1
+    minibatches: PosInt = 1
     prompts_per_step: PosInt = 16
     samples_per_prompt: PosInt = 2
     max_new_tokens: PosInt = 32

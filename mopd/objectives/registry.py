@@ -15,8 +15,10 @@ the function needs; they are checked before it runs and a missing one raises a c
 | jsd            | student_logprobs_BT, teacher_logprobs_BT, student/teacher_topk_logprobs_BTK    |
 | topk_fkl       | student_topk_logprobs_BTK, teacher_topk_logprobs_BTK                           |
 
-``old_student_logprobs_BT`` defaults to the detached current log-probs (one optimiser step per
-rollout batch, ρ = 1). ``advantages_BT``, when given, replaces ``u - s`` in the PG objectives
+``old_student_logprobs_BT`` are the rollout policy's log-probs; they default to the detached
+current log-probs (one optimiser step per rollout batch, ρ = 1). Advantages and trust masks are
+computed from them, so that with several optimiser steps per rollout batch (`distill.epochs`,
+`distill.minibatches`) they stay fixed, as GRPO's do, while the PPO ratio moves (§1). ``advantages_BT``, when given, replaces ``u - s`` in the PG objectives
 (Uni-OPD calibrated advantages, CoPD cross-branch advantages, weighted multi-teacher rewards).
 """
 
@@ -150,7 +152,7 @@ def mopd_pg(batch: DistillBatch, *, clip: float | None = 5.0, eps_low: float = 0
         adv_BT = batch.advantages_BT.detach()
     else:
         batch.require(("teacher_logprobs_BT",), "mopd_pg")
-        adv_BT = opd_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, clip=clip)
+        adv_BT = opd_advantage(batch.teacher_logprobs_BT, _old(batch), clip=clip)
     loss = masked_average(_pg(batch, adv_BT, eps_low, eps_high), batch.mask_BT, token_mean=token_mean)
     return loss, {"loss": float(loss.detach()), "advantage_mean": _mean(adv_BT, batch.mask_BT), **_k1_metrics(batch)}
 
@@ -172,8 +174,8 @@ def tropd(batch: DistillBatch, *, clip: float | None = None, eps_low: float = 0.
           prefix_beta: float = 0.001, generator: torch.Generator | None = None,
           token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 TrOPD: K1 PG on Bernoulli-trusted tokens, top-k FKL on outliers, β·NLL on teacher prefixes."""
-    trust_BT = trust_mask(batch.teacher_logprobs_BT, batch.student_logprobs_BT, generator=generator)
-    adv_BT = opd_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, clip=clip)
+    trust_BT = trust_mask(batch.teacher_logprobs_BT, _old(batch), generator=generator)
+    adv_BT = opd_advantage(batch.teacher_logprobs_BT, _old(batch), clip=clip)
     pg_BT = _pg(batch, adv_BT, eps_low, eps_high)
     fkl_BT = topk_fkl_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK)
     per_BT = torch.where(trust_BT, pg_BT, fkl_BT)
@@ -200,7 +202,7 @@ def _pg_with(batch: DistillBatch, adv_BT: torch.Tensor, mask_BT: torch.Tensor, e
 def reopold_clip(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline Clip Outlier (REOPOLD): PG with r = max(u - s, τ)."""
-    adv_BT = reopold_clip_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, tau=tau)
+    adv_BT = reopold_clip_advantage(batch.teacher_logprobs_BT, _old(batch), tau=tau)
     return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
 
 
@@ -208,7 +210,7 @@ def reopold_clip(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2
 def mask_outlier(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline Mask Outlier: PG with r = 1[u - s > τ](u - s)."""
-    adv_BT = mask_outlier_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, tau=tau)
+    adv_BT = mask_outlier_advantage(batch.teacher_logprobs_BT, _old(batch), tau=tau)
     return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
 
 
@@ -218,7 +220,7 @@ def entropy_opd(batch: DistillBatch, *, frac: float = 0.2, clip: float | None = 
                 eps_high: float = 0.2, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline Entropy-OPD: §1 PG only on the top ``frac`` highest-entropy tokens of the batch."""
     sel_BT = entropy_top_mask(batch.student_entropy_BT, batch.mask_BT, frac=frac)
-    adv_BT = opd_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, clip=clip)
+    adv_BT = opd_advantage(batch.teacher_logprobs_BT, _old(batch), clip=clip)
     return _pg_with(batch, adv_BT, sel_BT, eps_low, eps_high, token_mean)
 
 
@@ -227,7 +229,7 @@ def jsd(batch: DistillBatch, *, beta: float = 0.5, eps_low: float = 0.2, eps_hig
         token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline JSD(β): β·top-k KL(q ‖ m) (direct) + (1-β)·K1 KL(p ‖ m) (policy gradient)."""
     direct_BT = jsd_topk_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK, beta=beta)
-    adv_BT = jsd_k1_advantage(batch.teacher_logprobs_BT, batch.student_logprobs_BT, beta=beta)
+    adv_BT = jsd_k1_advantage(batch.teacher_logprobs_BT, _old(batch), beta=beta)
     per_BT = direct_BT + _pg(batch, adv_BT, eps_low, eps_high)
     loss = masked_average(per_BT, batch.mask_BT, token_mean=token_mean)
     return loss, {"loss": float(loss.detach()), "jsd_topk": _mean(direct_BT, batch.mask_BT), **_k1_metrics(batch)}

@@ -166,13 +166,21 @@ TOPK_FIELDS = {"teacher_topk_logprobs_BTK", "student_topk_logprobs_BTK", "teache
 
 
 def student_quantities(model, ids_BT, attn_BT, *, topk_ids_BTK=None, entropy: bool = False,
-                       chunk: int = 1024):
+                       chunk: int = 1024, temperature: float = 1.0):
     """Student ``s_BT`` (log-prob of each token), optionally ``topk_BTK`` (log-probs at the given
     ids) and ``entropy_BT``, from hidden states and the LM-head weight in token chunks. Position t
-    holds the distribution that predicts token t (position 0: zeros). All differentiable."""
+    holds the distribution that predicts token t (position 0: zeros). All differentiable.
+
+    ``temperature``: the distribution the rollouts were sampled from, softmax(logits / T): the
+    policy whose log-probs enter the ratio and the advantage is the one that sampled (logits =
+    h·Wᵀ, so h / T gives logits / T exactly)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     hidden_BTH = model.model(input_ids=ids_BT, attention_mask=attn_BT).last_hidden_state
     B, T, H = hidden_BTH.shape
     h_NH = hidden_BTH[:, :-1].reshape(-1, H)
+    if temperature != 1.0:
+        h_NH = h_NH / temperature
     weight_VH = model.lm_head.weight
     target_N = ids_BT[:, 1:].reshape(-1)
 
@@ -191,6 +199,26 @@ def student_quantities(model, ids_BT, attn_BT, *, topk_ids_BTK=None, entropy: bo
     if not entropy:
         s_N = chunked_gather_logprobs(h_NH, weight_VH, target_N[:, None], chunk=chunk)[:, 0]
     return pad(s_N), None, ent_BT
+
+
+def update_passes(params: DistillParams, n_rows: int, rng: random.Random) -> list[list[int]]:
+    """The optimiser steps of one rollout batch (§1): ``epochs`` passes over the rows, each split
+    into ``minibatches`` shuffled minibatches (the first pass keeps row order when there is only
+    one minibatch, so the default — one step — is exactly the plain update)."""
+    rows = list(range(n_rows))
+    if params.epochs == 1 and params.minibatches == 1:
+        return [rows]
+    k = min(params.minibatches, n_rows)
+    out = []
+    for _ in range(params.epochs):
+        order = rows[:]
+        rng.shuffle(order)
+        out += [sorted(order[i::k]) for i in range(k)]
+    return out
+
+
+def _rows(x, rows: list[int]):
+    return None if x is None else x[rows]
 
 
 def objective_kwargs(name: str, params: DistillParams) -> dict:
@@ -279,25 +307,44 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
     ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id)
     u_BT, top_ids_BTK, top_lp_BTK = lay_out(scores, [len(s.prompt_ids) for s in samples],
                                             ids_BT.shape[1], topk)
-    s_BT, s_topk_BTK, ent_BT = student_quantities(
-        student, ids_BT, attn_BT, topk_ids_BTK=top_ids_BTK, entropy="student_entropy_BT" in needs)
-    batch = DistillBatch(mask_BT=mask_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT,
-                         teacher_topk_ids_BTK=top_ids_BTK, teacher_topk_logprobs_BTK=top_lp_BTK,
-                         student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT)
-    loss, obj_metrics = get_objective(params.objective)(batch, **objective_kwargs(params.objective, params))
-    optim.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-    optim.step()
+    updates = update_passes(params, ids_BT.shape[0], rng)
+    old_s_BT = None
+    if len(updates) > 1:  # several optimiser steps per rollout batch: fix the rollout policy (§1)
+        with torch.no_grad():
+            old_s_BT = student_quantities(student, ids_BT, attn_BT, temperature=params.temperature)[0]
+    kwargs = objective_kwargs(params.objective, params)
+    sums: dict[str, float] = {}
+    for rows in updates:
+        s_BT, s_topk_BTK, ent_BT = student_quantities(
+            student, ids_BT[rows], attn_BT[rows], topk_ids_BTK=_rows(top_ids_BTK, rows),
+            entropy="student_entropy_BT" in needs, temperature=params.temperature)
+        m_BT = mask_BT[rows]
+        batch = DistillBatch(mask_BT=m_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT[rows],
+                             old_student_logprobs_BT=_rows(old_s_BT, rows),
+                             teacher_topk_ids_BTK=_rows(top_ids_BTK, rows),
+                             teacher_topk_logprobs_BTK=_rows(top_lp_BTK, rows),
+                             student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT)
+        loss, obj_metrics = get_objective(params.objective)(batch, **kwargs)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optim.step()
+        n_mb = m_BT.sum().clamp(min=1)
+        part = {f"distill/{k}": v for k, v in obj_metrics.items()} | {
+            "distill/loss": loss.item(), "distill/grad_norm": float(grad_norm),
+            # K1 estimate of the per-token reverse KL to the routed teachers (§8 diagnostic)
+            "distill/reverse_kl": float(((s_BT.detach() - u_BT[rows]) * m_BT).sum() / n_mb)}
+        if old_s_BT is not None:  # share of tokens whose PPO ratio left [1 - eps_low, 1 + eps_high]
+            ratio = torch.exp(s_BT.detach() - old_s_BT[rows])
+            out = (ratio < 1 - kwargs.get("eps_low", 0.2)) | (ratio > 1 + kwargs.get("eps_high", 0.2))
+            part["distill/clipped_fraction"] = float((out & m_BT.bool()).sum() / n_mb)
+        for k, v in part.items():
+            sums[k] = sums.get(k, 0.0) + v / len(updates)
     rollout.update_weights(student)
     step_seconds = time.perf_counter() - t0
     n_tok = mask_BT.sum().clamp(min=1)
-    metrics = {f"distill/{k}": v for k, v in obj_metrics.items()} | {
-        "distill/loss": loss.item(),
-        # K1 estimate of the per-token reverse KL to the routed teachers (§8 diagnostic)
-        "distill/reverse_kl": float(((s_BT.detach() - u_BT) * mask_BT).sum() / n_tok),
+    metrics = sums | {
         "distill/response_tokens": float(n_tok / len(samples)),
-        "distill/grad_norm": float(grad_norm),
         "distill/sample_seconds": timing.sample,
         "distill/teacher_seconds": timing.teacher,
         "distill/teacher_wait_seconds": timing.wait,
