@@ -4,7 +4,6 @@ loads a local directory by the same code path; real data loads from local files 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
