@@ -24,32 +24,56 @@ class Sample:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int,
-           temperature: float, seed: int, batch_size: int = 64) -> list[Sample]:
-    """``n`` sampled completions per prompt (grouped: prompt i's samples are contiguous)."""
+def generate_ids(model, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+                 seed: int, pad_id: int, eos_id: int, batch_size: int = 64) -> list[tuple[int, list[int]]]:
+    """``n`` sampled continuations of each token-id prompt, grouped (prompt i's are contiguous):
+    ``(prompt index, completion ids)``. Prompts are left-padded per micro-batch, exactly as the
+    tokenizer pads a batch of texts, so ``sample`` and a caller holding ids sample alike."""
     if n < 1 or max_new_tokens < 1 or temperature <= 0:
         raise ValueError(f"need n>=1, max_new_tokens>=1, temperature>0; got {n}, {max_new_tokens}, {temperature}")
-    expanded = [i for i in range(len(prompts)) for _ in range(n)]
-    out: list[Sample] = []
+    expanded = [i for i in range(len(prompt_ids)) for _ in range(n)]
+    out: list[tuple[int, list[int]]] = []
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(expanded), batch_size):
             idx = expanded[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            padding_side="left", add_special_tokens=False).to(model.device)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0,
-                                 top_p=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            width = enc["input_ids"].shape[1]
+            width = max(len(prompt_ids[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
-                prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
-                comp = _trim(gen[row, width:].tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id)
-                out.append(Sample(i, prompt, comp, tokenizer.decode(comp, skip_special_tokens=True)))
+                p = prompt_ids[i]
+                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                attn[row, width - len(p):] = 1
+            gen = model.generate(input_ids=ids.to(model.device), attention_mask=attn.to(model.device),
+                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+            out += [(i, _trim(gen[row, width:].tolist(), eos_id, pad_id)) for row, i in enumerate(idx)]
     model.train(was_training)
     return out
+
+
+def sample_ids(model, tokenizer, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int,
+               temperature: float, seed: int, batch_size: int = 64) -> list[Sample]:
+    """``n`` sampled completions per token-id prompt (grouped: prompt i's samples are contiguous)."""
+    got = generate_ids(model, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                       seed=seed, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                       batch_size=batch_size)
+    return [Sample(i, list(prompt_ids[i]), comp, tokenizer.decode(comp, skip_special_tokens=True))
+            for i, comp in got]
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt text (no special tokens: the chat template, if any, is in the text)."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def sample(model, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int,
+           temperature: float, seed: int, batch_size: int = 64) -> list[Sample]:
+    """``n`` sampled completions per prompt (grouped: prompt i's samples are contiguous)."""
+    return sample_ids(model, tokenizer, encode_prompts(tokenizer, prompts), n=n, max_new_tokens=max_new_tokens,
+                      temperature=temperature, seed=seed, batch_size=batch_size)
 
 
 def _trim(ids: list[int], eos: int, pad: int) -> list[int]:
@@ -88,6 +112,9 @@ class RolloutBackend(Protocol):
     def sample(self, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float,
                seed: int) -> list[Sample]: ...
 
+    def sample_ids(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
+                   seed: int) -> list[Sample]: ...
+
     def update_weights(self, model) -> None: ...
 
 
@@ -102,6 +129,10 @@ class TransformersRollout:
     def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
         return sample(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
                       temperature=temperature, seed=seed, batch_size=self.batch_size)
+
+    def sample_ids(self, prompt_ids, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
+        return sample_ids(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed, batch_size=self.batch_size)
 
     def update_weights(self, model) -> None:
         self.model = model
@@ -123,11 +154,15 @@ class VLLMRollout:
         self.llm = LLM(model=str(model_path), dtype=dtype, **engine_kwargs)
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
+        return self.sample_ids(encode_prompts(self.tokenizer, prompts), n=n, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed)
+
+    def sample_ids(self, prompt_ids, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
         from vllm import SamplingParams, TokensPrompt
 
         if n < 1 or max_new_tokens < 1 or temperature <= 0:
             raise ValueError(f"need n>=1, max_new_tokens>=1, temperature>0; got {n}, {max_new_tokens}, {temperature}")
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [list(p) for p in prompt_ids]
         params = SamplingParams(n=n, temperature=temperature, top_k=-1, top_p=1.0, seed=seed,
                                 max_tokens=max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id])
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)

@@ -26,8 +26,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
     def score(d, texts, refs):
         return [v.reward for v in verify_batch([kinds[d]] * len(texts), texts, refs)]
 
-    # Uni-OPD A.1: the difficulty stage's balanced prompt set when the pipeline runs it.
-    if "difficulty" in inputs:
+    # Uni-OPD A.1: the difficulty stage's balanced prompt set when the pipeline runs it (and the
+    # variant does not turn offline balancing off).
+    if "difficulty" in inputs and params.offline_balance:
         prompts = {d: read_balanced(inputs["difficulty"], d) for d in cfg.domains}
     else:
         prompts = {d: read_split(inputs["data"], d, "train") for d in cfg.domains}

@@ -167,8 +167,8 @@ class _StopReplicaMidStep:
     def __init__(self, inner, servers):
         self.inner, self.servers, self.calls = inner, servers, 0
 
-    def sample(self, prompts, **kw):
-        out = self.inner.sample(prompts, **kw)
+    def sample_ids(self, prompt_ids, **kw):
+        out = self.inner.sample_ids(prompt_ids, **kw)
         self.calls += 1
         if self.calls == 1:
             for server, url in self.servers:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from mopd.rollout import generate_ids
 from mopd.teachers.base import SequenceScores, check_scores, validate_request
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,11 @@ class InProcessTeacher:
     trainer calls it from its scoring thread pool while the student samples)."""
 
     def __init__(self, model, *, name: str = "inprocess", pad_id: int = 0,
-                 max_batch_tokens: int = 16384):
+                 max_batch_tokens: int = 16384, eos_id: int | None = None):
         self.model = model.eval()
         self.name = name
         self.pad_id = pad_id
+        self.eos_id = model.config.eos_token_id if eos_id is None else eos_id
         self.max_batch_tokens = max_batch_tokens
         self._lock = threading.Lock()
 
@@ -98,6 +100,14 @@ class InProcessTeacher:
                                          r.topk_logprobs_NK[sl] if topk else None))
         check_scores(scores, completion_ids, topk, f"teacher {self.name!r}")
         return scores
+
+    def generate(self, prompt_ids, *, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+        """One sampled continuation per prompt (TrOPD's off-policy prefixes, ALGORITHMS §5): the
+        teacher's own policy at ``temperature`` (top-k/top-p off), at most ``max_new_tokens``."""
+        with self._lock:
+            got = generate_ids(self.model, [list(p) for p in prompt_ids], n=1, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed, pad_id=self.pad_id, eos_id=self.eos_id)
+        return [c for _, c in got]
 
     def close(self) -> None:
         pass

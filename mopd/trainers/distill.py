@@ -11,6 +11,9 @@ the objective named by `distill.objective`, looked up in `mopd.objectives.OBJECT
 - `mopd_topk` (§2, MOPD 3.2.2): the teacher ships its top-k (id, log-prob) per position and the
   loss is the truncation-corrected top-k reverse KL;
 - the TrOPD objective and the baselines (§5) through the same batch.
+With `distill.uniopd` (ALGORITHMS §4, Uni-OPD §3.3-3.4) every rollout is verified before the
+update; online balancing keeps a subset of each prompt group (A.2) and margin calibration turns
+the K1 token rewards into calibrated advantages (eq. 5/9/11, Alg. 1) that `mopd_pg` uses.
 The trainer fills only the `DistillBatch` fields the objective requires; student log-probs,
 top-k gathers and entropies go through the chunked LM-head path (`mopd.logits`), so the student's
 B×T×V logits are never materialised.
@@ -40,12 +43,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mopd.config import DistillParams
+from mopd.config import DistillParams, UniOPDParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
+from mopd.objectives.balancing import online_balance
+from mopd.objectives.calibration import calibrated_token_advantages, margin, margin_calibrate_groups
+from mopd.objectives.opd import opd_advantage
 from mopd.objectives.registry import DistillBatch, get_objective, required_fields
 from mopd.progress import report
-from mopd.rollout import RolloutBackend, Sample, TransformersRollout, pack
+from mopd.objectives.tropd import cosine_prefix_length
+from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts, pack
 from mopd.teachers import InProcessTeacher, SequenceScores, TeacherClient, TeacherError, lay_out
 
 log = logging.getLogger(__name__)
@@ -135,31 +142,69 @@ def chunk_bounds(n: int, chunks: int) -> list[int]:
     return bounds
 
 
-def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient], prompts: list[str],
+def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient], prompt_ids: list[list[int]],
                       domains: list[str], pool: ThreadPoolExecutor, *, n: int, max_new_tokens: int,
-                      temperature: float, seed: int, chunks: int, overlap: bool, topk: int | None):
+                      temperature: float, seed: int, chunks: int, overlap: bool, topk: int | None,
+                      prefixes: list[list[int]] | None = None, decode=None, eos_id: int | None = None):
     """Sample ``n`` completions per prompt in ``chunks`` micro-batches of prompts. With
     ``overlap`` a chunk's scoring requests go out as soon as it is sampled, while the next
     chunks sample (MOPD 3.3); without, all scoring starts after the last chunk.
-    Returns (samples, scores per sample, StepTiming)."""
+
+    ``prefixes`` (TrOPD §4.3): per prompt, teacher-generated tokens the student continues from;
+    a sample's completion is then prefix + continuation (``max_new_tokens`` in all; none after a
+    prefix that ended with EOS), and ``decode(ids)`` re-renders its text.
+    Returns (samples, scores per sample, StepTiming, prefix length per sample)."""
     timing = StepTiming()
-    bounds = chunk_bounds(len(prompts), chunks)
+    bounds = chunk_bounds(len(prompt_ids), chunks)
+    pre = prefixes or [[] for _ in prompt_ids]
     samples: list[Sample] = []
+    prefix_lens: list[int] = []
     row_domain: list[str] = []
     jobs: list[tuple] = []
     for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         t0 = time.perf_counter()
-        got = rollout.sample(prompts[lo:hi], n=n, max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=seed + 7919 * c)
+        got = rollout.sample_ids([list(p) + pre[i] for i, p in enumerate(prompt_ids[lo:hi], lo)], n=n,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 7919 * c)
         timing.sample += time.perf_counter() - t0
         first = len(samples)
-        samples += [dataclasses.replace(s, prompt_index=s.prompt_index + lo) for s in got]
-        row_domain += [domains[s.prompt_index + lo] for s in got]
+        for s in got:
+            i = s.prompt_index + lo
+            if pre[i]:  # the prefix moves from the prompt into the completion; budget = the rest
+                budget = 0 if pre[i][-1] == eos_id else max_new_tokens - len(pre[i])
+                comp = pre[i] + s.completion_ids[:max(budget, 0)]
+                s = Sample(s.prompt_index, list(prompt_ids[i]), comp, decode(comp))
+            samples.append(dataclasses.replace(s, prompt_index=i))
+            prefix_lens.append(len(pre[i]))
+            row_domain.append(domains[i])
         if overlap:
             jobs += submit_scoring(pool, clients, samples, list(range(first, len(samples))), row_domain, topk)
     if not overlap:
         jobs = submit_scoring(pool, clients, samples, list(range(len(samples))), row_domain, topk)
-    return samples, collect_scoring(jobs, len(samples), timing), timing
+    return samples, collect_scoring(jobs, len(samples), timing), timing, prefix_lens
+
+
+def teacher_prefixes(clients: dict[str, TeacherClient], prompt_ids: list[list[int]], domains: list[str], *,
+                     share: float, l_max: int, temperature: float, rng: random.Random,
+                     seed: int) -> list[list[int]]:
+    """TrOPD off-policy guidance (§4.3, ALGORITHMS §5): each prompt, with probability ``share``,
+    gets a prefix of length ``l ~ U{1..l_max}`` sampled from its domain's teacher (one request per
+    distinct teacher; shorter when the teacher stops). ``[]`` for the others."""
+    want = [rng.randint(1, l_max) if l_max > 0 and rng.random() < share else 0 for _ in prompt_ids]
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    by_client: dict[int, list[int]] = {}
+    for i, d in enumerate(domains):
+        if want[i]:
+            by_client.setdefault(id(clients[d]), []).append(i)
+    for rows in by_client.values():
+        client = clients[domains[rows[0]]]
+        if not hasattr(client, "generate"):
+            raise TeacherError(f"teacher {client.name!r} (domain {domains[rows[0]]!r}) cannot generate: "
+                               "TrOPD prefixes need an in-process teacher")
+        got = client.generate([prompt_ids[i] for i in rows], max_new_tokens=max(want[i] for i in rows),
+                              temperature=temperature, seed=seed)
+        for i, c in zip(rows, got):
+            out[i] = list(c[:want[i]])
+    return out
 
 
 TOPK_FIELDS = {"teacher_topk_logprobs_BTK", "student_topk_logprobs_BTK", "teacher_topk_ids_BTK"}
@@ -221,6 +266,60 @@ def _rows(x, rows: list[int]):
     return None if x is None else x[rows]
 
 
+def _mean_margin(returns_B: torch.Tensor, positive_B: torch.Tensor, groups_B: torch.Tensor, mode: str,
+                 keep_B: torch.Tensor | None = None) -> float | None:
+    """Mean over prompt groups of the eq. 9 margin (groups with both positives and negatives)."""
+    ms = []
+    for g in torch.unique(groups_B):
+        idx = groups_B == g
+        if keep_B is not None:
+            idx = idx & keep_B
+        m = margin(returns_B[idx], positive_B[idx], mode=mode)
+        if m is not None:
+            ms.append(m)
+    return sum(ms) / len(ms) if ms else None
+
+
+def uniopd_balance(uni: UniOPDParams, rewards: list[float], groups: list[int],
+                   generator: torch.Generator) -> tuple[list[int], dict[str, float]]:
+    """Uni-OPD A.2 online balancing over one rollout batch: the rows kept (all when balancing is
+    off) and the correct share before / after."""
+    correct_B = torch.tensor([r >= uni.threshold for r in rewards])
+    metrics = {"uniopd/correct_share": float(correct_B.double().mean())}
+    if not uni.online_balance:
+        return list(range(len(rewards))), metrics
+    keep_B = online_balance(correct_B, torch.tensor(groups), target=uni.target, tol=uni.tol,
+                            generator=generator)
+    metrics |= {"uniopd/balance_kept_fraction": float(keep_B.double().mean()),
+                "uniopd/correct_share_balanced": float(correct_B[keep_B].double().mean())}
+    return keep_B.nonzero(as_tuple=True)[0].tolist(), metrics
+
+
+def uniopd_advantages(uni: UniOPDParams, r_BT: torch.Tensor, mask_BT: torch.Tensor, rewards_B: torch.Tensor,
+                      groups_B: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Uni-OPD §3.4 (ALGORITHMS §4): the distillation return ``R(y) = 1/|y| Σ_t r_t`` of each
+    rollout (eq. 5, ``r_t`` the clipped K1 token reward ``u_t - s_t`` at the rollout policy),
+    outcome-guided margin calibration inside each prompt group (eq. 9/11 or Alg. 1's greedy
+    mask), and the calibrated token advantages ``A_t = r_t + Δ_y`` (0 for masked responses).
+    Returns (advantages_BT, metrics: margin before/after, kept fraction, share of groups shifted)."""
+    m_BT = mask_BT.to(r_BT.dtype)
+    R_B = (r_BT * m_BT).sum(1) / m_BT.sum(1).clamp(min=1)
+    after_B, keep_B = margin_calibrate_groups(R_B, rewards_B, groups_B, gamma=uni.gamma, mode=uni.calibration,
+                                              strategy=uni.strategy, min_keep=uni.min_keep,
+                                              threshold=uni.threshold)
+    adv_BT = calibrated_token_advantages(r_BT, R_B, after_B, keep_B) * m_BT
+    positive_B = rewards_B >= uni.threshold
+    metrics = {"uniopd/kept_fraction": float(keep_B.double().mean()),
+               "uniopd/shifted_fraction": float(((after_B != R_B) & keep_B).double().mean())}
+    before = _mean_margin(R_B, positive_B, groups_B, uni.calibration)
+    after = _mean_margin(after_B, positive_B, groups_B, uni.calibration, keep_B)
+    if before is not None:
+        metrics["uniopd/margin_before"] = before
+    if after is not None:
+        metrics["uniopd/margin_after"] = after
+    return adv_BT, metrics
+
+
 def objective_kwargs(name: str, params: DistillParams) -> dict:
     """The objective's keyword arguments: `clip` and `token_mean` from the distill section where
     the objective takes them, plus `objective_params`; an unknown one is an error naming it."""
@@ -232,6 +331,10 @@ def objective_kwargs(name: str, params: DistillParams) -> dict:
         raise ValueError(f"distill.objective_params: {unknown} not accepted by objective {name!r} "
                          f"(it takes {sorted(accepted)})")
     return kwargs | dict(params.objective_params)
+
+
+def _accepts(name: str, arg: str) -> bool:
+    return arg in inspect.signature(inspect.unwrap(get_objective(name))).parameters
 
 
 def _one_thread() -> None:
@@ -263,8 +366,9 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     the SFT student; save to ``out_dir/model``.
 
     ``prompts``: domain -> records (need `prompt`, and `reference` when ``score_fn`` is given).
-    ``score_fn(domain, texts, references) -> list[float]`` optionally verifies the rollouts for
-    monitoring (the objective never uses the outcome reward). ``rollout``: the student's sampling
+    ``score_fn(domain, texts, references) -> list[float]`` verifies the rollouts: for monitoring,
+    and for Uni-OPD's balancing and calibration (`params.uniopd`), which need it; MOPD's
+    objectives never use the outcome reward. ``rollout``: the student's sampling
     backend (default: transformers `generate` on the trained module). Returns the metric history."""
     domains = sorted(teachers)
     missing = [d for d in domains if not prompts.get(d)]
@@ -285,7 +389,7 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
                             initializer=_one_thread) as pool:
         for step in tqdm(range(1, params.max_steps + 1), desc="mopd distill", mininterval=5):
             metrics = _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains,
-                            params, topk, needs, rng, seed * 100_003 + step, score_fn)
+                            params, topk, needs, rng, seed * 100_003 + step, score_fn, step)
             tracker.log_metrics(metrics, step=step)
             report(step, params.max_steps, "steps")
             for k, v in metrics.items():
@@ -294,25 +398,79 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     return history
 
 
+def _verify(score_fn, samples: list[Sample], recs: list[dict], batch_domains: list[str]) -> list[float]:
+    """Outcome reward of every rollout, by its domain's verifier (one call per domain)."""
+    row_domain = [batch_domains[s.prompt_index] for s in samples]
+    rewards = [0.0] * len(samples)
+    for d in dict.fromkeys(row_domain):
+        rows = [b for b, rd in enumerate(row_domain) if rd == d]
+        got = score_fn(d, [samples[b].text for b in rows], [recs[samples[b].prompt_index]["reference"] for b in rows])
+        for b, r in zip(rows, got):
+            rewards[b] = float(r)
+    return rewards
+
+
 def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, params: DistillParams,
-          topk, needs, rng, sample_seed, score_fn) -> dict[str, float]:
-    """One MOPD step: rollouts + teacher scores (overlapped), objective, optimiser step."""
+          topk, needs, rng, sample_seed, score_fn, step: int = 1) -> dict[str, float]:
+    """One MOPD step: [TrOPD: teacher prefixes], rollouts + teacher scores (overlapped),
+    [Uni-OPD: verify, balance, calibrate], objective, optimiser step(s)."""
     t0 = time.perf_counter()
     batch_domains = draw_domains(domains, params.domain_weights, params.prompts_per_step, rng)
     recs = [rng.choice(prompts[d]) for d in batch_domains]
-    samples, scores, timing = rollout_and_score(
-        rollout, clients, [r["prompt"] for r in recs], batch_domains, pool, n=params.samples_per_prompt,
+    prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in recs])
+    prefixes, pre_metrics = None, {}
+    if params.prefix_share > 0:
+        l_max = cosine_prefix_length(step - 1, params.max_steps, params.max_new_tokens)
+        tp = time.perf_counter()
+        # own seeded stream: turning guidance on does not change which prompts are drawn
+        prefixes = teacher_prefixes(clients, prompt_ids, batch_domains, share=params.prefix_share, l_max=l_max,
+                                    temperature=params.temperature, rng=random.Random(sample_seed * 31 + 7),
+                                    seed=sample_seed + 1)
+        got = [len(p) for p in prefixes if p]
+        pre_metrics = {"tropd/prefix_cap": float(l_max), "tropd/prefix_seconds": time.perf_counter() - tp,
+                       "tropd/prefixed_share": len(got) / len(prefixes),
+                       "tropd/prefix_length": sum(got) / len(got) if got else 0.0}
+    samples, scores, timing, prefix_lens = rollout_and_score(
+        rollout, clients, prompt_ids, batch_domains, pool, n=params.samples_per_prompt,
         max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=sample_seed,
-        chunks=params.rollout_chunks, overlap=params.overlap, topk=topk)
-    ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id)
-    u_BT, top_ids_BTK, top_lp_BTK = lay_out(scores, [len(s.prompt_ids) for s in samples],
+        chunks=params.rollout_chunks, overlap=params.overlap, topk=topk, prefixes=prefixes,
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos_id=tokenizer.eos_token_id)
+    rewards = _verify(score_fn, samples, recs, batch_domains) if score_fn is not None else None
+    uni = params.uniopd if params.uniopd is not None and params.uniopd.active else None
+    uni_metrics: dict[str, float] = {}
+    kept = list(range(len(samples)))
+    if uni is not None:
+        if rewards is None:
+            raise ValueError("distill.uniopd verifies every rollout: train_mopd needs score_fn")
+        # the balancing draw has its own seeded stream (not the prompt sampler's)
+        gen = torch.Generator().manual_seed(sample_seed)
+        kept, uni_metrics = uniopd_balance(uni, rewards, [s.prompt_index for s in samples], gen)
+    t_samples, t_scores = [samples[b] for b in kept], [scores[b] for b in kept]
+    ids_BT, attn_BT, mask_BT = pack(t_samples, tokenizer.pad_token_id)
+    prefix_BT = None
+    if prefixes is not None:  # teacher tokens: β·NLL only; the on-policy terms see the student's
+        prefix_BT = torch.zeros_like(mask_BT)
+        for row, b in enumerate(kept):
+            start = len(samples[b].prompt_ids)
+            prefix_BT[row, start:start + prefix_lens[b]] = 1.0
+        mask_BT = mask_BT - prefix_BT
+    u_BT, top_ids_BTK, top_lp_BTK = lay_out(t_scores, [len(s.prompt_ids) for s in t_samples],
                                             ids_BT.shape[1], topk)
     updates = update_passes(params, ids_BT.shape[0], rng)
-    old_s_BT = None
-    if len(updates) > 1:  # several optimiser steps per rollout batch: fix the rollout policy (§1)
+    calibrate = uni is not None and uni.calibration != "off"
+    old_s_BT = adv_BT = None
+    if len(updates) > 1 or calibrate:  # fix the rollout policy (§1): ratio, advantages, returns
         with torch.no_grad():
             old_s_BT = student_quantities(student, ids_BT, attn_BT, temperature=params.temperature)[0]
+    if calibrate:
+        r_BT = opd_advantage(u_BT, old_s_BT, clip=params.clip)
+        adv_BT, cal_metrics = uniopd_advantages(
+            uni, r_BT, mask_BT, torch.tensor([rewards[b] for b in kept], dtype=r_BT.dtype),
+            torch.tensor([samples[b].prompt_index for b in kept]))
+        uni_metrics |= cal_metrics
     kwargs = objective_kwargs(params.objective, params)
+    if _accepts(params.objective, "generator"):  # TrOPD's trust mask: its own seeded stream
+        kwargs["generator"] = torch.Generator().manual_seed(sample_seed + 2)
     sums: dict[str, float] = {}
     for rows in updates:
         s_BT, s_topk_BTK, ent_BT = student_quantities(
@@ -320,10 +478,12 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
             entropy="student_entropy_BT" in needs, temperature=params.temperature)
         m_BT = mask_BT[rows]
         batch = DistillBatch(mask_BT=m_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT[rows],
-                             old_student_logprobs_BT=_rows(old_s_BT, rows),
+                             old_student_logprobs_BT=_rows(old_s_BT, rows), advantages_BT=_rows(adv_BT, rows),
                              teacher_topk_ids_BTK=_rows(top_ids_BTK, rows),
                              teacher_topk_logprobs_BTK=_rows(top_lp_BTK, rows),
-                             student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT)
+                             student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT,
+                             prefix_student_logprobs_BT=None if prefix_BT is None else s_BT,
+                             prefix_mask_BT=_rows(prefix_BT, rows))
         loss, obj_metrics = get_objective(params.objective)(batch, **kwargs)
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -334,7 +494,7 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
             "distill/loss": loss.item(), "distill/grad_norm": float(grad_norm),
             # K1 estimate of the per-token reverse KL to the routed teachers (§8 diagnostic)
             "distill/reverse_kl": float(((s_BT.detach() - u_BT[rows]) * m_BT).sum() / n_mb)}
-        if old_s_BT is not None:  # share of tokens whose PPO ratio left [1 - eps_low, 1 + eps_high]
+        if len(updates) > 1:  # share of tokens whose PPO ratio left [1 - eps_low, 1 + eps_high]
             ratio = torch.exp(s_BT.detach() - old_s_BT[rows])
             out = (ratio < 1 - kwargs.get("eps_low", 0.2)) | (ratio > 1 + kwargs.get("eps_high", 0.2))
             part["distill/clipped_fraction"] = float((out & m_BT.bool()).sum() / n_mb)
@@ -343,19 +503,17 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
     rollout.update_weights(student)
     step_seconds = time.perf_counter() - t0
     n_tok = mask_BT.sum().clamp(min=1)
-    metrics = sums | {
-        "distill/response_tokens": float(n_tok / len(samples)),
+    metrics = sums | uni_metrics | pre_metrics | {
+        "distill/response_tokens": float(n_tok / len(t_samples)),
         "distill/sample_seconds": timing.sample,
         "distill/teacher_seconds": timing.teacher,
         "distill/teacher_wait_seconds": timing.wait,
         "distill/teacher_share": timing.wait / step_seconds,
         "distill/step_seconds": step_seconds,
     }
-    if score_fn is not None:
+    if rewards is not None:  # every rollout of the step (before any balancing), per domain
         row_domain = [batch_domains[s.prompt_index] for s in samples]
         for d in dict.fromkeys(row_domain):
-            rows = [b for b, rd in enumerate(row_domain) if rd == d]
-            rewards = score_fn(d, [samples[b].text for b in rows],
-                               [recs[samples[b].prompt_index]["reference"] for b in rows])
-            metrics[f"distill/reward_{d}"] = sum(rewards) / len(rewards)
+            rs = [rewards[b] for b, rd in enumerate(row_domain) if rd == d]
+            metrics[f"distill/reward_{d}"] = sum(rs) / len(rs)
     return metrics
