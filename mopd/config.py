@@ -217,6 +217,11 @@ class DistillParams(_Strict):
     topk: PosInt = 16  # k of the top-k form (§2)
     token_mean: bool = False  # False: mean per sequence, then over sequences (§ notation)
     domain_weights: dict[str, PosFloat] | None = None  # per-batch domain shares; None = uniform
+    # Uni-OPD eq. 4 (ALGORITHMS §3): a domain's rollouts scored by several teachers, token reward
+    # Σ_i w_i (u_i - s). {math: {math: 0.8, code: 0.2}}; keys are the pipeline's domains (a
+    # teacher is named by its domain), each row sums to 1; unlisted domains route one-hot to their
+    # own teacher (MOPD). Needs an objective that uses only the sampled token's log-prob.
+    teacher_weights: dict[str, dict[str, Annotated[float, Field(ge=0)]]] | None = None
     # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
     # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
     # duration and scores through the same HTTP client used for remote endpoints.
@@ -247,6 +252,16 @@ class DistillParams(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _teacher_weights_fit(self) -> "DistillParams":
+        for d, row in (self.teacher_weights or {}).items():
+            if not math.isclose(sum(row.values()), 1.0, rel_tol=1e-6, abs_tol=1e-9):
+                raise ValueError(f"teacher_weights.{d} = {row}: weights must sum to 1")
+            if row != {d: 1.0} and self.objective not in K1_OBJECTIVES:
+                raise ValueError(f"teacher_weights.{d} mixes teachers, which needs an objective on the sampled "
+                                 f"token's log-prob ({', '.join(K1_OBJECTIVES)}); got {self.objective!r}")
+        return self
+
+    @model_validator(mode="after")
     def _prefix_fits(self) -> "DistillParams":
         if self.prefix_share > 0 and self.objective != "tropd":
             raise ValueError(f"prefix_share {self.prefix_share} (TrOPD off-policy guidance) needs "
@@ -267,6 +282,10 @@ class DistillParams(_Strict):
                              f"must be >= 2 (got {self.samples_per_prompt})")
         return self
 
+
+# Objectives whose loss uses only the teacher's log-prob of the sampled token (a weighted sum of
+# teachers' log-probs is then exact, Uni-OPD eq. 4); the top-k forms need one teacher's top-k.
+K1_OBJECTIVES = ("mopd_pg", "reopold_clip", "mask_outlier", "entropy_opd")
 
 # What `distill.objective_params` may set per objective (their keyword arguments besides `batch`,
 # and `clip`/`token_mean`, which come from the distill section). Torch-free, so that loading the
@@ -343,8 +362,9 @@ class Params(_Strict):
                     self.stage_params(kind, name)
                 except ValidationError as exc:
                     err = exc.errors()[0]
-                    key = ".".join(str(p) for p in err["loc"])
-                    raise ValueError(f"variants.{kind}.{name}.{key}: {err['msg']}") from None
+                    where = ".".join([f"variants.{kind}.{name}", *(str(p) for p in err["loc"])])
+                    raise ValueError(f"{where}: {_plain(err['msg'])} (a variant inherits every key of "
+                                     f"`{kind}` it does not set)") from None
         return self
 
     def stage_params(self, kind: str, variant: str | None = None) -> BaseModel:
@@ -642,6 +662,11 @@ def _user_path(raw: Any, loc: tuple) -> tuple[list[str], Any]:
 MAX_ERRORS = 8  # listed per file; the rest are counted
 
 
+def _plain(msg: str) -> str:
+    """A validator's message without pydantic's "Value error, " prefix."""
+    return msg.removeprefix("Value error, ")
+
+
 def _format_errors(path: Path, exc: ValidationError, raw: dict) -> str:
     errors = exc.errors()
     lines = [f"{path}: {len(errors)} invalid setting(s):"]
@@ -651,9 +676,9 @@ def _format_errors(path: Path, exc: ValidationError, raw: dict) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (remove it or check its spelling)")
         elif isinstance(value, (dict, list)) and err["type"] in ("value_error", "assertion_error"):
-            lines.append(f"  {key}: {_cut(err['msg'])}")  # the message names the entry
+            lines.append(f"  {key}: {_cut(_plain(err['msg']))}")  # the message names the entry
         else:
-            lines.append(f"  {key} = {_short(value)}: {_cut(err['msg'])}")
+            lines.append(f"  {key} = {_short(value)}: {_cut(_plain(err['msg']))}")
     if len(errors) > MAX_ERRORS:
         lines.append(f"  ... and {len(errors) - MAX_ERRORS} more")
     return "\n".join(lines)
@@ -713,6 +738,7 @@ def load_config(
                 f"{project_dir / params_file}: distill.domain_weights = {weights}: must sum to 1"
             )
     for name, pipe in pipes.pipelines.items():
+        _check_teacher_weights(params, pipe, project_dir / params_file, name)
         for entry in pipe.stages:
             kind, variant = entry.partition(":")[::2]
             if variant and variant not in params.variants.get(kind, {}):
@@ -729,6 +755,24 @@ def load_config(
     except ValueError as exc:
         raise ConfigError(f"{project_dir / pipelines_file}: {exc}") from None
     return cfg
+
+
+def _check_teacher_weights(params: Params, pipe, file: Path, pipeline: str) -> None:
+    """`teacher_weights` of `distill` and of each distill variant the pipeline runs name only
+    the pipeline's domains."""
+    sections = [("distill", None)] if "distill" in pipe.stages else []
+    sections += [(f"variants.distill.{e.partition(':')[2]}", e.partition(":")[2])
+                 for e in pipe.stages if e.startswith("distill:")]
+    for key, variant in sections:
+        try:
+            weights = params.stage_params("distill", variant).teacher_weights or {}
+        except KeyError:
+            continue  # a missing variant section is reported by the caller
+        for d, row in weights.items():
+            bad = sorted({d, *row} - set(pipe.domains))
+            if bad:
+                raise ConfigError(f"{file}: {key}.teacher_weights.{d}: {bad} not domain(s) of pipeline "
+                                  f"{pipeline!r} ({pipe.domains}); a teacher is named by its domain")
 
 
 def _check_local_paths(cfg: Config, file: Path) -> None:

@@ -41,6 +41,16 @@ def _project(tmp_path: Path, params: dict, pipelines: dict | None = None) -> Pat
     (lambda p: p["teacher"].pop("code"), ["teacher.code", "missing recipe"]),
     (lambda p: p["distill"].update(domain_weights={"math": 0.5, "code": 0.2, "if": 0.2}),
      ["distill.domain_weights", "sum to 1"]),
+    (lambda p: p.pop("variants") and p["distill"].update(teacher_weights={"math": {"math": 0.5, "chem": 0.5}}),
+     ["params.yaml", "distill.teacher_weights.math", "'chem'", "not domain(s) of pipeline"]),
+    (lambda p: p.pop("variants") and p["distill"].update(teacher_weights={"math": {"math": 0.5, "code": 0.4}}),
+     ["distill", "teacher_weights.math", "sum to 1"]),
+    (lambda p: p["distill"].update(uniopd={"calibration": "mean", "strategy": "nudge"}),
+     ["distill.uniopd.strategy", "'nudge'"]),
+    (lambda p: p["distill"].update(prefix_share=0.5),
+     ["distill", "prefix_share 0.5", "objective: tropd"]),
+    (lambda p: p["distill"].update(teacher_weights={"math": {"math": 0.5, "code": 0.5}}),  # tropd inherits it
+     ["variants.distill.tropd", "teacher_weights.math mixes teachers", "inherits every key of `distill`"]),
 ])
 def test_params_errors_name_file_key_value(tmp_path, mutate, expected):
     params = micro_params()

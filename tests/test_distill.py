@@ -255,3 +255,45 @@ def test_open_teachers_errors_name_the_problem(two_models, monkeypatch):
         clients = open_teachers({"code": remote, "math": LocalTeacher()}, {"math": a},
                                 transport="inprocess", stack=stack)
         assert clients["code"].endpoints == ["http://127.0.0.1:9"] and clients["math"].name == "math"
+
+
+def test_weighted_teachers_combine_log_probs_uni_opd_eq4(two_models, tmp_path):
+    """Uni-OPD eq. 4: a one-hot row pointing elsewhere is exactly routing to that teacher; a
+    mixed row scores with Σ w_i u_i (checked against each teacher scored alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mopd.rollout import sample
+    from mopd.teachers import InProcessTeacher
+    from mopd.trainers.distill import StepTiming, mix_teachers
+
+    a, b = two_models
+    base = dict(max_steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=5, overlap=False)
+    routed = train_mopd(a, {"x": b, "y": b}, PROMPTS, tmp_path / "r", DistillParams(**base), seed=0,
+                        tracker=NullTracker())
+    weighted = train_mopd(a, {"x": a, "y": b}, PROMPTS, tmp_path / "w",
+                          DistillParams(**base, teacher_weights={"x": {"y": 1.0}}), seed=0, tracker=NullTracker())
+    own = train_mopd(a, {"x": a, "y": b}, PROMPTS, tmp_path / "o", DistillParams(**base), seed=0,
+                     tracker=NullTracker())
+    assert weighted["distill/reverse_kl"] == routed["distill/reverse_kl"]
+    assert weighted["distill/reverse_kl"] != own["distill/reverse_kl"]
+
+    ta, tb = InProcessTeacher.from_pretrained(a, name="x"), InProcessTeacher.from_pretrained(b, name="y")
+    tok = load_tokenizer(a)
+    samples = sample(load_model(a), tok, ["[math] 1+1=", "[math] 2+2="], n=2, max_new_tokens=5,
+                     temperature=1.0, seed=0)
+    p, c = [s.prompt_ids for s in samples], [s.completion_ids for s in samples]
+    ua, ub = ta.score(p, c), tb.score(p, c)
+    with ThreadPoolExecutor(2) as pool:
+        mixed = mix_teachers(pool, {"x": ta, "y": tb}, samples, ["x", "x", "y", "y"], ua,
+                             {"x": {"x": 0.25, "y": 0.75}}, StepTiming())
+    for j in (0, 1):  # domain x: mixed
+        assert torch.allclose(mixed[j].logprobs_C, 0.25 * ua[j].logprobs_C + 0.75 * ub[j].logprobs_C, atol=1e-6)
+    for j in (2, 3):  # domain y has no row: its routed scores pass unchanged
+        assert mixed[j] is ua[j]
+    with pytest.raises(ValueError, match="sum to 1"):
+        DistillParams(teacher_weights={"x": {"x": 0.5, "y": 0.4}})
+    with pytest.raises(ValueError, match="sampled token"):
+        DistillParams(objective="mopd_topk", teacher_weights={"x": {"x": 0.5, "y": 0.5}})
+    with pytest.raises(ValueError, match="no teacher"):
+        train_mopd(a, {"x": a}, PROMPTS, tmp_path / "z", DistillParams(**base, teacher_weights={"x": {"q": 1.0}}),
+                   seed=0, tracker=NullTracker())

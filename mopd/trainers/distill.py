@@ -183,6 +183,49 @@ def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient]
     return samples, collect_scoring(jobs, len(samples), timing), timing, prefix_lens
 
 
+def mix_teachers(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
+                 row_domain: list[str], scores: list[SequenceScores],
+                 weights: dict[str, dict[str, float]], timing: StepTiming) -> list[SequenceScores]:
+    """Uni-OPD eq. 4 (ALGORITHMS §3): the rollouts of a domain with a weight row are scored by
+    every teacher of the row with a positive weight, and their token log-probs combined as
+    ``u = Σ_i w_i u_i`` (the K1 reward of ``Σ_i w_i KL(πS ‖ πTi)`` is ``u - s``). ``scores``
+    hold the routed (own-domain) teacher's, reused for that teacher's share."""
+    out = list(scores)
+    jobs = []
+    for d, row in weights.items():
+        rows = [b for b, rd in enumerate(row_domain) if rd == d]
+        if not rows or row == {d: 1.0}:
+            continue
+        for t, w in row.items():
+            if w > 0 and t != d:
+                jobs.append((d, t, rows, pool.submit(_timed_score, clients[t], [samples[b].prompt_ids for b in rows],
+                                                     [samples[b].completion_ids for b in rows], None)))
+    t0 = time.perf_counter()
+    extra: dict[tuple[str, str], list[SequenceScores]] = {}
+    try:
+        for d, t, rows, fut in jobs:
+            got, seconds = fut.result()
+            if len(got) != len(rows):
+                raise TeacherError(f"teacher {t!r} (weighted into domain {d!r}): {len(got)} scores for {len(rows)}")
+            timing.teacher += seconds
+            extra[(d, t)] = got
+    except TeacherError:
+        raise
+    except Exception as exc:
+        raise TeacherError(f"teacher weighted into domain {d!r} ({t!r}) failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        timing.wait += time.perf_counter() - t0
+    for d, row in weights.items():
+        rows = [b for b, rd in enumerate(row_domain) if rd == d]
+        if not rows or row == {d: 1.0}:
+            continue
+        for j, b in enumerate(rows):
+            lp_C = sum(w * (scores[b] if t == d else extra[(d, t)][j]).logprobs_C
+                       for t, w in row.items() if w > 0)
+            out[b] = SequenceScores(lp_C)
+    return out
+
+
 def teacher_prefixes(clients: dict[str, TeacherClient], prompt_ids: list[list[int]], domains: list[str], *,
                      share: float, l_max: int, temperature: float, rng: random.Random,
                      seed: int) -> list[list[int]]:
@@ -371,6 +414,10 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     objectives never use the outcome reward. ``rollout``: the student's sampling
     backend (default: transformers `generate` on the trained module). Returns the metric history."""
     domains = sorted(teachers)
+    for d, row in (params.teacher_weights or {}).items():
+        unknown = sorted({d, *row} - set(domains))
+        if unknown:
+            raise ValueError(f"distill.teacher_weights.{d}: {unknown} have no teacher (teachers: {domains})")
     missing = [d for d in domains if not prompts.get(d)]
     if missing:
         raise ValueError(f"no prompts for domain(s) {missing}")
@@ -435,6 +482,9 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
         max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=sample_seed,
         chunks=params.rollout_chunks, overlap=params.overlap, topk=topk, prefixes=prefixes,
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos_id=tokenizer.eos_token_id)
+    if params.teacher_weights:
+        scores = mix_teachers(pool, clients, samples, [batch_domains[s.prompt_index] for s in samples], scores,
+                              params.teacher_weights, timing)
     rewards = _verify(score_fn, samples, recs, batch_domains) if score_fn is not None else None
     uni = params.uniopd if params.uniopd is not None and params.uniopd.active else None
     uni_metrics: dict[str, float] = {}
