@@ -305,6 +305,21 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "sce"]
 
 
+class MultiRoundParams(_Strict):
+    """Multi-round MOPD (MOPD §4.4.3; ALGORITHMS §9), the pipeline entry `multiround`: round r's
+    student initialises round r+1's teachers (`round_teacher:<r+1>:<domain>`, each domain's
+    `teacher.<domain>` recipe) for `domains`, then MOPD again over those domains
+    (`multiround:<r+1>`, the `distill` section) from round r's student. Round 1 is `distill`."""
+
+    rounds: Annotated[int, Field(ge=2, le=8)] = 2  # MOPD rounds in all
+    domains: list[str] = Field(default_factory=list)  # [] = every local-teacher domain (MOPD: math, IF)
+
+    @staticmethod
+    def student_stage(round: int) -> str:
+        """The stage whose model is round ``round``'s student."""
+        return "distill" if round == 1 else f"multiround:{round}"
+
+
 class MergeParams(_Strict):
     methods: list[MergeMethod] = Field(default_factory=lambda: ["linear", "task_arithmetic"])
     task_arithmetic_lambda: PosFloat = 0.5
@@ -340,6 +355,7 @@ class Params(_Strict):
     difficulty: DifficultyParams = DifficultyParams()
     distill: DistillParams = DistillParams()
     merge: MergeParams = MergeParams()
+    multiround: MultiRoundParams = MultiRoundParams()
     evaluate: EvaluateParams = EvaluateParams()
     # Method variants (mopd.graph): `variants.<kind>.<name>` holds keys that replace those of the
     # `<kind>` section for the stage `<kind>:<name>` (e.g. `variants.distill.tropd` for
@@ -610,6 +626,11 @@ class Config(_Strict):
         """Domains whose teacher the pipeline trains (the others name remote endpoints)."""
         return [d for d in self.domains if self.domain(d).teacher.source == "local"]
 
+    @property
+    def round_domains(self) -> list[str]:
+        """Multi-round MOPD: the domains retrained and distilled again from round 2 on."""
+        return list(self.params.multiround.domains) or self.local_teacher_domains
+
     def domain(self, name: str) -> DomainConfig:
         return self.pipelines.domains[name]
 
@@ -739,6 +760,12 @@ def load_config(
             )
     for name, pipe in pipes.pipelines.items():
         _check_teacher_weights(params, pipe, project_dir / params_file, name)
+        local_teachers = [d for d in pipe.domains if pipes.domains[d].teacher.source == "local"]
+        bad = sorted(set(params.multiround.domains) - set(local_teachers))
+        if name == pipeline and "multiround" in pipe.stages and bad:  # only the pipeline that runs
+            raise ConfigError(
+                f"{project_dir / params_file}: multiround.domains: {bad} are not domains of pipeline "
+                f"{name!r} whose teacher it trains ({local_teachers}); multi-round MOPD retrains teachers")
         for entry in pipe.stages:
             kind, variant = entry.partition(":")[::2]
             if variant and variant not in params.variants.get(kind, {}):

@@ -144,6 +144,24 @@ def _distill_models(ctx: _Ctx, a: dict) -> tuple[tuple[str, str], ...]:
     return ((label, "model"),)
 
 
+def _rounds(ctx: _Ctx) -> range:
+    return range(2, ctx.cfg.params.multiround.rounds + 1)
+
+
+def _round_teacher_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    from mopd.config import MultiRoundParams
+
+    return ("data", MultiRoundParams.student_stage(int(a["round"]) - 1))
+
+
+def _round_distill_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    from mopd.config import MultiRoundParams
+
+    r = int(a["round"])
+    return ("data", MultiRoundParams.student_stage(r - 1), *(("difficulty",) if ctx.has("difficulty") else ()),
+            *(f"round_teacher:{r}:{d}" for d in ctx.cfg.round_domains))
+
+
 def _model_stages(ctx: _Ctx) -> list[StageSpec]:
     return [s for s in ctx.specs if s.models]
 
@@ -189,6 +207,21 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
                                        *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=_distill_models),
+    # Multi-round MOPD (MOPD §4.4.3): round r's teachers start from round r-1's student and train
+    # with the domain's recipe; then MOPD again over those domains from that student.
+    StageKind("round_teacher", "tasks.round_teacher",
+              lambda ctx: [{"round": str(r), "domain": d} for r in _rounds(ctx) for d in ctx.cfg.round_domains],
+              lambda ctx, a: ("seed", f"teacher.{a['domain']}", "multiround"),
+              lambda a: f"{ARTIFACTS}/rounds/{a['round']}/teachers/{a['domain']}", args=("round", "domain"),
+              per_domain=True, upstream=_round_teacher_upstream,
+              pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu", "teacher"),
+              models=lambda ctx, a: ((f"teacher:{a['domain']}:round{a['round']}", "model"),),
+              listed_as="multiround"),
+    StageKind("multiround", "tasks.multiround", lambda ctx: [{"round": str(r)} for r in _rounds(ctx)],
+              lambda ctx, a: ("seed", "distill", "multiround"),
+              lambda a: f"{ARTIFACTS}/rounds/{a['round']}/distill", args=("round",),
+              upstream=_round_distill_upstream, pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
+              models=lambda ctx, a: ((f"{DEFAULT_DISTILL_METHOD}:round{a['round']}", "model"),)),
     # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.
     StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
               lambda a: f"{ARTIFACTS}/merge", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),
@@ -249,7 +282,21 @@ def build_graph(cfg: "Config") -> list[StageSpec]:
         if missing:
             raise ValueError(f"pipelines.{cfg.pipeline}.stages: stage {s.name!r} needs {missing}, "
                              f"which the pipeline does not run")
-    return specs
+    return _topological(specs)
+
+
+def _topological(specs: list[StageSpec]) -> list[StageSpec]:
+    """Stable topological order: the table order, except that a stage waits for its upstream
+    (multi-round stages alternate kinds: round_teacher:3 needs multiround:2)."""
+    done: set[str] = set()
+    out: list[StageSpec] = []
+    pending = list(specs)
+    while pending:
+        ready = next(s for s in pending if all(u in done for u in s.upstream))
+        out.append(ready)
+        done.add(ready.name)
+        pending.remove(ready)
+    return out
 
 
 def levels(specs: list[StageSpec]) -> list[list[StageSpec]]:

@@ -111,4 +111,24 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         loader.dispose()
     if not isinstance(data, dict):
         raise YamlError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    _dvc_can_read(path, text)
     return data
+
+
+def _dvc_can_read(path: Path, text: str) -> None:
+    """DVC reads params.yaml / pipelines.yaml with ruamel, which is stricter than PyYAML in places
+    (``[a, b:c]``: a ':' inside a flow list); a file DVC cannot read would break `dvc repro` and
+    the lock sync later, so it is refused now. Runs after the checks above (size, aliases)."""
+    try:
+        from ruamel.yaml import YAML
+        from ruamel.yaml.error import YAMLError as RuamelError
+    except ImportError:  # DVC (and ruamel) not installed: nothing to agree with
+        return
+    try:
+        YAML(typ="safe").load(text)  # as dvc.utils.serialize.parse_yaml reads params
+    except RuamelError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise YamlError(f"{path}: {where}DVC's YAML reader cannot read this file ({problem}); quote "
+                        "the value (e.g. \"distill:tropd\" inside [...])") from None

@@ -6,26 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
+from mopd.config import Config, MultiRoundParams
 from mopd.data import read_split
 from mopd.trainers.grpo import train_grpo
 from tasks.plotting import log_curves
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str) -> Result:
-    """GRPO of the SFT model on ``domain``'s training prompts."""
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str,
+        round: str | None = None) -> Result:
+    """GRPO of the SFT model on ``domain``'s training prompts (multi-round MOPD, round r >= 2:
+    of round r-1's student instead, MOPD §4.4.3)."""
     records = read_split(inputs["data"], domain, "train")
     kind = cfg.domain(domain).verifier
-    history = train_grpo(inputs["sft"] / "model", records, kind, out_dir,
+    init = inputs["sft"] if round is None else inputs[MultiRoundParams.student_stage(int(round) - 1)]
+    history = train_grpo(init / "model", records, kind, out_dir,
                          cfg.params.teacher[domain], cfg.params.seed, tracker)
-    log_curves(tracker, history, f"teacher {domain}")
+    log_curves(tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
     rewards = [v for _, v in history.get("train/reward", [])]
     metrics = {}
     if rewards:
         n = max(1, len(rewards) // 4)
         metrics = {"reward_first_quarter": sum(rewards[:n]) / n,
                    "reward_last_quarter": sum(rewards[-n:]) / n}
-    return finalize(f"teacher:{domain}", cfg.project_dir, out_dir, metrics)
+    name = f"round_teacher:{round}:{domain}" if round else f"teacher:{domain}"
+    return finalize(name, cfg.project_dir, out_dir, metrics)
 
 
 if __name__ == "__main__":

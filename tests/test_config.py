@@ -126,3 +126,14 @@ def test_objective_params_table_matches_the_registry():
         taken = set(inspect.signature(inspect.unwrap(fn)).parameters)
         assert set(OBJECTIVE_PARAMS[name]) == taken - {"batch", "clip", "token_mean", "generator"}, name
     assert DistillParams(objective="jsd", objective_params={"beta": 0.3}).objective_params == {"beta": 0.3}
+
+
+def test_yaml_that_dvc_cannot_read_is_refused(tmp_path):
+    """PyYAML reads `[data, distill:tropd]` as a list of two strings; DVC's reader (ruamel) finds
+    an unexpected ':' — `dvc repro` and the lock sync would fail later, so loading refuses it."""
+    pipes = (ROOT / "pipelines.yaml").read_text().replace('"distill:tropd"', "distill:tropd")
+    assert pipes != (ROOT / "pipelines.yaml").read_text()
+    write_params(tmp_path, micro_params())
+    (tmp_path / "pipelines.yaml").write_text(pipes)
+    with pytest.raises(ConfigError, match=r"pipelines.yaml: line \d+: DVC's YAML reader cannot read"):
+        load_config(tmp_path)

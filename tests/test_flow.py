@@ -128,8 +128,9 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
         train = set(pd.read_parquet(project / f"artifacts/data/{d}/train.parquet")["id"])
         balanced = pd.read_parquet(project / f"artifacts/difficulty/{d}/balanced.parquet")
         assert set(balanced["id"]) == train and len(balanced) >= len(train)
-    # dvc.lock records Prefect's work, so DVC does not call every stage stale.
-    assert "up to date" in _dvc(project, "status")
+    # dvc.lock records Prefect's work, so DVC does not call every stage stale (the other
+    # pipelines' stages in dvc.yaml have not run yet).
+    assert "up to date" in _dvc(project, "status", "--with-deps", "report-full")
     # The watchable progress record: every stage ended, with its step counts.
     from mopd.progress import latest_run, render
 
@@ -147,7 +148,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert to_run == {"distill", "evaluate:distill", "report:full"}, plan
     assert "code mopd/objectives/opd.py: changed" in plan["distill"]["reasons"]
     assert plan["evaluate:distill"]["reasons"] == ["upstream distill will run"]
-    dvc_stale = {line[:-1] for line in _dvc(project, "status").splitlines()
+    dvc_stale = {line[:-1] for line in _dvc(project, "status", "--with-deps", "report-full").splitlines()
                  if line.endswith(":") and not line[0].isspace()}
     assert "distill" in dvc_stale and not dvc_stale & {"sft", "teacher-math", "difficulty"}, dvc_stale
     opd.write_text(original)
@@ -157,11 +158,17 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     #    only its own stages, plus a shared stage whose output was deleted (a cache hit whose files
     #    are gone is recomputed); the first pipeline's other outputs are untouched.
     pipes = yaml.safe_load((project / "pipelines.yaml").read_text())
+    #    The variants run TrOPD with teacher prefixes and full Uni-OPD through the real verifiers.
     pipes["pipelines"]["alt"] = {"domains": ["math", "code", "if"],
-                                 "stages": ["data", "base", "sft", "teacher", "distill:fast", "evaluate"]}
+                                 "stages": ["data", "base", "sft", "teacher", "distill:fast", "distill:tg",
+                                            "distill:uo", "evaluate"]}
     (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
     params = micro_params()
-    params["variants"] = {"distill": {"fast": {"learning_rate": 1.0e-3}}}
+    params["variants"]["distill"] |= {
+        "fast": {"learning_rate": 1.0e-3},
+        "tg": {"objective": "tropd", "prefix_share": 1.0},
+        "uo": {"samples_per_prompt": 2, "uniopd": {"online_balance": True, "calibration": "mean",
+                                                    "strategy": "mask", "gamma": 0.1}}}
     write_params(project, params)
     _sh([sys.executable, "-m", "mopd.cli", "dvc-yaml"], project)
     (project / "artifacts" / "evaluate" / "sft" / "scores.json").unlink()
@@ -169,7 +176,8 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
               if "evaluate/sft" not in str(p)}
     state, status = _run(project, pipeline="alt")
     assert state.is_completed(), state.message
-    assert _by(status, "computed") == {"distill:fast", "evaluate:distill:fast", "report:alt", "evaluate:sft"}
+    assert _by(status, "computed") == {"distill:fast", "evaluate:distill:fast", "report:alt", "evaluate:sft",
+                                       "distill:tg", "evaluate:distill:tg", "distill:uo", "evaluate:distill:uo"}
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert (project / "artifacts" / "distill" / "fast" / "model" / "model.safetensors").is_file()
     table = (project / "artifacts" / "report" / "alt" / "avg_at_k.csv").read_text()
@@ -177,6 +185,18 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     state, status = _run(project)  # (evaluations are deterministic at a fixed thread count)
     assert state.is_completed(), state.message
     assert _by(status, "cached") == ALL  # nothing of `full` was recomputed or deleted
+    #    Multi-round MOPD: round 2's teachers start from `distill`'s student; only round 2 computes.
+    state, status = _run(project, pipeline="multiround")
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == {"round_teacher:2:math", "round_teacher:2:if", "multiround:2",
+                                       "evaluate:round_teacher:2:math", "evaluate:round_teacher:2:if",
+                                       "evaluate:multiround:2", "report:multiround"}
+    from mopd.artifacts import load_result
+
+    r2 = load_result(project / "artifacts/rounds/2/teachers/math")
+    assert r2.inputs["upstream"]["distill"] == load_result(project / "artifacts/distill/mopd").content_hash
+    table = (project / "artifacts" / "report" / "multiround" / "avg_at_k.csv").read_text()
+    assert "mopd:round2" in table and "teacher:if:round2" in table
 
     # 4. Two teachers' learning rates change and one of them raises: the other completes, only
     #    the stages that need the failed one are skipped, the flow fails.
@@ -214,7 +234,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     exp = client.get_experiment_by_name("mopd")
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'pipeline'",
                                  order_by=["attributes.start_time DESC"])
-    assert len(parents) == 6
+    assert len(parents) == 7
     last = parents[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{last.info.run_id}'")
     assert {c.data.tags["stage"] for c in children} == ALL

@@ -39,12 +39,12 @@ def test_full_graph_from_the_table():
     assert graph["evaluate:teacher:math"].upstream == ("data", "teacher:math")
     assert set(graph["report:full"].upstream) == {n for n in graph if n.startswith("evaluate:")}
     assert graph["report:full"].argv == []  # its argument is --pipeline itself
-    assert set(LISTABLE) == set(KINDS) - {"report"}
+    assert set(LISTABLE) == set(KINDS) - {"report", "round_teacher"}
 
 
 def test_variants_are_their_own_stages(tmp_path):
     params = micro_params()
-    params["variants"] = {"distill": {"jsd": {"objective": "jsd", "learning_rate": 1.0e-3}}}
+    params["variants"]["distill"]["jsd"] = {"objective": "jsd", "learning_rate": 1.0e-3}
     pipes = _pipes(cmp={"domains": ["math", "code", "if"],
                         "stages": ["data", "base", "sft", "teacher", "difficulty", "distill",
                                    "distill:jsd", "evaluate"]})
@@ -201,3 +201,32 @@ def test_progress_board_renders_states_steps_and_eta(tmp_path, monkeypatch):
     board.finish("completed")
     assert progress.render(board.dir)[1]
     assert progress.latest_run(tmp_path) == board.dir
+
+
+def test_multiround_stages_chain_students_and_teachers(tmp_path):
+    """MOPD §4.4.3: round r's teachers start from round r-1's student (round 1 = `distill`);
+    round r distils those domains from that student; three rounds order topologically."""
+    params = micro_params()
+    params["multiround"] = {"rounds": 3, "domains": ["math", "if"]}
+    cfg = load_config(_project(tmp_path, params), pipeline="multiround")
+    specs = build_graph(cfg)
+    graph = {s.name: s for s in specs}
+    assert graph["round_teacher:2:math"].upstream == ("data", "distill")
+    assert graph["round_teacher:3:if"].upstream == ("data", "multiround:2")
+    assert graph["round_teacher:2:math"].argv == ["--round", "2", "--domain", "math"]
+    assert graph["round_teacher:2:math"].params_keys == ("seed", "teacher.math", "multiround")
+    assert graph["multiround:3"].upstream == ("data", "multiround:2", "difficulty", "round_teacher:3:math",
+                                              "round_teacher:3:if")
+    assert "round_teacher:2:code" not in graph  # code is neither retrained nor distilled again
+    assert graph["multiround:2"].models == (("mopd:round2", "model"),)
+    assert graph["round_teacher:3:if"].models == (("teacher:if:round3", "model"),)
+    order = [s.name for s in specs]
+    for s in specs:
+        assert all(order.index(u) < order.index(s.name) for u in s.upstream), s.name
+    # shares SFT, teachers and round-1 MOPD with `full`: the same names mean the same computation
+    full = {s.name: s for s in build_graph(cfg.for_pipeline("full"))}
+    for name in ("sft", "teacher:math", "difficulty", "distill"):
+        assert graph[name].identity() == full[name].identity()
+    params["multiround"]["domains"] = ["math", "chem"]
+    with pytest.raises(ConfigError, match="multiround.domains"):
+        load_config(_project(tmp_path, params), pipeline="multiround")
