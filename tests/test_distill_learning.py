@@ -21,19 +21,19 @@ from tests.test_distill import SMALL, TEXTS, full_logits_reference
 PROMPTS = ["[math] 1+2=", "[math] 3+4=", "[math] 5+5=", "[math] 7+1="]
 
 
-def make_student_and_teacher(root):
+def make_student_and_teacher(root, *, teacher_seed: int = 1, steps: int = 60):
     """A random tiny student, and a teacher: another init trained (plain next-token loss, 60
     Adam steps) on the arithmetic texts, so it is peaked and far from the student. The reverse
     KL starts around 4 nats and only a working update can shrink it."""
     build_base(SMALL, TEXTS, root / "student", seed=0)
-    build_base(SMALL, TEXTS, root / "teacher", seed=1)
+    build_base(SMALL, TEXTS, root / "teacher", seed=teacher_seed)
     torch.manual_seed(0)
     model, tok = load_model(root / "teacher"), load_tokenizer(root / "teacher")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     enc = tok([t + tok.eos_token for t in TEXTS], return_tensors="pt", padding=True,
               padding_side="right", add_special_tokens=False)
-    for _ in range(60):
+    for _ in range(steps):
         idx = torch.randint(0, len(TEXTS), (32,))
         ids, att = enc["input_ids"][idx], enc["attention_mask"][idx]
         loss = model(input_ids=ids, attention_mask=att, labels=ids.masked_fill(att == 0, -100)).loss
@@ -65,10 +65,7 @@ def reverse_kl(student_dir, teacher_dir, seed: int = 123) -> float:
 
 # Measured on this fixture at 60 steps (2 cores): mopd_topk -71%, topk_fkl -96%, tropd -89% of
 # the reverse KL. The bounds leave room for other CPUs and thread counts. The policy-gradient
-# forms (mopd_pg, reopold_clip, mask_outlier, entropy_opd, jsd) are not asserted here: with 16
-# rollouts a step their K1 estimate is too noisy on this fixture (mopd_pg: -15% at 40 steps, 0%
-# at 60, -21% at 100; the student drifts toward the teacher's mode token "=\\"), so a bound
-# would be flaky — issue 11 keeps that open.
+# forms are tested on a same-origin teacher below.
 DROP = {"mopd_topk": 0.4, "topk_fkl": 0.6, "tropd": 0.5}
 
 
@@ -83,6 +80,38 @@ def test_top_k_objectives_lower_the_reverse_kl(student_and_teacher, tmp_path, ob
     after = reverse_kl(tmp_path / "model", t_dir)
     assert before > 2.0, before  # the trained teacher is far from the random student
     assert after < (1 - DROP[objective]) * before, (objective, before, after)
+
+
+@pytest.fixture(scope="module")
+def same_origin(tmp_path_factory):
+    """MOPD's setting (same-origin teachers, MOPD 4.4.2): the teacher is the student's own init
+    after 20 next-token steps on the arithmetic texts; reverse KL ~0.8 nats."""
+    return make_student_and_teacher(tmp_path_factory.mktemp("same"), teacher_seed=0, steps=20)
+
+
+# The policy-gradient forms on the same-origin fixture, 60 steps of 4 prompts x 16 rollouts
+# (measured on 2 cores: mopd_pg -78%, reopold_clip -75%, mask_outlier -65%, entropy_opd -62%,
+# jsd -66%). tau = -1 makes the outlier rules act on this fixture (at -5 no token is an
+# outlier and both equal mopd_pg). On the far teacher above, PG forms with 16 rollouts a step
+# barely move (mopd_pg -3%) and mask_outlier *raises* the KL (+78%: masking the most negative
+# tokens favours them) — the instability that TrOPD's trust region addresses.
+PG_DROP = 0.35
+PG_OBJECTIVES = {"mopd_pg": {}, "reopold_clip": {"tau": -1.0}, "mask_outlier": {"tau": -1.0},
+                 "entropy_opd": {}, "jsd": {}}
+
+
+@pytest.mark.parametrize("objective", sorted(PG_OBJECTIVES))
+def test_policy_gradient_objectives_lower_the_reverse_kl(same_origin, tmp_path, objective):
+    s_dir, t_dir = same_origin
+    params = DistillParams(objective=objective, objective_params=PG_OBJECTIVES[objective], max_steps=60,
+                           learning_rate=1e-2, prompts_per_step=4, samples_per_prompt=16, max_new_tokens=6,
+                           topk=8, overlap=False)
+    prompts = {"math": [{"prompt": p, "reference": "0"} for p in PROMPTS]}
+    before = reverse_kl(s_dir, t_dir)
+    train_mopd(s_dir, {"math": t_dir}, prompts, tmp_path, params, seed=0, tracker=NullTracker())
+    after = reverse_kl(tmp_path / "model", t_dir)
+    assert before > 0.4, before
+    assert after < (1 - PG_DROP) * before, (objective, before, after)
 
 
 def test_update_passes_cover_every_row_once_per_epoch():
