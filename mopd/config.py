@@ -249,6 +249,10 @@ class DistillParams(_Strict):
         if unknown:
             raise ValueError(f"objective_params {unknown} are not parameters of objective "
                              f"{self.objective!r} (it takes {list(accepted) or 'none'})")
+        for key, value in self.objective_params.items():
+            lo, hi, rule = OBJECTIVE_PARAM_RANGES[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo(value) or not hi(value):
+                raise ValueError(f"objective_params.{key} = {value!r}: must be {rule}")
         return self
 
     @model_validator(mode="after")
@@ -282,6 +286,16 @@ class DistillParams(_Strict):
                              f"must be >= 2 (got {self.samples_per_prompt})")
         return self
 
+
+# Ranges of the objective parameters (ALGORITHMS §1, §5): (lower test, upper test, the rule).
+OBJECTIVE_PARAM_RANGES = {
+    "eps_low": (lambda v: v > 0, lambda v: v < 1, "a number in (0, 1)"),
+    "eps_high": (lambda v: v > 0, lambda v: True, "a number > 0"),
+    "prefix_beta": (lambda v: v >= 0, lambda v: True, "a number >= 0"),
+    "tau": (lambda v: True, lambda v: v <= 0, "a number <= 0 (a threshold on u - s)"),
+    "frac": (lambda v: v > 0, lambda v: v <= 1, "a number in (0, 1]"),
+    "beta": (lambda v: v >= 0, lambda v: v <= 1, "a number in [0, 1]"),
+}
 
 # Objectives whose loss uses only the teacher's log-prob of the sampled token (a weighted sum of
 # teachers' log-probs is then exact, Uni-OPD eq. 4); the top-k forms need one teacher's top-k.

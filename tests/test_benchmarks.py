@@ -25,6 +25,7 @@ def _project(tmp_path, mutate):
 def _two_math_benchmarks(pipes):
     pipes["domains"]["arith"] = {"verifier": "math", "data": {"source": "synthetic"}}
     pipes["domains"]["math"]["benchmarks"] = ["math", "arith"]
+    pipes["pipelines"] = {"full": pipes["pipelines"]["full"]}  # the others share its stages
     pipes["pipelines"]["full"]["domains"] = ["math", "code"]
 
 

@@ -126,6 +126,11 @@ def test_objective_params_table_matches_the_registry():
         taken = set(inspect.signature(inspect.unwrap(fn)).parameters)
         assert set(OBJECTIVE_PARAMS[name]) == taken - {"batch", "clip", "token_mean", "generator"}, name
     assert DistillParams(objective="jsd", objective_params={"beta": 0.3}).objective_params == {"beta": 0.3}
+    from mopd.config import OBJECTIVE_PARAM_RANGES
+
+    assert {k for ks in OBJECTIVE_PARAMS.values() for k in ks} == set(OBJECTIVE_PARAM_RANGES)
+    with pytest.raises(ValueError, match=r"objective_params.beta = 1.5: must be a number in \[0, 1\]"):
+        DistillParams(objective="jsd", objective_params={"beta": 1.5})
 
 
 def test_yaml_that_dvc_cannot_read_is_refused(tmp_path):

@@ -175,6 +175,7 @@ def test_data_stage_applies_max_prompt_length_from_params(tmp_path):
     write_params(tmp_path, params)
     pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
     pipes["domains"]["mine"] = {"verifier": "math", "data": {"source": "local", "path": "mine.jsonl"}}
+    pipes["pipelines"] = {"full": pipes["pipelines"]["full"]}  # the others share its stages
     pipes["pipelines"]["full"]["domains"] = ["math", "mine"]
     (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
     rows = [{"question": "1+1=", "answer": "2"}] * 10 + [{"question": "é" * 30, "answer": "3"}]
