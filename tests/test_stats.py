@@ -83,6 +83,7 @@ def test_report_stage_marks_a_no_gain_teacher_missing(tmp_path):
 
     write_params(tmp_path, micro_params())
     pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"full": pipes["pipelines"]["full"]}  # the others share its stages
     pipes["pipelines"]["full"]["domains"] = ["math", "code"]
     (tmp_path / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
     cfg = load_config(tmp_path)
