@@ -55,7 +55,6 @@ def test_prefixes_come_from_the_teacher_and_the_student_continues(student_and_te
 def test_trainer_anneals_the_prefix_cap_and_puts_beta_nll_on_prefix_tokens(student_and_teacher, tmp_path,
                                                                           monkeypatch):
     s_dir, t_dir = student_and_teacher
-    tok = load_tokenizer(s_dir)
     seen = []
     real = distill_mod.get_objective
 

@@ -75,8 +75,7 @@ def test_online_balance_pulls_the_correct_share_into_range():
     rows, metrics = uniopd_balance(uni, rewards, groups, torch.Generator().manual_seed(0))
     assert metrics["uniopd/correct_share"] == pytest.approx(7 / 8)
     kept = [rewards[b] for b in rows]
-    assert 0.4 <= sum(kept) / len(kept) <= 0.6 + 1e-9 or len({groups[b] for b in rows}) == 2
-    assert 0 in rows or any(groups[b] == 0 for b in rows)  # never empties a group
+    assert 0.4 <= sum(kept) / len(kept) <= 0.6  # reachable: one correct of group 0 + the wrong one
     assert {groups[b] for b in rows} == {0, 1}
     assert rewards[7] == 0.0 and 7 in rows  # the under-represented side is never dropped
     off, _ = uniopd_balance(UniOPDParams(), rewards, groups, torch.Generator())
