@@ -191,12 +191,11 @@ def mix_teachers(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], sa
     ``u = Σ_i w_i u_i`` (the K1 reward of ``Σ_i w_i KL(πS ‖ πTi)`` is ``u - s``). ``scores``
     hold the routed (own-domain) teacher's, reused for that teacher's share."""
     out = list(scores)
+    mixed = {d: rows for d, row in weights.items() if row != {d: 1.0}
+             if (rows := [b for b, rd in enumerate(row_domain) if rd == d])}
     jobs = []
-    for d, row in weights.items():
-        rows = [b for b, rd in enumerate(row_domain) if rd == d]
-        if not rows or row == {d: 1.0}:
-            continue
-        for t, w in row.items():
+    for d, rows in mixed.items():
+        for t, w in weights[d].items():
             if w > 0 and t != d:
                 jobs.append((d, t, rows, pool.submit(_timed_score, clients[t], [samples[b].prompt_ids for b in rows],
                                                      [samples[b].completion_ids for b in rows], None)))
@@ -215,13 +214,10 @@ def mix_teachers(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], sa
         raise TeacherError(f"teacher weighted into domain {d!r} ({t!r}) failed: {type(exc).__name__}: {exc}") from exc
     finally:
         timing.wait += time.perf_counter() - t0
-    for d, row in weights.items():
-        rows = [b for b, rd in enumerate(row_domain) if rd == d]
-        if not rows or row == {d: 1.0}:
-            continue
+    for d, rows in mixed.items():
         for j, b in enumerate(rows):
             lp_C = sum(w * (scores[b] if t == d else extra[(d, t)][j]).logprobs_C
-                       for t, w in row.items() if w > 0)
+                       for t, w in weights[d].items() if w > 0)
             out[b] = SequenceScores(lp_C)
     return out
 
