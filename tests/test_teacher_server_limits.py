@@ -203,8 +203,8 @@ def test_official_openai_client_with_standard_fields(token_server):
     # refusals come back as the client's typed errors
     with pytest.raises(openai.NotFoundError, match="the model `gpt-4` does not exist"):
         client.completions.create(model="gpt-4", prompt=[1, 2], max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="n: this server generates no token"):
-        client.completions.create(model="tiny", prompt=[1, 2], max_tokens=1, n=2)
+    with pytest.raises(openai.BadRequestError, match="n: 2 choices of a request that generates no token"):
+        client.completions.create(model="tiny", prompt=[1, 2], max_tokens=0, n=2)
     with pytest.raises(openai.BadRequestError, match="stream: streaming is not supported"):
         client.completions.create(model="tiny", prompt=[1, 2], max_tokens=1, stream=True)
     with pytest.raises(openai.AuthenticationError):
@@ -237,18 +237,22 @@ def test_model_names_fields_and_prompt_logprobs_only_when_asked(open_server, tin
         assert r.status_code == 400
         assert r.json()["error"]["message"].startswith(f"{field}: unknown field (neither an OpenAI "
                                                        "nor a vLLM completions parameter)")
-    plain = post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 2}).json()["choices"][0]
-    ignored = {"temperature": 0.0, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "seed": 7,
-               "presence_penalty": 2.0, "frequency_penalty": -1.0, "repetition_penalty": 1.3,
-               "logit_bias": {"5": 100}, "stop": "x", "user": "u", "ignore_eos": True,
-               "min_tokens": 0, "stop_token_ids": [1], "bad_words": ["a"], "request_id": "r1"}
+    # a scoring request (prompt_logprobs, max_tokens 1) generates nothing: sampling fields change
+    # no number, and neither do the ignored ones
+    score = {"prompt": [4, 5, 6], "prompt_logprobs": 2, "max_tokens": 1}
+    plain = post(url, score).json()["choices"][0]
+    sampling = {"temperature": 0.0, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "seed": 7,
+                "presence_penalty": 2.0, "frequency_penalty": -1.0, "repetition_penalty": 1.3,
+                "logit_bias": {"5": 100}, "stop": "x", "ignore_eos": True, "min_tokens": 0,
+                "stop_token_ids": [1], "bad_words": ["a"]}
+    ignored = {"user": "u", "request_id": "r1", "priority": 3, "spaces_between_special_tokens": False}
     assert set(ignored) <= set(IGNORED) <= set(CompletionRequest.model_fields)
-    assert post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 2, **ignored}).json()["choices"][0] \
-        == plain
-    zero = post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 0}).json()["choices"][0]
+    got = post(url, {**score, **sampling, **ignored}).json()
+    assert got["choices"][0] == plain and got["usage"]["completion_tokens"] == 0
+    zero = post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 0, "max_tokens": 1}).json()["choices"][0]
     assert [list(p) for p in zero["prompt_logprobs"][1:]] == [["5"], ["6"]]  # the prompt token only
     as_ids = post(url, {"prompt": [4, 5, 6], "prompt_logprobs": 1, "return_tokens_as_token_ids": True,
-                        "echo": True, "logprobs": 1}).json()["choices"][0]
+                        "echo": True, "logprobs": 1, "max_tokens": 1}).json()["choices"][0]
     assert as_ids["prompt_logprobs"][1]["5"]["decoded_token"] == "token_id:5"
     assert as_ids["logprobs"]["tokens"] == ["token_id:4", "token_id:5", "token_id:6"]
     assert as_ids["logprobs"]["token_logprobs"][1:] == [as_ids["prompt_logprobs"][t][k]["logprob"]

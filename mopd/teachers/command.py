@@ -37,9 +37,9 @@ def serve_teacher(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register `serve-teacher` on an argparse subparsers object."""
-    p = sub.add_parser("serve-teacher", help="serve a teacher checkpoint for prompt-logprob scoring",
-                       description="Serve POST /v1/completions (vLLM's prompt_logprobs subset) and "
-                                   "GET /health for a causal LM.")
+    p = sub.add_parser("serve-teacher", help="serve a teacher checkpoint for scoring and sampling",
+                       description="Serve POST /v1/completions (vLLM's prompt_logprobs scoring and "
+                                   "sampled generation) and GET /health for a causal LM.")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
@@ -54,6 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens)
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per request")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs, help="largest prompt_logprobs")
+    p.add_argument("--max-generated-tokens", type=int, default=d.max_generated_tokens,
+                   help="n x prompts x max_tokens a generating request may ask for (413 beyond)")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="padded tokens per forward pass (dynamic batching)")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,

@@ -106,6 +106,34 @@ class HTTPTeacher:
         check_scores(scores, completions, topk, who)
         return scores
 
+    def generate(self, prompt_ids, *, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+        """One sampled continuation per prompt (TrOPD's teacher prefixes, ALGORITHMS §5) through
+        ``/v1/completions`` with ``max_tokens``: the teacher's own policy at ``temperature``
+        (top-k/top-p off), the request's ``seed``, the generated ids from ``return_token_ids``
+        (the embedded server, or a vLLM that returns them)."""
+        if max_new_tokens < 1 or temperature <= 0:
+            raise ValueError(f"need max_new_tokens >= 1 and temperature > 0; got {max_new_tokens}, {temperature}")
+        out: list[list[int]] = []
+        for s in range(0, len(prompt_ids), self.max_batch):
+            batch = [list(p) for p in prompt_ids[s:s + self.max_batch]]
+            body = {"prompt": batch, "max_tokens": max_new_tokens, "temperature": temperature,
+                    "top_p": 1.0, "top_k": -1, "seed": seed + s, "n": 1, "return_token_ids": True}
+            if self.model:
+                body["model"] = self.model
+            data, url = self._post(body)
+            who = f"teacher for domain {self.domain!r} at {url}"
+            choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+            if len(choices) != len(batch):
+                raise TeacherError(f"{who}: {len(choices)} choices for {len(batch)} prompts")
+            for ch in choices:
+                ids = ch.get("token_ids")
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) \
+                        or len(ids) > max_new_tokens:
+                    raise TeacherError(f"{who}: no valid `token_ids` in a generated choice (the "
+                                       "server must honour return_token_ids)")
+                out.append(ids)
+        return out
+
     def _post(self, body: dict) -> tuple[dict, str]:
         with self._lock:
             first = next(self._rr)

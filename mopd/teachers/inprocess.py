@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from mopd.rollout import generate_ids
+from mopd.teachers.generation import SamplingSpec, generate
 from mopd.teachers.base import SequenceScores, check_scores, validate_request
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,24 @@ class InProcessTeacher:
         check_scores(scores, completion_ids, topk, f"teacher {self.name!r}")
         return scores
 
-    def generate(self, prompt_ids, *, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+    def generate(self, prompt_ids, *, max_new_tokens: int, temperature: float, seed: int,
+                 max_batch: int = 64) -> list[list[int]]:
         """One sampled continuation per prompt (TrOPD's off-policy prefixes, ALGORITHMS §5): the
-        teacher's own policy at ``temperature`` (top-k/top-p off), at most ``max_new_tokens``."""
-        with self._lock:
-            got = generate_ids(self.model, [list(p) for p in prompt_ids], n=1, max_new_tokens=max_new_tokens,
-                               temperature=temperature, seed=seed, pad_id=self.pad_id, eos_id=self.eos_id)
-        return [c for _, c in got]
+        teacher's own policy at ``temperature`` (top-k/top-p off), at most ``max_new_tokens``.
+        The same sampler, chunks and seeds as the embedded server behind
+        :meth:`HTTPTeacher.generate <mopd.teachers.http.HTTPTeacher.generate>`, so both
+        transports give the same prefixes."""
+        if max_new_tokens < 1 or temperature <= 0:
+            raise ValueError(f"need max_new_tokens >= 1 and temperature > 0; got {max_new_tokens}, {temperature}")
+        out: list[list[int]] = []
+        for s in range(0, len(prompt_ids), max_batch):
+            spec = SamplingSpec(max_tokens=max_new_tokens, temperature=temperature, seed=seed + s,
+                                eos_id=self.eos_id)
+            with self._lock:
+                got = generate(self.model, [list(p) for p in prompt_ids[s:s + max_batch]], 1, spec,
+                               pad_id=self.pad_id)
+            out += [row[0].token_ids for row in got]
+        return out
 
     def close(self) -> None:
         pass

@@ -4,8 +4,11 @@ one) works against it and against a real ``vllm serve`` teacher on a GPU host.
 
 Request: the OpenAI / vLLM completions fields (see :mod:`mopd.teachers.protocol` for which are
 honoured, which ignored); what scoring sends is ``{"model"?, "prompt": [ids] | [[ids], ...],
-"max_tokens": 0|1, "prompt_logprobs": k}``. No token is generated (``text`` is empty, or the
-prompt with ``echo``). Response, as vLLM's: ``choices[i].prompt_logprobs`` (only when the request
+"max_tokens": 0|1, "prompt_logprobs": k}``: no token is generated (``text`` is empty, or the
+prompt with ``echo``). A request with ``max_tokens`` to generate samples them as vLLM does
+(:mod:`mopd.teachers.generation`; TrOPD's teacher prefixes): ``n`` choices per prompt, ``index``
+= prompt * n + choice, ``finish_reason`` "stop" (EOS, a stop id or a stop string: ``stop_reason``
+names which) or "length", the generated ids with ``return_token_ids``. Response, as vLLM's: ``choices[i].prompt_logprobs`` (only when the request
 asks for it) is a list over prompt positions, None at position 0, else
 ``{str(token_id): {"logprob", "rank", "decoded_token"}}`` holding the actual prompt token (rank =
 1 + number of vocabulary tokens strictly more likely) plus the top-k (ranks 1..k); log-probs
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
+import itertools
 import logging
 import queue
 import threading
@@ -38,8 +42,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from mopd.teachers.generation import Generated, SamplingSpec, generate
 from mopd.teachers.inprocess import Prefill, prefill
-from mopd.teachers.protocol import CompletionRequest, unsupported
+from mopd.teachers.protocol import CompletionRequest, generates, unsupported
 
 try:  # orjson (a prefect/dvc dependency) encodes the per-position dicts several times faster
     from orjson import dumps as _dumps
@@ -61,6 +66,7 @@ class ServerLimits(BaseModel):
     max_request_tokens: int = Field(65536, ge=1)  # summed over a request's prompts
     max_batch: int = Field(256, ge=1)  # prompts per request
     max_logprobs: int = Field(64, ge=0)  # largest prompt_logprobs / logprobs k
+    max_generated_tokens: int = Field(65536, ge=1)  # n x prompts x max_tokens per request
     max_batch_tokens: int = Field(16384, ge=1)  # padded tokens per forward pass
     max_body_bytes: int = Field(8 << 20, ge=1024)  # request body, checked before parsing
     body_timeout: float = Field(30.0, gt=0)  # seconds to receive the whole body (else 408)
@@ -190,6 +196,9 @@ class _Job:
     texts: list[str | None]
     k_prompt: int | None  # prompt_logprobs (None: not requested)
     k_echo: int | None  # logprobs over the prompt with echo (None: not requested)
+    spec: SamplingSpec | None = None  # what to generate (None: nothing)
+    n: int = 1
+    stops: tuple[str, ...] = ()  # stop strings
 
 
 class _Tokens:
@@ -216,13 +225,13 @@ class _Tokens:
         with self.lock:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         with self.lock:
-            return self.tokenizer.decode(ids)
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _parse(body: bytes, limits: ServerLimits, names: frozenset[str], tokens: _Tokens,
-           vocab: int, max_len: int) -> _Job:
+           vocab: int, max_len: int, eos_id: int | None = None) -> _Job:
     """Body -> validated job, or :class:`_Reject` naming the field. Runs in a worker thread."""
     try:
         req = CompletionRequest.model_validate_json(body)
@@ -276,7 +285,47 @@ def _parse(body: bytes, limits: ServerLimits, names: frozenset[str], tokens: _To
         if total > limits.max_request_tokens:
             raise _Reject(413, f"prompt: at least {total} tokens; this server accepts at most "
                                f"{limits.max_request_tokens} per request")
-    return _Job(req, seqs, texts, k_prompt, k_echo)
+    job = _Job(req, seqs, texts, k_prompt, k_echo)
+    if generates(req):
+        _sampling(job, limits, tokens, vocab, max_len, eos_id)
+    return job
+
+
+def _sampling(job: _Job, limits: ServerLimits, tokens: _Tokens, vocab: int, max_len: int,
+              eos_id: int | None) -> None:
+    """Checks a generating request against the context and the limits; sets its spec."""
+    req, longest = job.req, max(map(len, job.seqs))
+    max_tokens = req.max_tokens if req.max_tokens is not None else max_len - longest
+    if longest + max_tokens > max_len:
+        raise _Reject(400, f"max_tokens: {max_tokens} + the longest prompt's {longest} tokens exceed "
+                           f"the model's context of {max_len}")
+    if max_tokens < 1:
+        raise _Reject(400, f"max_tokens: the prompt of {longest} tokens leaves no room in the "
+                           f"model's context of {max_len}")
+    n = req.n or 1
+    total = n * len(job.seqs) * max_tokens
+    if total > limits.max_generated_tokens:
+        raise _Reject(413, f"max_tokens: n ({n}) x {len(job.seqs)} prompts x {max_tokens} tokens = "
+                           f"{total}; this server generates at most {limits.max_generated_tokens} "
+                           "per request")
+    stop_ids = list(req.stop_token_ids or [])
+    bad = [t for t in stop_ids if not 0 <= t < vocab]
+    if bad:
+        raise _Reject(400, f"stop_token_ids: token id {bad[0]} outside the vocabulary [0, {vocab})")
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if any(not s for s in stops):
+        raise _Reject(400, "stop: an empty stop string would stop at once")
+    if stops and tokens.tokenizer is None:
+        raise _Reject(400, "stop: stop strings need the model's tokenizer, which this server has "
+                           "not loaded; send stop_token_ids")
+    top_k = req.top_k if req.top_k is not None else 0
+    job.n, job.stops = n, stops
+    job.spec = SamplingSpec(
+        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=max(top_k, 0),
+        min_tokens=req.min_tokens or 0, seed=req.seed, stop_token_ids=tuple(stop_ids),
+        eos_id=None if req.ignore_eos else eos_id,
+        logprobs=req.logprobs)
 
 
 def _truncate(ids: list[int], keep: int | None, side: str | None, max_len: int) -> list[int]:
@@ -393,27 +442,81 @@ def _echo_logprobs(seq: list[int], pre: Prefill, k: int, tokens: _Tokens, as_id:
             "tokens": pieces, "top_logprobs": _Blocks(tops())}
 
 
-def _payload(job: _Job, pres: list[Prefill] | None, tokens: _Tokens, keys: list[str], name: str,
-             seconds: float) -> dict:
+def _gen_logprobs(g: Generated, pieces: list[str], start: int, tokens: _Tokens, as_id: bool) -> dict:
+    """The legacy OpenAI ``logprobs`` object of generated tokens (offsets from ``start``)."""
+    offsets, at = [], start
+    for p in pieces:
+        offsets.append(at)
+        at += len(p)
+    tops = []
+    for tok, piece, lp, ids, lps in zip(g.token_ids, pieces, g.logprobs, g.top_ids, g.top_logprobs):
+        entry = {piece: lp}
+        for tid, tlp in zip(ids, lps):
+            entry.setdefault(tokens.piece(tid, as_id) or "", tlp)
+        tops.append(entry)
+    return {"text_offset": offsets, "token_logprobs": list(g.logprobs), "tokens": pieces,
+            "top_logprobs": tops}
+
+
+def _cut_at_stop(g: Generated, stops: tuple[str, ...], tokens: _Tokens, skip: bool,
+                 include: bool) -> tuple[Generated, str]:
+    """``g`` and its text, cut at the first stop string (vLLM's semantics: the tokens up to the
+    one that completed the string; the text without it unless ``include``)."""
+    text = tokens.decode(g.token_ids, skip) if tokens.tokenizer is not None else ""
+    if not stops:
+        return g, text
+    hits = [(text.find(s), s) for s in stops if s in text]
+    if not hits:
+        return g, text
+    at, stop = min(hits)
+    for j in range(1, len(g.token_ids) + 1):  # the first token prefix whose text holds the stop
+        if tokens.decode(g.token_ids[:j], skip).find(stop) == at:
+            break
+    cut = lambda xs: None if xs is None else xs[:j]  # noqa: E731
+    return (Generated(g.token_ids[:j], "stop", stop, cut(g.logprobs), cut(g.top_ids),  # type: ignore[arg-type]
+                      cut(g.top_logprobs)),
+            text[: at + len(stop)] if include else text[:at])
+
+
+def _payload(job: _Job, pres: list[Prefill] | None, gens: list[list[Generated]] | None,
+             tokens: _Tokens, keys: list[str], name: str, seconds: float) -> dict:
     req, as_id = job.req, bool(job.req.return_tokens_as_token_ids)
-    choices = []
+    skip = req.skip_special_tokens is not False
+    choices, generated = [], 0
     for i, seq in enumerate(job.seqs):
-        choice = {"index": i, "text": job.texts[i] or "", "logprobs": None,
-                  "finish_reason": "length", "stop_reason": None}
-        if job.k_echo is not None:
-            choice["logprobs"] = _echo_logprobs(seq, pres[i], job.k_echo, tokens, as_id)
-        elif req.logprobs is not None:  # log-probs of the generated tokens: there are none
-            choice["logprobs"] = {"text_offset": [], "token_logprobs": [], "tokens": [],
-                                  "top_logprobs": []}
-        if req.return_token_ids:
-            choice["prompt_token_ids"], choice["token_ids"] = seq, []
-        choice["prompt_logprobs"] = (None if job.k_prompt is None else _Blocks(
+        prompt_lp = (None if job.k_prompt is None else _Blocks(
             _prompt_logprobs(seq, pres[i], job.k_prompt, tokens, as_id, keys)))
-        choices.append(choice)
+        for j in range(job.n):
+            g, text = (None, "") if gens is None else _cut_at_stop(
+                gens[i][j], job.stops, tokens, skip, bool(req.include_stop_str_in_output))
+            prefix = job.texts[i] or ""  # the prompt, with echo
+            choice = {"index": i * job.n + j, "text": prefix + text, "logprobs": None,
+                      "finish_reason": g.finish_reason if g else "length",
+                      "stop_reason": g.stop_reason if g else None}
+            out = g.token_ids if g else []
+            generated += len(out)
+            pieces = [tokens.piece(t, as_id) or "" for t in out] if g and req.logprobs is not None else []
+            if job.k_echo is not None:
+                echo = _echo_logprobs(seq, pres[i], job.k_echo, tokens, as_id)
+                if g:
+                    more = _gen_logprobs(g, pieces, len(prefix), tokens, as_id)
+                    for key in ("text_offset", "token_logprobs", "tokens"):
+                        echo[key] = echo[key] + more[key]
+                    echo["top_logprobs"] = _Blocks(itertools.chain(echo["top_logprobs"].blocks,
+                                                                   [more["top_logprobs"]]))
+                choice["logprobs"] = echo
+            elif req.logprobs is not None:
+                choice["logprobs"] = (_gen_logprobs(g, pieces, 0, tokens, as_id) if g else
+                                      {"text_offset": [], "token_logprobs": [], "tokens": [],
+                                       "top_logprobs": []})
+            if req.return_token_ids:
+                choice["prompt_token_ids"], choice["token_ids"] = seq, list(out)
+            choice["prompt_logprobs"] = prompt_lp
+            choices.append(choice)
     n = sum(map(len, job.seqs))
     return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
             "model": name, "choices": choices,
-            "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
+            "usage": {"prompt_tokens": n, "completion_tokens": generated, "total_tokens": n + generated},
             "mopd": {"prefill_seconds": seconds}}
 
 
@@ -425,7 +528,13 @@ def create_app(model, tokenizer=None, *, name: str = "teacher", aliases: Iterabl
     vocab = model.config.vocab_size
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        eos_id = getattr(model.config, "eos_token_id", None)
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     batcher = _Batcher(model, pad_id, limits.max_batch_tokens)
+    # one generation at a time (each is a loop of forward passes over its own KV cache)
+    sampler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-generate")
     tokens = _Tokens(tokenizer)
     keys = [str(i) for i in range(vocab)]
     names = frozenset([name, *aliases])
@@ -447,7 +556,7 @@ def create_app(model, tokenizer=None, *, name: str = "teacher", aliases: Iterabl
     async def completions(request: Request):
         try:
             body = await _read_body(request, limits)
-            job = await run_in_threadpool(_parse, body, limits, names, tokens, vocab, max_len)
+            job = await run_in_threadpool(_parse, body, limits, names, tokens, vocab, max_len, eos_id)
         except _Reject as rej:
             return _error(rej.status, rej.message, close=rej.status in (408, 413))
         t0 = time.perf_counter()
@@ -458,7 +567,15 @@ def create_app(model, tokenizer=None, *, name: str = "teacher", aliases: Iterabl
                 pres = await asyncio.wrap_future(batcher.submit(job.seqs, k))
             except Exception as exc:  # noqa: BLE001 - the client sees why, the log has the trace
                 return _error(500, f"prefill failed: {type(exc).__name__}: {str(exc)[:300]}")
-        payload = await run_in_threadpool(_payload, job, pres, tokens, keys, name,
+        gens = None
+        if job.spec is not None:
+            try:
+                gens = await asyncio.wrap_future(sampler.submit(
+                    generate, model, job.seqs, job.n, job.spec, pad_id=pad_id))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("generation failed")
+                return _error(500, f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
+        payload = await run_in_threadpool(_payload, job, pres, gens, tokens, keys, name,
                                           time.perf_counter() - t0)
         # a sync iterator: Starlette pulls each chunk in a worker thread, off the event loop
         return StreamingResponse(_encode(payload), media_type="application/json")

@@ -33,6 +33,16 @@ class VLLMTeacher:
         check_scores(scores, completion_ids, topk, f"vLLM teacher {self.name!r}")
         return scores
 
+    def generate(self, prompt_ids, *, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+        """One sampled continuation per prompt (TrOPD's teacher prefixes): top-k/top-p off."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
+                                top_k=-1, seed=seed)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
+                                 use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
     def close(self) -> None:
         del self.llm
 

@@ -238,7 +238,7 @@ def teacher_prefixes(clients: dict[str, TeacherClient], prompt_ids: list[list[in
         client = clients[domains[rows[0]]]
         if not hasattr(client, "generate"):
             raise TeacherError(f"teacher {client.name!r} (domain {domains[rows[0]]!r}) cannot generate: "
-                               "TrOPD prefixes need an in-process teacher")
+                               "TrOPD prefixes need a teacher that generates (in-process, HTTP or vLLM)")
         got = client.generate([prompt_ids[i] for i in rows], max_new_tokens=max(want[i] for i in rows),
                               temperature=temperature, seed=seed)
         for i, c in zip(rows, got):
