@@ -187,7 +187,7 @@ class UniOPDParams(_Strict):
     strategy: Literal["lift", "suppress", "spread", "mask"] = "lift"
     gamma: Annotated[float, Field(ge=0)] = 0.0  # target margin γ
     min_keep: Prob = 0.5  # greedy mask: smallest kept fraction of a group
-    threshold: float = 1.0  # positives: outcome reward >= threshold
+    threshold: Prob = 1.0  # positives: outcome reward >= threshold (rewards lie in [0, 1])
 
     @property
     def active(self) -> bool:
@@ -317,6 +317,39 @@ OBJECTIVE_PARAMS: dict[str, tuple[str, ...]] = {
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "sce"]
 
 
+class MixRLParams(GRPOParams):
+    """Mix-RL (MOPD Table 2; ALGORITHMS §9), the stage `mix_rl`: one GRPO run from the SFT student
+    on the pooled training prompts of every domain, each prompt rewarded by its own domain's
+    verifier. Every step's prompts hold the domains in the ratio `domain_weights` (to within one
+    prompt). The default budget is the teachers' steps combined (compute-matched)."""
+
+    max_steps: PosInt = 600
+    domain_weights: dict[str, PosFloat] | None = None  # per-batch domain shares; None = uniform
+
+
+class CascadeRLParams(_Strict):
+    """Cascade RL (ALGORITHMS §9), the stages `cascade_rl:<domain>`: GRPO on one domain after the
+    other in `order`, each from the previous stage's model (the first from SFT), each with its
+    domain's `teacher.<domain>` recipe. The last stage's model is the method `cascade_rl`."""
+
+    order: list[str] = Field(default_factory=list)  # [] = the pipeline's local-teacher domains
+
+
+class OffPolicyFTParams(_Strict):
+    """Off-policy fine-tuning (MOPD Table 2; ALGORITHMS §9), the stage `offpolicy_ft`: each
+    domain's teacher samples `samples_per_prompt` responses to `max_prompts` of its training
+    prompts; the domain's verifier keeps the correct ones (reward >= `threshold`; all of them with
+    `correct_only: false`); the SFT student is fine-tuned on what is kept (`sft` recipe)."""
+
+    samples_per_prompt: PosInt = 4
+    max_prompts: PosInt = 256  # per domain
+    temperature: PosFloat = 1.0
+    max_new_tokens: PosInt = 32
+    correct_only: bool = True
+    threshold: Prob = 1.0  # rewards lie in [0, 1]
+    sft: SFTParams = SFTParams(max_steps=150, learning_rate=5e-4)
+
+
 class MultiRoundParams(_Strict):
     """Multi-round MOPD (MOPD §4.4.3; ALGORITHMS §9), the pipeline entry `multiround`: round r's
     student initialises round r+1's teachers (`round_teacher:<r+1>:<domain>`, each domain's
@@ -368,6 +401,9 @@ class Params(_Strict):
     distill: DistillParams = DistillParams()
     merge: MergeParams = MergeParams()
     multiround: MultiRoundParams = MultiRoundParams()
+    mix_rl: MixRLParams = MixRLParams()
+    cascade_rl: CascadeRLParams = CascadeRLParams()
+    offpolicy_ft: OffPolicyFTParams = OffPolicyFTParams()
     evaluate: EvaluateParams = EvaluateParams()
     # Method variants (mopd.graph): `variants.<kind>.<name>` holds keys that replace those of the
     # `<kind>` section for the stage `<kind>:<name>` (e.g. `variants.distill.tropd` for
@@ -416,6 +452,8 @@ class Params(_Strict):
             lengths = {"difficulty.max_new_tokens": self.difficulty.max_new_tokens,
                        "distill.max_new_tokens": self.distill.max_new_tokens,
                        "evaluate.max_new_tokens": self.evaluate.max_new_tokens,
+                       "mix_rl.max_completion_length": self.mix_rl.max_completion_length,
+                       "offpolicy_ft.max_new_tokens": self.offpolicy_ft.max_new_tokens,
                        **{f"teacher.{d}.max_completion_length": r.max_completion_length
                           for d, r in self.teacher.items()}}
             for key, n in lengths.items():
@@ -639,6 +677,11 @@ class Config(_Strict):
         return [d for d in self.domains if self.domain(d).teacher.source == "local"]
 
     @property
+    def cascade_order(self) -> list[str]:
+        """Cascade RL: the domains trained one after the other, in order."""
+        return list(self.params.cascade_rl.order) or self.local_teacher_domains
+
+    @property
     def round_domains(self) -> list[str]:
         """Multi-round MOPD: the domains retrained and distilled again from round 2 on."""
         return list(self.params.multiround.domains) or self.local_teacher_domains
@@ -778,6 +821,8 @@ def load_config(
             raise ConfigError(
                 f"{project_dir / params_file}: multiround.domains: {bad} are not domains of pipeline "
                 f"{name!r} whose teacher it trains ({local_teachers}); multi-round MOPD retrains teachers")
+        if name == pipeline:
+            _check_baselines(params, pipe, local_teachers, project_dir / params_file, name)
         for entry in pipe.stages:
             kind, variant = entry.partition(":")[::2]
             if variant and variant not in params.variants.get(kind, {}):
@@ -794,6 +839,28 @@ def load_config(
     except ValueError as exc:
         raise ConfigError(f"{project_dir / pipelines_file}: {exc}") from None
     return cfg
+
+
+def _check_baselines(params: Params, pipe, local_teachers: list[str], file: Path, pipeline: str) -> None:
+    """Mix-RL's domain shares and Cascade RL's order name the pipeline's domains."""
+    weights = params.mix_rl.domain_weights
+    if "mix_rl" in pipe.stages and weights is not None:
+        if set(weights) != set(pipe.domains):
+            raise ConfigError(f"{file}: mix_rl.domain_weights: keys {sorted(weights)} must be exactly "
+                              f"pipeline {pipeline!r}'s domains {pipe.domains}")
+        if not math.isclose(sum(weights.values()), 1.0, rel_tol=1e-6):
+            raise ConfigError(f"{file}: mix_rl.domain_weights = {weights}: must sum to 1")
+    order = params.cascade_rl.order or local_teachers
+    if "cascade_rl" in pipe.stages and len(order) < 2:
+        raise ConfigError(f"{file}: cascade_rl.order = {order}: a cascade needs at least two domains "
+                          f"(with one it is that domain's teacher)")
+    if "cascade_rl" in pipe.stages:
+        dup = sorted({d for d in order if order.count(d) > 1})
+        bad = [d for d in order if d not in local_teachers]
+        if dup or bad:
+            raise ConfigError(f"{file}: cascade_rl.order = {order}: " + (
+                f"{dup} listed more than once" if dup else
+                f"{bad} are not domains of pipeline {pipeline!r} with a GRPO recipe here ({local_teachers})"))
 
 
 def _check_teacher_weights(params: Params, pipe, file: Path, pipeline: str) -> None:

@@ -162,6 +162,19 @@ def _round_distill_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
             *(f"round_teacher:{r}:{d}" for d in ctx.cfg.round_domains))
 
 
+def _cascade_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    """Cascade RL step i starts from step i-1's model; step 1 (GRPO of SFT on the first domain
+    with its recipe and seed) is `teacher:<first>` itself, so it is not run twice."""
+    order = ctx.cfg.cascade_order
+    i = order.index(a["domain"])
+    prev = f"teacher:{order[0]}" if i == 1 else f"cascade_rl:{order[i - 1]}"
+    return ("data", prev)
+
+
+def _cascade_models(ctx: _Ctx, a: dict) -> tuple[tuple[str, str], ...]:
+    return (("cascade_rl", "model"),) if a["domain"] == ctx.cfg.cascade_order[-1] else ()
+
+
 def _model_stages(ctx: _Ctx) -> list[StageSpec]:
     return [s for s in ctx.specs if s.models]
 
@@ -222,6 +235,26 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/rounds/{a['round']}/distill", args=("round",),
               upstream=_round_distill_upstream, pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=lambda ctx, a: ((f"{DEFAULT_DISTILL_METHOD}:round{a['round']}", "model"),)),
+    # Integration baselines (MOPD Table 2, ALGORITHMS §9). Mix-RL: one GRPO run on the pooled
+    # prompts, each rewarded by its domain's verifier.
+    StageKind("mix_rl", "tasks.mix_rl", _one, lambda ctx, a: ("seed", "mix_rl"),
+              lambda a: f"{ARTIFACTS}/baselines/mix_rl", upstream=lambda ctx, a: ("data", "sft"),
+              pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
+              models=lambda ctx, a: (("mix_rl", "model"),)),
+    # Cascade RL: GRPO per domain in `cascade_rl.order`, each from the previous step's model.
+    StageKind("cascade_rl", "tasks.cascade_rl",
+              lambda ctx: [{"domain": d} for d in ctx.cfg.cascade_order[1:]],
+              lambda ctx, a: ("seed", "cascade_rl", f"teacher.{a['domain']}"),
+              lambda a: f"{ARTIFACTS}/baselines/cascade_rl/{a['domain']}", args=("domain",),
+              per_domain=True, upstream=_cascade_upstream,
+              pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
+              models=_cascade_models),
+    # Off-policy fine-tuning: SFT of the student on its teachers' correct rollouts.
+    StageKind("offpolicy_ft", "tasks.offpolicy_ft", _one, lambda ctx, a: ("seed", "offpolicy_ft"),
+              lambda a: f"{ARTIFACTS}/baselines/offpolicy_ft",
+              upstream=lambda ctx, a: ("data", "sft", *_teachers(ctx)),
+              pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
+              models=lambda ctx, a: (("offpolicy_ft", "model"),)),
     # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.
     StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
               lambda a: f"{ARTIFACTS}/merge", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),

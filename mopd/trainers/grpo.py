@@ -13,30 +13,72 @@ from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 log = logging.getLogger(__name__)
 
 
-def verifier_reward(kind: str):
-    """A TRL reward function scoring completions with the domain's verifier (reward in [0, 1])."""
+def verifier_reward(kind: str | None = None):
+    """A TRL reward function scoring completions with a verifier (reward in [0, 1]): ``kind``'s,
+    or, when ``kind`` is None, each row's own (the dataset's ``kind`` column: Mix-RL)."""
     from mopd.verifiers import verify_batch
 
     def reward(prompts, completions, reference, **kwargs) -> list[float]:
-        verdicts = verify_batch([kind] * len(completions), list(completions), list(reference))
+        kinds = [kind] * len(completions) if kind is not None else list(kwargs["kind"])
+        verdicts = verify_batch(kinds, list(completions), list(reference))
         return [v.reward for v in verdicts]
 
-    reward.__name__ = f"{kind}_verifier"
+    reward.__name__ = f"{kind}_verifier" if kind else "per_row_verifier"
     return reward
 
 
-def train_grpo(sft_dir: Path, records: list[dict], kind: str, out_dir: Path, params: GRPOParams,
-               seed: int, tracker) -> dict[str, list[tuple[int, float]]]:
-    """Train a teacher from ``sft_dir`` on ``records`` (prompt + reference); save to ``out_dir``."""
+def mixed_schedule(records: dict[str, list[dict]], weights: dict[str, float], prompts_per_step: int,
+                   steps: int, seed: int) -> list[dict]:
+    """Mix-RL's prompt stream (ALGORITHMS §9: domain ratios per batch): ``steps`` blocks of
+    ``prompts_per_step`` (P) prompts. Block b gives domain d ``floor(P·w_d)`` prompts, and the
+    slots left go, one each, to the domains furthest behind their cumulative share ``b·P·w_d``:
+    every block holds each domain to within one prompt of ``P·w_d``, and the totals track the
+    shares to within one prompt. Each domain's prompts are drawn without replacement from a seeded
+    shuffle, reshuffled when used up; rows keep their ``kind`` (the verifier)."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+    names = sorted(records)
+    pools: dict[str, list[dict]] = {d: [] for d in names}
+    given = {d: 0 for d in names}
+
+    def draw(d: str) -> dict:
+        if not pools[d]:
+            pools[d] = list(records[d])
+            rng.shuffle(pools[d])
+        return pools[d].pop()
+
+    out: list[dict] = []
+    P = prompts_per_step
+    base = {d: math.floor(P * weights[d] + 1e-9) for d in names}
+    for b in range(steps):
+        want = dict(base)
+        behind = sorted(names, key=lambda d: (-((b + 1) * P * weights[d] - given[d] - want[d]), d))
+        for d in behind[:P - sum(want.values())]:
+            want[d] += 1
+        block = [draw(d) for d in names for _ in range(want[d])]
+        for d in names:
+            given[d] += want[d]
+        rng.shuffle(block)
+        out += block
+    return out
+
+
+def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Path, params: GRPOParams,
+               seed: int, tracker, *, ordered: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """Train a policy from ``sft_dir`` on ``records`` (prompt + reference, and ``kind`` per row
+    when ``kind`` is None); save to ``out_dir``. ``ordered``: take the prompts in the given order
+    (one step's prompts after the other: Mix-RL's per-batch ratios) instead of TRL's shuffle."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = load_tokenizer(sft_dir)
     model = load_model(sft_dir)
-    dataset = Dataset.from_dict({
-        "prompt": [r["prompt"] for r in records],
-        "reference": [r["reference"] for r in records],
-    })
+    columns = {"prompt": [r["prompt"] for r in records], "reference": [r["reference"] for r in records]}
+    if kind is None:
+        columns["kind"] = [r["kind"] for r in records]
+    dataset = Dataset.from_dict(columns)
     args = GRPOConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed),
         per_device_train_batch_size=params.batch_size,
@@ -47,6 +89,7 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str, out_dir: Path, par
         epsilon=params.epsilon,
         lr_scheduler_type="constant",
         loss_type="dapo",
+        shuffle_dataset=not ordered,
     )
     callback = TrackerCallback(tracker)
     trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,

@@ -1,0 +1,36 @@
+"""Stage `cascade_rl:<domain>`: one step of the Cascade RL baseline (ALGORITHMS §9): GRPO on
+``domain`` (its `teacher.<domain>` recipe and verifier) from the previous step's model. The
+first domain's step is `teacher:<first>` itself (GRPO of SFT with that recipe and seed), so the
+stage table starts the cascade at the second domain; the last step's model is `cascade_rl`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import read_split
+from mopd.trainers.grpo import train_grpo
+from tasks.plotting import log_curves
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str) -> Result:
+    order = cfg.cascade_order
+    i = order.index(domain)
+    prev = inputs[f"teacher:{order[0]}" if i == 1 else f"cascade_rl:{order[i - 1]}"]
+    records = read_split(inputs["data"], domain, "train")
+    history = train_grpo(prev / "model", records, cfg.domain(domain).verifier, out_dir,
+                         cfg.params.teacher[domain], cfg.params.seed, tracker)
+    log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
+    rewards = [v for _, v in history.get("train/reward", [])]
+    metrics = {}
+    if rewards:
+        n = max(1, len(rewards) // 4)
+        metrics = {"reward_first_quarter": sum(rewards[:n]) / n, "reward_last_quarter": sum(rewards[-n:]) / n}
+    return finalize(f"cascade_rl:{domain}", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("cascade_rl", run))

@@ -1,0 +1,41 @@
+"""Stage `mix_rl`: the Mix-RL baseline (MOPD Table 2; ALGORITHMS §9): one GRPO run from the SFT
+student on the pooled training prompts of every domain, each prompt rewarded by its own
+domain's verifier, the domains in fixed ratios within every step's batch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import read_split
+from mopd.trainers.grpo import mixed_schedule, train_grpo
+from tasks.plotting import log_curves
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+    params = cfg.params.mix_rl
+    domains = cfg.domains
+    weights = params.domain_weights or {d: 1 / len(domains) for d in domains}
+    records = {d: [{**r, "kind": cfg.domain(d).verifier, "domain": d}
+                   for r in read_split(inputs["data"], d, "train")] for d in domains}
+    per_step = params.batch_size // params.num_generations
+    stream = mixed_schedule(records, weights, per_step, params.max_steps, cfg.params.seed)
+    counts = Counter(r["domain"] for r in stream)
+    tracker.log_params({f"mix_rl/prompts_{d}": counts[d] for d in domains})
+    history = train_grpo(inputs["sft"] / "model", stream, None, out_dir, params, cfg.params.seed,
+                         tracker, ordered=True)
+    log_curves(tracker, history, "Mix-RL")
+    rewards = [v for _, v in history.get("train/reward", [])]
+    metrics = {f"prompts_{d}": float(counts[d]) for d in domains}
+    if rewards:
+        n = max(1, len(rewards) // 4)
+        metrics |= {"reward_first_quarter": sum(rewards[:n]) / n, "reward_last_quarter": sum(rewards[-n:]) / n}
+    return finalize("mix_rl", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("mix_rl", run))
