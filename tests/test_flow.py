@@ -18,8 +18,10 @@ from tests.conftest import ROOT, _sh, dvc_env, micro_params, write_params
 pytestmark = pytest.mark.slow
 
 TEACHERS = {"teacher:math", "teacher:code", "teacher:if"}
-EVALS = {"evaluate:sft", "evaluate:distill", "evaluate:merge"} | {f"evaluate:{t}" for t in TEACHERS}
-ALL = {"data", "base", "sft", "difficulty", "distill", "merge", "report:full"} | TEACHERS | EVALS
+BASELINES = {"mix_rl", "cascade_rl:code", "cascade_rl:if", "offpolicy_ft"}  # MOPD Table 2
+EVALS = {"evaluate:sft", "evaluate:distill", "evaluate:merge", "evaluate:mix_rl", "evaluate:cascade_rl:if",
+         "evaluate:offpolicy_ft"} | {f"evaluate:{t}" for t in TEACHERS}
+ALL = {"data", "base", "sft", "difficulty", "distill", "merge", "report:full"} | TEACHERS | EVALS | BASELINES
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +94,12 @@ def _release_when(path, release, stop: threading.Event) -> threading.Thread:
 
 
 def _assert_downstream_of(project, computed: set[str], teacher: str) -> None:
-    """``computed`` is ``teacher`` and what depends on it: its evaluation, distill and merge
-    always; their evaluations and the report exactly when their inputs' content changed."""
-    assert {teacher, f"evaluate:{teacher}", "distill", "merge"} <= computed
-    assert computed <= {teacher, f"evaluate:{teacher}", "distill", "merge", "evaluate:distill",
-                        "evaluate:merge", "report:full"}
+    """``computed`` is ``teacher`` and what depends on it: its evaluation, distill, merge and
+    off-policy FT always; their evaluations and the report exactly when their inputs' content
+    changed."""
+    assert {teacher, f"evaluate:{teacher}", "distill", "merge", "offpolicy_ft"} <= computed
+    assert computed <= {teacher, f"evaluate:{teacher}", "distill", "merge", "offpolicy_ft", "evaluate:distill",
+                        "evaluate:merge", "evaluate:offpolicy_ft", "report:full"}
     from mopd.artifacts import load_result
 
     for model in ("distill", "merge"):
@@ -207,9 +210,15 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     state, status = _run(project)
     assert state.is_failed()
     assert _by(status, "failed") == {"teacher:code"}
-    assert _by(status, "computed") == {"teacher:math", "evaluate:teacher:math"}
-    assert _by(status, "skipped") == {"distill", "merge", "evaluate:teacher:code",
-                                      "evaluate:distill", "evaluate:merge", "report:full"}
+    # Cascade RL's code step reads teacher.code's recipe but starts from teacher:math: it runs;
+    # its successor reruns when the step's weights changed (a micro run may leave them identical)
+    chain = {"cascade_rl:if", "evaluate:cascade_rl:if"}
+    computed = _by(status, "computed")
+    assert {"teacher:math", "evaluate:teacher:math", "cascade_rl:code"} <= computed
+    assert computed - {"teacher:math", "evaluate:teacher:math", "cascade_rl:code"} <= chain
+    assert _by(status, "skipped") == {"distill", "merge", "offpolicy_ft", "evaluate:teacher:code",
+                                      "evaluate:distill", "evaluate:merge", "evaluate:offpolicy_ft",
+                                      "report:full"}
 
     # 5. The next run recomputes only the failed teacher and what depends on it (a stage downstream
     #    of a recomputed one reruns only if its inputs' *content* changed: a micro GRPO run can

@@ -88,6 +88,8 @@ def test_mlflow_parent_children_threads(store):
     uri, client, root = store
     parent = MLflowTracker.start("pipeline", "full", tracking_uri=uri, tags={"pipeline": "tiny"})
     assert isinstance(parent, Tracker)
+    # the UI opens the experiment on its runs, not on MLflow 3's GenAI traces view
+    assert client.get_experiment_by_name("pipeline").tags["mlflow.experimentKind"] == "custom_model_development"
     parent.log_params({"seed": 7, "distill": {"lr": 1e-6}})
     errors: list[BaseException] = []
 
