@@ -13,6 +13,7 @@ from mopd.config import Config
 from mopd.data import read_split
 from mopd.evaluation import evaluate_model
 from mopd.progress import report
+from mopd.stats import bootstrap_indices, mean_ci
 
 SCORES_FILE = "scores.json"
 
@@ -34,6 +35,18 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, model: 
                for label, per in scores.items() for bench, v in per.items()
                for stat, stat2 in (("avg_at_k", "avg@k"), ("pass_at_k", "pass@k"))}
     tracker.log_metrics(metrics)
+    # One child run per method, with the same metric names for every method (avg_at_k/<bench>,
+    # its interval, pass_at_k/<bench>), so MLflow's run comparison lines methods up side by side.
+    ev = cfg.params.evaluate
+    for label, per in scores.items():
+        child = {}
+        for bench, v in per.items():
+            idx = bootstrap_indices(len(v["per_prompt_avg"]), n_boot=ev.bootstrap, seed=cfg.params.seed)
+            lo, hi = mean_ci(v["per_prompt_avg"], idx, ev.ci_level)
+            child |= {f"avg_at_k/{bench}": v["avg@k"], f"avg_at_k_ci_lo/{bench}": lo,
+                      f"avg_at_k_ci_hi/{bench}": hi, f"pass_at_k/{bench}": v["pass@k"]}
+        with tracker.child(label, kind="method", method=label, stage=f"evaluate:{model}") as run:
+            run.log_metrics(child)
     return finalize(f"evaluate:{model}", cfg.project_dir, out_dir, metrics)
 
 

@@ -260,6 +260,13 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     arts = {a.path for a in client.list_artifacts(last.info.run_id)}
     assert {"avg_at_k.csv", "normalized.csv", "avg_at_k.png"} <= arts
     assert any(k.startswith("avg_at_k/mopd/") for k in last.data.metrics)
+    # every method has a run with the same metric names: the UI's comparison lines them up
+    methods = {r.data.tags["method"]: set(r.data.metrics)
+               for r in client.search_runs([exp.experiment_id], "tags.kind = 'method'")}
+    assert {"mopd", "mix_rl", "cascade_rl", "offpolicy_ft", "merge:linear", "sft"} <= set(methods)
+    assert methods["mopd"] == methods["mix_rl"] == methods["merge:linear"]
+    assert {"avg_at_k/math", "avg_at_k_ci_lo/math", "avg_at_k_ci_hi/math", "pass_at_k/code"} <= methods["mopd"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):
