@@ -350,6 +350,12 @@ class OffPolicyFTParams(_Strict):
     sft: SFTParams = SFTParams(max_steps=150, learning_rate=5e-4)
 
 
+class WeightShiftParams(_Strict):
+    """The `weight_shift` analysis (M2RL 3.3): a weight changed when |Δw| > eta · max(|w_SFT|, |w_RL|)."""
+
+    eta: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+
+
 class MultiRoundParams(_Strict):
     """Multi-round MOPD (MOPD §4.4.3; ALGORITHMS §9), the pipeline entry `multiround`: round r's
     student initialises round r+1's teachers (`round_teacher:<r+1>:<domain>`, each domain's
@@ -404,6 +410,7 @@ class Params(_Strict):
     mix_rl: MixRLParams = MixRLParams()
     cascade_rl: CascadeRLParams = CascadeRLParams()
     offpolicy_ft: OffPolicyFTParams = OffPolicyFTParams()
+    weight_shift: WeightShiftParams = WeightShiftParams()
     evaluate: EvaluateParams = EvaluateParams()
     # Method variants (mopd.graph): `variants.<kind>.<name>` holds keys that replace those of the
     # `<kind>` section for the stage `<kind>:<name>` (e.g. `variants.distill.tropd` for

@@ -259,6 +259,9 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
     StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
               lambda a: f"{ARTIFACTS}/merge", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),
               models=lambda ctx, a: tuple((f"merge:{m}", m) for m in ctx.cfg.params.merge.methods)),
+    # Analysis (M2RL 3.3): the teachers' changed-weight overlaps against SFT.
+    StageKind("weight_shift", "tasks.weight_shift", _one, lambda ctx, a: ("weight_shift",),
+              lambda a: f"{ARTIFACTS}/analysis/weight_shift", upstream=lambda ctx, a: ("sft", *_teachers(ctx))),
     # One evaluation per model stage, shared by every pipeline that has that model ...
     StageKind("evaluate", "tasks.evaluate",
               lambda ctx: [{"model": s.name} for s in _model_stages(ctx)],

@@ -270,6 +270,11 @@ def jaccard_overlap(masks_a: Mapping[str, torch.Tensor], masks_b: Mapping[str, t
         stats = [a.numel(), int(a.sum()), int(b.sum()), int((a & b).sum()), int((a | b).sum())]
         for group in (group_fn(name), "all"):
             acc[group] = [x + y for x, y in zip(acc.get(group, [0] * 5), stats)]
+    return _jaccard_table(acc)
+
+
+def _jaccard_table(acc: Mapping[str, Sequence[int]]) -> pd.DataFrame:
+    """Per-group [n, changed_a, changed_b, both, either] counts -> the overlap table."""
     rows = {}
     for group, (n, na, nb, inter, union) in acc.items():
         pa, pb = na / n, nb / n
@@ -278,6 +283,59 @@ def jaccard_overlap(masks_a: Mapping[str, torch.Tensor], masks_b: Mapping[str, t
                        "jaccard": inter / union if union else float("nan"),
                        "random_reference": pa * pb / denom if denom > 0 else float("nan")}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+@torch.no_grad()
+def weight_shift_pairs(sft_dir, rl_dirs: Mapping[str, object], *, eta: float = 1e-3,
+                       group_fn: Callable[[str], str] = default_param_group) -> pd.DataFrame:
+    """The weight-shift analysis (M2RL 3.3, ALGORITHMS §7) of several RL checkpoints against one
+    SFT checkpoint, read tensor by tensor from their safetensors files (memory: a few tensors,
+    whatever the model size): for every pair of RL checkpoints and every parameter group, the
+    change rates, the Jaccard overlap of the changed-masks and the random-mask reference.
+    Rows: (a, b, group)."""
+    import itertools
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    def index(d) -> dict[str, Path]:
+        files = sorted(Path(d).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{d}: no *.safetensors checkpoint")
+        out = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                out |= {k: f for k in h.keys()}
+        return out
+
+    base = index(sft_dir)
+    others = {name: index(d) for name, d in rl_dirs.items()}
+    for name, keys in others.items():
+        if set(keys) != set(base):
+            raise ValueError(f"checkpoint {name!r} ({rl_dirs[name]}) and the SFT checkpoint differ in "
+                             f"parameters: {sorted(set(keys) ^ set(base))[:5]}")
+    names = sorted(rl_dirs)
+    pairs = list(itertools.combinations(names, 2))
+    acc: dict[tuple[str, str], dict[str, list[int]]] = {p: {} for p in pairs}
+    for key in sorted(base):
+        def load(files):
+            with safe_open(str(files[key]), framework="pt") as h:
+                return h.get_tensor(key)
+        w0 = load(base)
+        masks = {n: changed_mask(w0, load(others[n]), eta=eta) for n in names}
+        for a, b in pairs:
+            ma, mb = masks[a], masks[b]
+            stats = [ma.numel(), int(ma.sum()), int(mb.sum()), int((ma & mb).sum()), int((ma | mb).sum())]
+            for group in (group_fn(key), "all"):
+                acc[(a, b)][group] = [x + y for x, y in zip(acc[(a, b)].get(group, [0] * 5), stats)]
+    frames = []
+    for (a, b), per in acc.items():
+        t = _jaccard_table(per)
+        t.insert(0, "group", t.index)
+        t.insert(0, "b", b)
+        t.insert(0, "a", a)
+        frames.append(t.reset_index(drop=True))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def weight_shift_overlap(sft: Mapping[str, torch.Tensor], rl_a: Mapping[str, torch.Tensor],

@@ -162,3 +162,30 @@ def difficulty_histogram(
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title)
     return fig
+
+
+def weight_shift_chart(table, title: str = "Weight shift: Jaccard overlap of changed weights") -> Figure:
+    """Per parameter group (x), one bar per checkpoint pair: the Jaccard overlap of the two
+    checkpoints' changed-weight masks; a black tick on each bar marks the random-mask reference
+    (the overlap two independent masks with those change rates would have). ``table``: the
+    output of :func:`mopd.metrics.weight_shift_pairs`."""
+    if table is None or len(table) == 0:
+        raise ValueError("weight_shift_chart: the table is empty (need >= 2 RL checkpoints)")
+    groups = list(dict.fromkeys(table["group"]))
+    pairs = list(dict.fromkeys(zip(table["a"], table["b"])))
+    fig = Figure(figsize=(max(7.0, 1.4 * len(groups) + 3), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(pairs)
+    x = np.arange(len(groups))
+    for i, (a, b) in enumerate(pairs):
+        rows = table[(table["a"] == a) & (table["b"] == b)].set_index("group").reindex(groups)
+        pos = x + (i - (len(pairs) - 1) / 2) * width
+        ax.bar(pos, np.nan_to_num(rows["jaccard"].to_numpy(dtype=float)), width, label=f"{a} ∩ {b}")
+        ax.scatter(pos, rows["random_reference"].to_numpy(dtype=float), marker="_", s=200, color="black",
+                   zorder=3, label="random-mask reference" if i == 0 else None)
+    ax.set_xticks(x, groups)
+    ax.set_ylabel("Jaccard overlap")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.suptitle(title)
+    return fig

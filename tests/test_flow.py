@@ -21,7 +21,8 @@ TEACHERS = {"teacher:math", "teacher:code", "teacher:if"}
 BASELINES = {"mix_rl", "cascade_rl:code", "cascade_rl:if", "offpolicy_ft"}  # MOPD Table 2
 EVALS = {"evaluate:sft", "evaluate:distill", "evaluate:merge", "evaluate:mix_rl", "evaluate:cascade_rl:if",
          "evaluate:offpolicy_ft"} | {f"evaluate:{t}" for t in TEACHERS}
-ALL = {"data", "base", "sft", "difficulty", "distill", "merge", "report:full"} | TEACHERS | EVALS | BASELINES
+ALL = {"data", "base", "sft", "difficulty", "distill", "merge", "weight_shift", "report:full"} | TEACHERS | EVALS \
+    | BASELINES
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,9 @@ def _assert_downstream_of(project, computed: set[str], teacher: str) -> None:
     """``computed`` is ``teacher`` and what depends on it: its evaluation, distill, merge and
     off-policy FT always; their evaluations and the report exactly when their inputs' content
     changed."""
-    assert {teacher, f"evaluate:{teacher}", "distill", "merge", "offpolicy_ft"} <= computed
-    assert computed <= {teacher, f"evaluate:{teacher}", "distill", "merge", "offpolicy_ft", "evaluate:distill",
+    assert {teacher, f"evaluate:{teacher}", "distill", "merge", "offpolicy_ft", "weight_shift"} <= computed
+    assert computed <= {teacher, f"evaluate:{teacher}", "distill", "merge", "offpolicy_ft", "weight_shift",
+                        "evaluate:distill",
                         "evaluate:merge", "evaluate:offpolicy_ft", "report:full"}
     from mopd.artifacts import load_result
 
@@ -216,7 +218,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     computed = _by(status, "computed")
     assert {"teacher:math", "evaluate:teacher:math", "cascade_rl:code"} <= computed
     assert computed - {"teacher:math", "evaluate:teacher:math", "cascade_rl:code"} <= chain
-    assert _by(status, "skipped") == {"distill", "merge", "offpolicy_ft", "evaluate:teacher:code",
+    assert _by(status, "skipped") == {"distill", "merge", "offpolicy_ft", "weight_shift", "evaluate:teacher:code",
                                       "evaluate:distill", "evaluate:merge", "evaluate:offpolicy_ft",
                                       "report:full"}
 

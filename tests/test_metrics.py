@@ -173,3 +173,39 @@ def test_weight_shift_overlap_end_to_end():
     assert df.loc["lm_head", "jaccard"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="differ in keys"):
         weight_shift_overlap(sft, {"x": torch.ones(4)}, rl_b)
+
+
+def test_weight_shift_pairs_streams_checkpoints_as_the_in_memory_overlap(tmp_path):
+    """The stage's streaming analysis over safetensors files equals `weight_shift_overlap` on the
+    same state dicts, for every pair and group; a hand-made case pins the numbers."""
+    from safetensors.torch import save_file
+
+    from mopd.metrics import weight_shift_overlap, weight_shift_pairs
+
+    g = torch.Generator().manual_seed(0)
+    sft = {"model.embed_tokens.weight": torch.randn(50, 8, generator=g),
+           "model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g)}
+    rl = {}
+    for name, rate in (("a", 0.3), ("b", 0.6), ("c", 0.1)):
+        rl[name] = {k: v + (torch.rand(v.shape, generator=g) < rate) * 0.5 for k, v in sft.items()}
+    for name, sd in [("sft", sft), *rl.items()]:
+        (tmp_path / name).mkdir()
+        save_file(sd, str(tmp_path / name / "model.safetensors"))
+    table = weight_shift_pairs(tmp_path / "sft", {n: tmp_path / n for n in rl})
+    assert sorted(set(zip(table["a"], table["b"]))) == [("a", "b"), ("a", "c"), ("b", "c")]
+    for a, b in (("a", "b"), ("b", "c")):
+        ref = weight_shift_overlap(sft, rl[a], rl[b])
+        got = table[(table["a"] == a) & (table["b"] == b)].set_index("group")
+        for group in ref.index:
+            for col in ("n_params", "rate_a", "rate_b", "jaccard", "random_reference"):
+                assert got.loc[group, col] == pytest.approx(ref.loc[group, col]), (a, b, group, col)
+    # by hand: 4 weights, a changes {0, 1}, b changes {1, 2}: J = 1/3, reference = .25/.75 = 1/3
+    base = {"w.mlp": torch.ones(4)}
+    for name, idx in (("s2", []), ("x", [0, 1]), ("y", [1, 2])):
+        w = torch.ones(4)
+        w[idx] = 2.0
+        (tmp_path / name).mkdir()
+        save_file({"w.mlp": w} if name != "s2" else base, str(tmp_path / name / "model.safetensors"))
+    t = weight_shift_pairs(tmp_path / "s2", {"x": tmp_path / "x", "y": tmp_path / "y"}).set_index("group")
+    assert t.loc["all", "jaccard"] == pytest.approx(1 / 3) and t.loc["all", "rate_a"] == 0.5
+    assert t.loc["all", "random_reference"] == pytest.approx(0.25 / 0.75)

@@ -1,0 +1,45 @@
+"""Stage `weight_shift`: the weight-shift analysis of "To Mix or To Merge" (M2RL 3.3, ALGORITHMS
+§7): which weights each RL teacher changed against the SFT checkpoint (|Δw| > η·max(|w|)), and,
+for every pair of teachers and every parameter group, the Jaccard overlap of those changed-masks
+beside the random-mask reference (the overlap of independent masks with the same change rates).
+An overlap near the reference means the domains moved disjoint, unrelated weights (merging
+interferes little); far above it, they compete for the same ones. CSV + PNG, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.metrics import weight_shift_pairs
+from mopd.plots import weight_shift_chart
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+    teachers = {f"teacher:{d}": inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains}
+    if len(teachers) < 2:
+        raise ValueError(f"weight_shift compares teachers pairwise: pipeline {cfg.pipeline!r} trains "
+                         f"{len(teachers)} ({sorted(teachers)})")
+    eta = cfg.params.weight_shift.eta
+    table = weight_shift_pairs(inputs["sft"] / "model", teachers, eta=eta)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "pairs.csv", index=False)
+    fig = weight_shift_chart(table, f"Weight shift against SFT (η = {eta:g}): Jaccard vs random reference")
+    fig.savefig(out_dir / "jaccard.png", dpi=120)
+    tracker.log_figure(fig, "jaccard.png")
+    tracker.log_artifact(out_dir / "pairs.csv")
+    whole = table[table["group"] == "all"]
+    metrics = {}
+    for _, r in whole.iterrows():
+        pair = f"{r['a'].split(':')[-1]}_{r['b'].split(':')[-1]}"
+        metrics |= {f"jaccard/{pair}": float(r["jaccard"]), f"random_reference/{pair}": float(r["random_reference"])}
+    for name in teachers:  # each teacher's overall change rate (from any pair it is in)
+        row = whole[(whole["a"] == name) | (whole["b"] == name)].iloc[0]
+        metrics[f"change_rate/{name.split(':')[-1]}"] = float(row["rate_a"] if row["a"] == name else row["rate_b"])
+    return finalize("weight_shift", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("weight_shift", run))
