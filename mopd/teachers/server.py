@@ -8,8 +8,9 @@ honoured, which ignored); what scoring sends is ``{"model"?, "prompt": [ids] | [
 prompt with ``echo``). A request with ``max_tokens`` to generate samples them as vLLM does
 (:mod:`mopd.teachers.generation`; TrOPD's teacher prefixes): ``n`` choices per prompt, ``index``
 = prompt * n + choice, ``finish_reason`` "stop" (EOS, a stop id or a stop string: ``stop_reason``
-names which) or "length", the generated ids with ``return_token_ids``. Response, as vLLM's: ``choices[i].prompt_logprobs`` (only when the request
-asks for it) is a list over prompt positions, None at position 0, else
+names which) or "length", the generated ids with ``return_token_ids``. Response, as vLLM's:
+``choices[i].prompt_logprobs`` (only when the request asks for it) is a list over prompt
+positions, None at position 0, else
 ``{str(token_id): {"logprob", "rank", "decoded_token"}}`` holding the actual prompt token (rank =
 1 + number of vocabulary tokens strictly more likely) plus the top-k (ranks 1..k); log-probs
 below -9999 are clamped to -9999 as vLLM does.
