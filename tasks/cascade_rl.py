@@ -11,22 +11,18 @@ from mopd.artifacts import Result, finalize
 from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.grpo import train_grpo
-from tasks.plotting import log_curves
+from tasks.plotting import log_curves, reward_quarters
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str) -> Result:
     order = cfg.cascade_order
     i = order.index(domain)
-    prev = inputs[f"teacher:{order[0]}" if i == 1 else f"cascade_rl:{order[i - 1]}"]
+    prev, = (path for name, path in inputs.items() if name != "data")  # the stage table's previous step
     records = read_split(inputs["data"], domain, "train")
     history = train_grpo(prev / "model", records, cfg.domain(domain).verifier, out_dir,
                          cfg.params.teacher[domain], cfg.params.seed, tracker)
     log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
-    rewards = [v for _, v in history.get("train/reward", [])]
-    metrics = {}
-    if rewards:
-        n = max(1, len(rewards) // 4)
-        metrics = {"reward_first_quarter": sum(rewards[:n]) / n, "reward_last_quarter": sum(rewards[-n:]) / n}
+    metrics = reward_quarters(history)
     return finalize(f"cascade_rl:{domain}", cfg.project_dir, out_dir, metrics)
 
 

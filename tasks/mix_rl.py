@@ -11,7 +11,7 @@ from mopd.artifacts import Result, finalize
 from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.grpo import mixed_schedule, train_grpo
-from tasks.plotting import log_curves
+from tasks.plotting import log_curves, reward_quarters
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
@@ -27,11 +27,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     history = train_grpo(inputs["sft"] / "model", stream, None, out_dir, params, cfg.params.seed,
                          tracker, ordered=True)
     log_curves(tracker, history, "Mix-RL")
-    rewards = [v for _, v in history.get("train/reward", [])]
-    metrics = {f"prompts_{d}": float(counts[d]) for d in domains}
-    if rewards:
-        n = max(1, len(rewards) // 4)
-        metrics |= {"reward_first_quarter": sum(rewards[:n]) / n, "reward_last_quarter": sum(rewards[-n:]) / n}
+    metrics = {f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
     return finalize("mix_rl", cfg.project_dir, out_dir, metrics)
 
 

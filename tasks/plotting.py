@@ -13,3 +13,12 @@ def log_curves(tracker, history: dict[str, list[tuple[int, float]]], title: str)
 
     fig = training_curves(keep, title)
     tracker.log_figure(fig, "training_curves.png")
+
+
+def reward_quarters(history: dict[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """Mean training reward over the first and the last quarter of a GRPO run (empty if none)."""
+    rewards = [v for _, v in history.get("train/reward", [])]
+    if not rewards:
+        return {}
+    n = max(1, len(rewards) // 4)
+    return {"reward_first_quarter": sum(rewards[:n]) / n, "reward_last_quarter": sum(rewards[-n:]) / n}

@@ -9,7 +9,7 @@ from mopd.artifacts import Result, finalize
 from mopd.config import Config, MultiRoundParams
 from mopd.data import read_split
 from mopd.trainers.grpo import train_grpo
-from tasks.plotting import log_curves
+from tasks.plotting import log_curves, reward_quarters
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str,
@@ -22,12 +22,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain:
     history = train_grpo(init / "model", records, kind, out_dir,
                          cfg.params.teacher[domain], cfg.params.seed, tracker)
     log_curves(tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
-    rewards = [v for _, v in history.get("train/reward", [])]
-    metrics = {}
-    if rewards:
-        n = max(1, len(rewards) // 4)
-        metrics = {"reward_first_quarter": sum(rewards[:n]) / n,
-                   "reward_last_quarter": sum(rewards[-n:]) / n}
+    metrics = reward_quarters(history)
     name = f"round_teacher:{round}:{domain}" if round else f"teacher:{domain}"
     return finalize(name, cfg.project_dir, out_dir, metrics)
 
