@@ -350,6 +350,46 @@ class OffPolicyFTParams(_Strict):
     sft: SFTParams = SFTParams(max_steps=150, learning_rate=5e-4)
 
 
+class CoPDOPDParams(_Strict):
+    """CoPD Phase II (ALGORITHMS §6; CoPD §3.2-3.3, Alg. 1 lines 8-13): one optimiser step per
+    batch of native GRPO rollouts (`native_prompts` of the branch's own prompts x `group_size`,
+    its verifier's reward, group-normalised advantages) plus, for every exchange partner j,
+    `cross_prompts` of D_j x `cross_samples` rollouts of this branch, token advantage
+    `beta * clip(log pi_j - log pi_k)` with the partner's current weights as teacher."""
+
+    learning_rate: PosFloat = 1e-4
+    native_prompts: PosInt = 4
+    group_size: Annotated[int, Field(ge=2)] = 8
+    cross_prompts: PosInt = 8
+    cross_samples: PosInt = 2
+    beta: PosFloat = 1.0  # β_k, the weight of the cross-branch advantage
+    clip: PosFloat | None = 5.0  # two-sided clip of log pi_j - log pi_k (as distill.clip); null = none
+    max_new_tokens: PosInt = 32
+    temperature: PosFloat = 1.0
+
+
+class CoPDParams(_Strict):
+    """CoPD (ALGORITHMS §6), the pipeline entry `copd`: K branches from the SFT checkpoint, one
+    per domain in `branches`; `cycles` cycles of Phase I (`rl_steps` GRPO steps on the branch's
+    domain with its `teacher.<domain>` recipe, stage `copd:<n>:rl:<domain>`) and Phase II
+    (`opd_steps` steps of mutual OPD, stage `copd:<n>:opd:<domain>`); K > 2 exchanges
+    hub-and-spoke through `hub`. The final branches are merged with `merge_method` (stage
+    `copd_merge`, method `copd`); `copd_monitor` measures top-k overlap and symmetric KL between
+    exchange partners after every phase."""
+
+    branches: list[str] = Field(default_factory=list)  # [] = the pipeline's local-teacher domains
+    hub: str | None = None  # K > 2: the branch that exchanges with every other (CoPD §3.3)
+    cycles: Annotated[int, Field(ge=1, le=16)] = 2
+    rl_steps: PosInt = 60  # S_RL per cycle (the paper's best S_RL : S_OPD = 1.5 : 1)
+    opd_steps: PosInt = 40  # S_OPD per cycle
+    opd: CoPDOPDParams = CoPDOPDParams()
+    merge_method: MergeMethod = "linear"
+    task_arithmetic_lambda: PosFloat = 0.5  # used by merge_method task_arithmetic
+    density: Annotated[float, Field(gt=0, le=1)] = 0.2  # used by ties / dare_*
+    monitor_prompts: PosInt = 16  # per domain, for copd_monitor's rollouts
+    monitor_topk: PosInt = 10  # the k of the top-k overlap (CoPD: 10)
+
+
 class WeightShiftParams(_Strict):
     """The `weight_shift` analysis (M2RL 3.3): a weight changed when |Δw| > eta · max(|w_SFT|, |w_RL|)."""
 
@@ -410,6 +450,7 @@ class Params(_Strict):
     mix_rl: MixRLParams = MixRLParams()
     cascade_rl: CascadeRLParams = CascadeRLParams()
     offpolicy_ft: OffPolicyFTParams = OffPolicyFTParams()
+    copd: CoPDParams = CoPDParams()
     weight_shift: WeightShiftParams = WeightShiftParams()
     evaluate: EvaluateParams = EvaluateParams()
     # Method variants (mopd.graph): `variants.<kind>.<name>` holds keys that replace those of the
@@ -461,6 +502,7 @@ class Params(_Strict):
                        "evaluate.max_new_tokens": self.evaluate.max_new_tokens,
                        "mix_rl.max_completion_length": self.mix_rl.max_completion_length,
                        "offpolicy_ft.max_new_tokens": self.offpolicy_ft.max_new_tokens,
+                       "copd.opd.max_new_tokens": self.copd.opd.max_new_tokens,
                        **{f"teacher.{d}.max_completion_length": r.max_completion_length
                           for d, r in self.teacher.items()}}
             for key, n in lengths.items():
@@ -689,6 +731,19 @@ class Config(_Strict):
         return list(self.params.cascade_rl.order) or self.local_teacher_domains
 
     @property
+    def copd_branches(self) -> list[str]:
+        """CoPD: one branch per domain, each trained on its domain's prompts and verifier."""
+        return list(self.params.copd.branches) or self.local_teacher_domains
+
+    def copd_pairs(self) -> list[tuple[str, str]]:
+        """CoPD Phase II (student branch, partner branch) pairs: both directions for K = 2,
+        hub-and-spoke for K > 2 (ALGORITHMS §6)."""
+        from mopd.copd import copd_exchange_pairs  # codedeps: ignore
+
+        branches = self.copd_branches
+        return copd_exchange_pairs(branches, hub=self.params.copd.hub if len(branches) > 2 else None)
+
+    @property
     def round_domains(self) -> list[str]:
         """Multi-round MOPD: the domains retrained and distilled again from round 2 on."""
         return list(self.params.multiround.domains) or self.local_teacher_domains
@@ -868,6 +923,21 @@ def _check_baselines(params: Params, pipe, local_teachers: list[str], file: Path
             raise ConfigError(f"{file}: cascade_rl.order = {order}: " + (
                 f"{dup} listed more than once" if dup else
                 f"{bad} are not domains of pipeline {pipeline!r} with a GRPO recipe here ({local_teachers})"))
+    if "copd" in pipe.stages:
+        c = params.copd
+        branches = c.branches or local_teachers
+        dup = sorted({d for d in branches if branches.count(d) > 1})
+        bad = [d for d in branches if d not in local_teachers]
+        if len(branches) < 2 or dup or bad:
+            raise ConfigError(f"{file}: copd.branches = {branches}: " + (
+                "CoPD needs at least two branches" if len(branches) < 2 else
+                f"{dup} listed more than once" if dup else
+                f"{bad} are not domains of pipeline {pipeline!r} with a GRPO recipe here ({local_teachers})"))
+        if len(branches) > 2 and c.hub not in branches:
+            raise ConfigError(f"{file}: copd.hub = {c.hub!r}: with {len(branches)} branches CoPD exchanges "
+                              f"hub-and-spoke and needs a hub among copd.branches {branches}")
+        if len(branches) == 2 and c.hub is not None and c.hub not in branches:
+            raise ConfigError(f"{file}: copd.hub = {c.hub!r} is not one of copd.branches {branches}")
 
 
 def _check_teacher_weights(params: Params, pipe, file: Path, pipeline: str) -> None:

@@ -175,6 +175,34 @@ def _cascade_models(ctx: _Ctx, a: dict) -> tuple[tuple[str, str], ...]:
     return (("cascade_rl", "model"),) if a["domain"] == ctx.cfg.cascade_order[-1] else ()
 
 
+def _copd_expand(ctx: _Ctx) -> list[dict]:
+    """CoPD (ALGORITHMS §6): one stage per cycle x phase x branch, `copd:<n>:<rl|opd>:<branch>`."""
+    return [{"cycle": str(n), "phase": ph, "domain": d}
+            for n in range(1, ctx.cfg.params.copd.cycles + 1) for ph in ("rl", "opd") for d in ctx.cfg.copd_branches]
+
+
+def _copd_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    """Phase I of cycle n starts from the branch's Phase II of cycle n-1 (cycle 1: SFT); Phase II
+    of cycle n from its own Phase I, with each exchange partner's Phase I of the same cycle as the
+    teacher (the partner's current weights, CoPD eq. 8)."""
+    n, d = int(a["cycle"]), a["domain"]
+    if a["phase"] == "rl":
+        return ("data", "sft" if n == 1 else f"copd:{n - 1}:opd:{d}")
+    partners = [j for k, j in ctx.cfg.copd_pairs() if k == d]
+    return ("data", f"copd:{n}:rl:{d}", *(f"copd:{n}:rl:{j}" for j in partners))
+
+
+def _copd_params(ctx: _Ctx, a: dict) -> tuple[str, ...]:
+    if a["phase"] == "rl":
+        return ("seed", "copd.rl_steps", f"teacher.{a['domain']}")
+    return ("seed", "copd.opd_steps", "copd.opd")
+
+
+def _copd_last(ctx: _Ctx) -> tuple[str, ...]:
+    n = ctx.cfg.params.copd.cycles
+    return tuple(f"copd:{n}:opd:{d}" for d in ctx.cfg.copd_branches)
+
+
 def _model_stages(ctx: _Ctx) -> list[StageSpec]:
     return [s for s in ctx.specs if s.models]
 
@@ -255,6 +283,22 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft", *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=lambda ctx, a: (("offpolicy_ft", "model"),)),
+    # CoPD (ALGORITHMS §6): each branch-cycle-phase is a stage, so a failure in cycle n reruns
+    # only cycle n onward; the final branches merged through mergekit are the method `copd`.
+    StageKind("copd", "tasks.copd", _copd_expand, _copd_params,
+              lambda a: f"{ARTIFACTS}/copd/{a['cycle']}/{a['phase']}/{a['domain']}",
+              args=("cycle", "phase", "domain"), per_domain=True, upstream=_copd_upstream,
+              pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",)),
+    StageKind("copd_merge", "tasks.copd_merge", _one,
+              lambda ctx, a: ("seed", "copd.merge_method", "copd.task_arithmetic_lambda", "copd.density"),
+              lambda a: f"{ARTIFACTS}/copd/merge", upstream=lambda ctx, a: ("sft", *_copd_last(ctx)),
+              models=lambda ctx, a: (("copd", "model"),), listed_as="copd"),
+    # CoPD's monitor (§6): top-k overlap and symmetric KL between exchange partners after every phase.
+    StageKind("copd_monitor", "tasks.copd_monitor", _one,
+              lambda ctx, a: ("seed", "copd.monitor_prompts", "copd.monitor_topk", "copd.opd.max_new_tokens",
+                              "copd.opd.temperature"),
+              lambda a: f"{ARTIFACTS}/analysis/copd_monitor",
+              upstream=lambda ctx, a: ("data", "sft", *ctx.names("copd")), tags=("gpu",), listed_as="copd"),
     # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.
     StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
               lambda a: f"{ARTIFACTS}/merge", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),

@@ -121,6 +121,14 @@ def merge(
     return out_dir
 
 
+def method_params(method: str, *, task_arithmetic_lambda: float, density: float, seed: int) -> dict[str, Any]:
+    """A method's settings from the params.yaml knobs the Param-Merge baselines and CoPD's final
+    merge share (``lambda`` for task arithmetic, ``density`` for TIES/DARE, DARE's ``seed``)."""
+    return {"linear": {}, "task_arithmetic": {"lambda": task_arithmetic_lambda}, "ties": {"density": density},
+            "dare_ties": {"density": density, "seed": seed}, "dare_linear": {"density": density, "seed": seed},
+            "sce": {}}[method]
+
+
 def resolve_params(method: str, params: dict[str, Any] | None) -> dict[str, Any]:
     """Defaults for ``method`` overlaid with ``params``; ValueError naming any bad key or value."""
     if method not in METHODS:

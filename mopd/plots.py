@@ -189,3 +189,23 @@ def weight_shift_chart(table, title: str = "Weight shift: Jaccard overlap of cha
     ax.legend(fontsize=8, frameon=False)
     fig.suptitle(title)
     return fig
+
+
+def phase_lines(table, metrics: Sequence[str], title: str) -> Figure:
+    """One panel per metric, x = the training point (``point`` index, labelled by ``label``), one
+    line per ``pair``: CoPD's top-k overlap and symmetric KL between branches after every phase."""
+    if table is None or len(table) == 0:
+        raise ValueError("phase_lines: the table is empty")
+    labels = list(dict.fromkeys(zip(table["point"], table["label"])))
+    fig = Figure(figsize=(max(7.0, 0.8 * len(labels) + 3), 3.6 * len(metrics)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(metrics), 1, sharex=True))
+    for ax, metric in zip(axes, metrics):
+        for pair, rows in table.groupby("pair", sort=False):
+            rows = rows.sort_values("point")
+            ax.plot(rows["point"], rows[metric], marker="o", label=pair)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, frameon=False)
+    axes[-1].set_xticks([p for p, _ in labels], [lab for _, lab in labels], rotation=30)
+    fig.suptitle(title)
+    return fig

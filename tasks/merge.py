@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.config import Config
-from mopd.merging import merge
+from mopd.merging import merge, method_params
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
@@ -15,17 +15,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     p = cfg.params.merge
     # Only checkpoints can be merged: domains routed to remote endpoints take no part.
     teachers = [inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains]
-    per_method = {
-        "linear": {},
-        "task_arithmetic": {"lambda": p.task_arithmetic_lambda},
-        "ties": {"density": p.density},
-        "dare_ties": {"density": p.density, "seed": cfg.params.seed},
-        "dare_linear": {"density": p.density, "seed": cfg.params.seed},
-        "sce": {},
-    }
     for method in p.methods:
         merge(method, base=inputs["sft"] / "model", models=teachers, out_dir=out_dir / method,
-              params=per_method[method])
+              params=method_params(method, task_arithmetic_lambda=p.task_arithmetic_lambda,
+                                   density=p.density, seed=cfg.params.seed))
     metrics = {"n_merges": len(p.methods)}
     tracker.log_metrics(metrics)
     return finalize("merge", cfg.project_dir, out_dir, metrics)

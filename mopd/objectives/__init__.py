@@ -38,6 +38,7 @@ __mopd_lazy__ = {
     "combine_teacher_logprobs": "routing",
     "copd_advantage": "routing",
     "copd_exchange_pairs": "routing",
+    "group_advantages": "routing",
     "routing_weights": "routing",
     "teacher_weights": "routing",
     "validate_domain_weights": "routing",

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mopd.copd import copd_exchange_pairs  # torch-free: the DAG and config use it too
+
 __all__ = [
     "validate_domain_weights",
     "routing_weights",
@@ -14,6 +16,7 @@ __all__ = [
     "combine_teacher_logprobs",
     "copd_advantage",
     "copd_exchange_pairs",
+    "group_advantages",
 ]
 
 
@@ -77,29 +80,32 @@ def combine_teacher_logprobs(teacher_logprobs_MBT: torch.Tensor, weights_BM: tor
 
 
 def copd_advantage(partner_logprobs_BT: torch.Tensor, own_logprobs_BT: torch.Tensor, *,
-                   beta: float = 1.0) -> torch.Tensor:
-    """CoPD cross-branch token advantage ``β_k (log π_j(y_t) - log π_k(y_t))``, detached (B, T) (§6).
+                   beta: float = 1.0, clip: float | None = None) -> torch.Tensor:
+    """CoPD cross-branch token advantage ``β_k (log π_j(y_t) - log π_k(y_t))``, detached (B, T)
+    (§6, CoPD eq. 8). ``clip``: the log-ratio clamped to [-clip, clip] first (as MOPD's §1 clip).
 
     ``partner`` = branch j's current weights acting as teacher; ``own`` = branch k (the rollout policy).
     """
     if partner_logprobs_BT.shape != own_logprobs_BT.shape:
         raise ValueError(f"partner_logprobs_BT {tuple(partner_logprobs_BT.shape)} and own_logprobs_BT "
                          f"{tuple(own_logprobs_BT.shape)} differ in shape")
-    return beta * (partner_logprobs_BT - own_logprobs_BT).detach()
+    delta_BT = (partner_logprobs_BT - own_logprobs_BT).detach()
+    if clip is not None:
+        delta_BT = delta_BT.clamp(min=-clip, max=clip)
+    return beta * delta_BT
 
 
-def copd_exchange_pairs(branches: Sequence[str], *, hub: str | None = None) -> list[tuple[str, str]]:
-    """(student branch k, teacher branch j) pairs for CoPD Phase II (§6).
-
-    K=2 (or ``hub`` None with K=2): both directions. K>2 needs a hub: hub-and-spoke, the hub learns
-    from every spoke and every spoke from the hub; spokes do not exchange.
-    """
-    if len(set(branches)) != len(branches) or len(branches) < 2:
-        raise ValueError(f"branches must be >= 2 distinct names, got {list(branches)}")
-    if len(branches) == 2 and hub is None:
-        a, b = branches
-        return [(a, b), (b, a)]
-    if hub is None or hub not in branches:
-        raise ValueError(f"with {len(branches)} branches a hub from {list(branches)} is required, got hub={hub!r}")
-    spokes = [b for b in branches if b != hub]
-    return [(hub, s) for s in spokes] + [(s, hub) for s in spokes]
+def group_advantages(rewards_B: torch.Tensor, groups_B: torch.Tensor, *, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantage of each rollout, ``(r - mean_g) / (std_g + eps)`` inside its prompt
+    group g (unbiased std, as TRL's default ``scale_rewards="group"``): CoPD Phase II's native
+    rollouts (Alg. 1 line 10). A group with one rollout or equal rewards gets 0."""
+    if rewards_B.shape != groups_B.shape or rewards_B.dim() != 1:
+        raise ValueError(f"rewards_B {tuple(rewards_B.shape)} and groups_B {tuple(groups_B.shape)} must be "
+                         "equal 1-D shapes")
+    r = rewards_B.double()
+    out = torch.zeros_like(r)
+    for g in groups_B.unique():
+        idx = groups_B == g
+        if idx.sum() > 1:
+            out[idx] = (r[idx] - r[idx].mean()) / (r[idx].std() + eps)
+    return out.to(rewards_B.dtype) if rewards_B.is_floating_point() else out

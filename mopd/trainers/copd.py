@@ -1,0 +1,143 @@
+"""CoPD Phase II, mutual OPD (ALGORITHMS §6; CoPD §3.2-3.3, Algorithm 1 lines 8-13).
+
+Branch k takes `steps` optimiser steps. Each step combines
+- **native** rollouts: `native_prompts` prompts of its own domain D_k, `group_size` samples each,
+  scored by D_k's verifier, GRPO's group-normalised outcome advantage on every completion token
+  (RLVR does not pause during mutual OPD, CoPD §3.2); and
+- **cross-branch** rollouts: for every exchange partner j, `cross_prompts` prompts of D_j and
+  `cross_samples` samples each *from branch k*, scored token by token by branch j's current
+  weights: ``Â_t = β_k clip(log π_j(y_t) - log π_k(y_t))`` (eq. 8),
+
+into one batch and one policy-gradient step (ratio 1, token mean as DAPO/TRL's GRPO loss).
+
+Deliberate departure: the paper's branches update in lock-step, so the partner changes every
+step. Here each branch-cycle-phase is a cached stage of the DAG, so the partner's "current"
+weights are its weights at the start of the phase (the end of its Phase I of the same cycle): the
+exchange is synchronous per phase, not per step. This keeps every stage resumable on its own.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mopd.config import CoPDOPDParams
+from mopd.models import load_model, load_tokenizer, save_checkpoint
+from mopd.objectives.registry import DistillBatch, get_objective
+from mopd.objectives.routing import copd_advantage, group_advantages
+from mopd.progress import report
+from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts, pack
+from mopd.teachers import TeacherClient, lay_out
+from mopd.trainers.distill import _one_thread, as_clients, rollout_and_score, student_quantities
+
+
+@dataclass
+class PhaseIIBatch:
+    """One Phase II step's rollouts laid out for the update: the native rows first."""
+
+    samples: list[Sample]
+    ids_BT: torch.Tensor
+    attn_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    advantages_BT: torch.Tensor
+    n_native: int
+    row_partner: list[str | None]  # None for a native row, else the partner (domain) that scored it
+    metrics: dict[str, float]
+
+
+def phase2_batch(student, tokenizer, rollout: RolloutBackend, partners: dict[str, TeacherClient],
+                 pool: ThreadPoolExecutor, native: list[dict], cross: dict[str, list[dict]], score_fn,
+                 params: CoPDOPDParams, seed: int) -> PhaseIIBatch:
+    """Sample and score one step: ``native`` records of the branch's own domain (``score_fn(texts,
+    references)`` -> rewards), ``cross[j]`` records of partner j's domain scored by ``partners[j]``."""
+    t0 = time.perf_counter()
+    native_ids = encode_prompts(tokenizer, [r["prompt"] for r in native])
+    own = rollout.sample_ids(native_ids, n=params.group_size, max_new_tokens=params.max_new_tokens,
+                             temperature=params.temperature, seed=seed)
+    rewards = [float(r) for r in score_fn([s.text for s in own], [native[s.prompt_index]["reference"] for s in own])]
+    sample_seconds = time.perf_counter() - t0
+    names = sorted(cross)
+    cross_recs = [r for j in names for r in cross[j]]
+    cross_domains = [j for j in names for _ in cross[j]]
+    got, scores, timing, _ = rollout_and_score(
+        rollout, partners, encode_prompts(tokenizer, [r["prompt"] for r in cross_recs]), cross_domains, pool,
+        n=params.cross_samples, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+        seed=seed + 1, chunks=1, overlap=False, topk=None)
+    samples = own + got
+    ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id)
+    n = len(own)
+    with torch.no_grad():  # the rollout policy π_k, fixed for this step's advantages
+        old_s_BT = student_quantities(student, ids_BT, attn_BT, temperature=params.temperature)[0]
+    adv_BT = torch.zeros_like(mask_BT, dtype=old_s_BT.dtype)
+    groups_B = torch.tensor([s.prompt_index for s in own])
+    native_B = group_advantages(torch.tensor(rewards, dtype=old_s_BT.dtype), groups_B)
+    adv_BT[:n] = native_B[:, None] * mask_BT[:n]
+    u_BT = lay_out(scores, [len(s.prompt_ids) for s in got], ids_BT.shape[1], None)[0]
+    adv_BT[n:] = copd_advantage(u_BT, old_s_BT[n:], beta=params.beta, clip=params.clip) * mask_BT[n:]
+    row_partner: list[str | None] = [None] * n + [cross_domains[s.prompt_index] for s in got]
+    metrics = {"copd/native_reward": sum(rewards) / len(rewards),
+               "copd/native_zero_variance_groups": float(
+                   sum(len({rewards[b] for b in range(n) if own[b].prompt_index == g}) == 1
+                       for g in range(len(native))) / len(native)),
+               "copd/sample_seconds": sample_seconds + timing.sample,
+               "copd/teacher_seconds": timing.teacher}
+    for j in names:  # K1 reverse KL of branch k to partner j along k's rollouts on D_j
+        rows = [b for b in range(n, len(samples)) if row_partner[b] == j]
+        m = mask_BT[rows]
+        metrics[f"copd/reverse_kl_to_{j}"] = float(((old_s_BT[rows] - u_BT[[r - n for r in rows]]) * m).sum()
+                                                   / m.sum().clamp(min=1))
+    return PhaseIIBatch(samples, ids_BT, attn_BT, mask_BT, adv_BT, n, row_partner, metrics)
+
+
+def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
+                   domain: str, score_fn, out_dir: Path, params: CoPDOPDParams, steps: int, seed: int, tracker, *,
+                   rollout: RolloutBackend | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Phase II of branch ``domain`` from ``branch_dir``: ``steps`` mutual-OPD steps with
+    ``partners`` (partner domain -> its current checkpoint or client); ``prompts`` holds the
+    records of ``domain`` and of every partner's domain; ``score_fn(texts, references)`` is
+    ``domain``'s verifier. Saves to ``out_dir/model``; returns the metric history."""
+    missing = [d for d in (domain, *partners) if not prompts.get(d)]
+    if missing:
+        raise ValueError(f"CoPD Phase II of branch {domain!r}: no prompts for domain(s) {missing}")
+    if domain in partners:
+        raise ValueError(f"CoPD Phase II of branch {domain!r}: a branch is not its own partner")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = load_tokenizer(branch_dir)
+    student = load_model(branch_dir)
+    student.train()
+    clients = as_clients(partners)
+    rollout = rollout or TransformersRollout(student, tokenizer)
+    optim = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=0.0)
+    objective = get_objective("mopd_pg")
+    history: dict[str, list[tuple[int, float]]] = {}
+    with ThreadPoolExecutor(max_workers=max(2, len(clients)), thread_name_prefix="partner",
+                            initializer=_one_thread) as pool:
+        for step in tqdm(range(1, steps + 1), desc=f"copd opd {domain}", mininterval=5):
+            t0 = time.perf_counter()
+            native = [rng.choice(prompts[domain]) for _ in range(params.native_prompts)]
+            cross = {j: [rng.choice(prompts[j]) for _ in range(params.cross_prompts)] for j in sorted(clients)}
+            batch = phase2_batch(student, tokenizer, rollout, clients, pool, native, cross,
+                                 score_fn, params, seed * 100_003 + step)
+            s_BT = student_quantities(student, batch.ids_BT, batch.attn_BT, temperature=params.temperature)[0]
+            loss, obj = objective(DistillBatch(mask_BT=batch.mask_BT, student_logprobs_BT=s_BT,
+                                               advantages_BT=batch.advantages_BT), token_mean=True)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optim.step()
+            rollout.update_weights(student)
+            metrics = batch.metrics | {"copd/loss": float(loss.detach()), "copd/grad_norm": float(grad_norm),
+                                       "copd/step_seconds": time.perf_counter() - t0}
+            tracker.log_metrics(metrics, step=step)
+            report(step, steps, "steps")
+            for k, v in metrics.items():
+                history.setdefault(k, []).append((step, v))
+    save_checkpoint(student, tokenizer, out_dir / "model")
+    return history

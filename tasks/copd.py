@@ -1,0 +1,61 @@
+"""Stages `copd:<cycle>:<phase>:<branch>`: one phase of one CoPD branch in one cycle (ALGORITHMS §6;
+CoPD §3.3, Algorithm 1). Phase I (`rl`): `copd.rl_steps` GRPO steps on the branch's domain with
+its `teacher.<domain>` recipe, from the branch's previous cycle (cycle 1: SFT). Phase II (`opd`):
+`copd.opd_steps` mutual-OPD steps (`mopd.trainers.copd`) with the exchange partners' Phase I
+weights of the same cycle as teachers. Each is cached on its own: a failure in cycle n reruns
+only cycle n onward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import read_split
+from tasks.plotting import log_curves, reward_quarters
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, cycle: str, phase: str,
+        domain: str) -> Result:
+    n, c = int(cycle), cfg.params.copd
+    name = f"copd:{n}:{phase}:{domain}"
+    records = read_split(inputs["data"], domain, "train")
+    kind = cfg.domain(domain).verifier
+    # a distinct sampling stream per cycle (the same seed would replay cycle 1's prompt order)
+    seed = cfg.params.seed + 7919 * (n - 1)
+    if phase == "rl":
+        from mopd.trainers.grpo import train_grpo
+
+        init = inputs["sft"] if n == 1 else inputs[f"copd:{n - 1}:opd:{domain}"]
+        recipe = cfg.params.teacher[domain].model_copy(update={"max_steps": c.rl_steps})
+        history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker)
+        log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}")
+        return finalize(name, cfg.project_dir, out_dir, reward_quarters(history))
+    if phase != "opd":
+        raise ValueError(f"stage {name}: phase must be 'rl' or 'opd', got {phase!r}")
+    from mopd.trainers.copd import train_copd_opd
+    from mopd.verifiers import verify_batch
+
+    partners = {j: inputs[f"copd:{n}:rl:{j}"] / "model" for k, j in cfg.copd_pairs() if k == domain}
+    prompts = {domain: records} | {j: read_split(inputs["data"], j, "train") for j in partners}
+
+    def score(texts, refs):
+        return [v.reward for v in verify_batch([kind] * len(texts), texts, refs)]
+
+    tracker.log_params({"copd/partners": ",".join(sorted(partners)), "copd/cycle": n})
+    history = train_copd_opd(inputs[f"copd:{n}:rl:{domain}"] / "model", partners, prompts, domain, score,
+                             out_dir, c.opd, c.opd_steps, seed, tracker)
+    log_curves(tracker, history, f"CoPD cycle {n} Phase II (mutual OPD): {domain} <- {sorted(partners)}")
+    metrics = {}
+    for key in ("copd/native_reward", *(f"copd/reverse_kl_to_{j}" for j in partners)):
+        vals = [v for _, v in history[key]]
+        q = max(1, len(vals) // 4)
+        short = key.split("/")[-1]
+        metrics |= {f"{short}_first_quarter": sum(vals[:q]) / q, f"{short}_last_quarter": sum(vals[-q:]) / q}
+    return finalize(name, cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("copd", run))

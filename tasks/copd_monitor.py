@@ -1,0 +1,68 @@
+"""Stage `copd_monitor`: CoPD's between-branch monitor (ALGORITHMS §6; CoPD §4.3, Figure 4):
+for every exchange pair and every training point (SFT, then each cycle's Phase I and Phase II),
+the top-k overlap and the symmetric KL of the two branches along each one's rollouts on the
+other's prompts (the states Phase II distils on). CSV + PNG, and MLflow metrics with the point as
+the step, so the MLflow UI draws the same curves."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+
+from mopd.analysis import divergence_along_rollouts
+from mopd.artifacts import Result, finalize
+from mopd.config import Config
+from mopd.data import read_split
+from mopd.models import load_model, load_tokenizer
+from mopd.plots import phase_lines
+
+
+def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+    c = cfg.params.copd
+    rng = random.Random(cfg.params.seed)
+    prompts = {}
+    for d in cfg.copd_branches:
+        recs = read_split(inputs["data"], d, "train")
+        prompts[d] = [r["prompt"] for r in rng.sample(recs, min(c.monitor_prompts, len(recs)))]
+    points = [(0, "SFT", {d: inputs["sft"] for d in cfg.copd_branches})]
+    for n in range(1, c.cycles + 1):
+        for phase in ("rl", "opd"):
+            points.append((len(points), f"{n}:{phase.upper()}",
+                           {d: inputs[f"copd:{n}:{phase}:{d}"] for d in cfg.copd_branches}))
+    pairs = sorted({tuple(sorted(p)) for p in cfg.copd_pairs()})
+    tokenizer = load_tokenizer(inputs["sft"] / "model")
+    rows = []
+    for point, label, dirs in points:
+        models = {d: load_model(dirs[d] / "model") for d in cfg.copd_branches}
+        for a, b in pairs:
+            both = [divergence_along_rollouts(models[x], models[y], tokenizer, prompts[y],
+                                              max_new_tokens=c.opd.max_new_tokens, temperature=c.opd.temperature,
+                                              seed=cfg.params.seed + point, k=c.monitor_topk)
+                    for x, y in ((a, b), (b, a))]
+            tokens = sum(r["tokens"] for r in both)
+            row = {"point": point, "label": label, "pair": f"{a}-{b}", "tokens": tokens}
+            for key in ("topk_overlap", "symmetric_kl"):
+                row[key] = sum(r[key] * r["tokens"] for r in both) / tokens
+            rows.append(row)
+            tracker.log_metrics({f"copd/topk_overlap/{a}-{b}": row["topk_overlap"],
+                                 f"copd/symmetric_kl/{a}-{b}": row["symmetric_kl"]}, step=point)
+    table = pd.DataFrame(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "monitor.csv", index=False)
+    fig = phase_lines(table, ["topk_overlap", "symmetric_kl"],
+                      f"CoPD: branches' top-{c.monitor_topk} overlap and symmetric KL after each phase")
+    fig.savefig(out_dir / "monitor.png", dpi=120)
+    tracker.log_figure(fig, "monitor.png")
+    tracker.log_artifact(out_dir / "monitor.csv")
+    last = table[table["point"] == table["point"].max()]
+    metrics = {f"{key}/{r['pair']}": float(r[key]) for _, r in last.iterrows()
+               for key in ("topk_overlap", "symmetric_kl")}
+    return finalize("copd_monitor", cfg.project_dir, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    from tasks.cli import main
+
+    raise SystemExit(main("copd_monitor", run))
