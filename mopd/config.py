@@ -390,6 +390,17 @@ class CoPDParams(_Strict):
     monitor_topk: PosInt = 10  # the k of the top-k overlap (CoPD: 10)
 
 
+class TeacherFitParams(_Strict):
+    """The `teacher_fit` analysis (ALGORITHMS §8): each method's reverse KL and top-k overlap to
+    each domain's teacher along the method's own rollouts on `prompts` held-out prompts."""
+
+    prompts: PosInt = 32  # per domain, from its eval split
+    samples: PosInt = 1  # rollouts per prompt
+    max_new_tokens: PosInt = 32
+    temperature: PosFloat = 1.0
+    topk: PosInt = 10
+
+
 class WeightShiftParams(_Strict):
     """The `weight_shift` analysis (M2RL 3.3): a weight changed when |Δw| > eta · max(|w_SFT|, |w_RL|)."""
 
@@ -451,6 +462,7 @@ class Params(_Strict):
     cascade_rl: CascadeRLParams = CascadeRLParams()
     offpolicy_ft: OffPolicyFTParams = OffPolicyFTParams()
     copd: CoPDParams = CoPDParams()
+    teacher_fit: TeacherFitParams = TeacherFitParams()
     weight_shift: WeightShiftParams = WeightShiftParams()
     evaluate: EvaluateParams = EvaluateParams()
     # Method variants (mopd.graph): `variants.<kind>.<name>` holds keys that replace those of the
@@ -503,6 +515,7 @@ class Params(_Strict):
                        "mix_rl.max_completion_length": self.mix_rl.max_completion_length,
                        "offpolicy_ft.max_new_tokens": self.offpolicy_ft.max_new_tokens,
                        "copd.opd.max_new_tokens": self.copd.opd.max_new_tokens,
+                       "teacher_fit.max_new_tokens": self.teacher_fit.max_new_tokens,
                        **{f"teacher.{d}.max_completion_length": r.max_completion_length
                           for d, r in self.teacher.items()}}
             for key, n in lengths.items():

@@ -306,6 +306,12 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
     # Analysis (M2RL 3.3): the teachers' changed-weight overlaps against SFT.
     StageKind("weight_shift", "tasks.weight_shift", _one, lambda ctx, a: ("weight_shift",),
               lambda a: f"{ARTIFACTS}/analysis/weight_shift", upstream=lambda ctx, a: ("sft", *_teachers(ctx))),
+    # Analysis (§8): every method's reverse KL / top-k overlap to each domain's teacher along its
+    # own rollouts; named by its pipeline (it compares that pipeline's models, as the report).
+    StageKind("teacher_fit", "tasks.teacher_fit", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
+              lambda ctx, a: ("seed", "teacher_fit"), lambda a: f"{ARTIFACTS}/analysis/teacher_fit/{a['pipeline']}",
+              args=("pipeline",), upstream=lambda ctx, a: ("data", *(s.name for s in _model_stages(ctx))),
+              pipeline_keys=_domain_keys("teacher"), tags=("gpu",)),
     # One evaluation per model stage, shared by every pipeline that has that model ...
     StageKind("evaluate", "tasks.evaluate",
               lambda ctx: [{"model": s.name} for s in _model_stages(ctx)],

@@ -26,6 +26,7 @@ def micro_params() -> dict:
     p["mix_rl"].update(max_steps=2, batch_size=6, num_generations=2, max_completion_length=6)
     p["offpolicy_ft"].update(samples_per_prompt=2, max_prompts=3, max_new_tokens=6, correct_only=False)
     p["offpolicy_ft"]["sft"].update(max_steps=2, batch_size=4)
+    p["teacher_fit"].update(prompts=2, max_new_tokens=6)
     p["copd"].update(rl_steps=2, opd_steps=2, monitor_prompts=2)
     p["copd"]["opd"].update(native_prompts=2, group_size=2, cross_prompts=2, cross_samples=1, max_new_tokens=6)
     return p
