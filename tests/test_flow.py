@@ -275,6 +275,53 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_env):
+    """CoPD's branch-cycle-phase stages on the real engine: SIGKILL the flow (and its stage
+    processes) while a cycle-2 stage runs; the next run takes cycle 1 from the cache and
+    recomputes only cycle 2 onward (the stage killed mid-run included)."""
+    import os
+    import signal
+
+    from prefect.settings import PREFECT_API_URL
+
+    from mopd.progress import LATEST, PROGRESS_DIR, RUN_FILE
+
+    params = micro_params()
+    params["copd"].update(branches=["math", "if"], hub=None)
+    write_params(micro_project, params)
+    pipes = yaml.safe_load((micro_project / "pipelines.yaml").read_text())
+    pipes["pipelines"]["copd"]["stages"] = ["data", "base", "sft", "copd"]
+    (micro_project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    code = f"from flows.mopd_flow import mopd; mopd(pipeline='copd', project_dir={str(micro_project)!r})"
+    log = open(micro_project / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, start_new_session=True)
+    progress, running, deadline = micro_project / PROGRESS_DIR, None, time.monotonic() + 600
+    try:
+        while running is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                run_id = (progress / LATEST).read_text().strip()
+                stages = json.loads((progress / run_id / RUN_FILE).read_text())["stages"]
+            except (OSError, ValueError):
+                continue
+            running = next((n for n, st in stages.items() if n.startswith("copd:2:") and st["state"] == "running"), None)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert running, f"no cycle-2 stage started:\n{(micro_project / 'killed.log').read_text()[-3000:]}"
+    cycle1 = {f"copd:1:{ph}:{d}" for ph in ("rl", "opd") for d in ("math", "if")}
+    cycle2 = {n.replace("copd:1:", "copd:2:") for n in cycle1}
+    state, status = _run(micro_project, pipeline="copd")
+    assert state.is_completed()
+    assert _by(status, "cached") >= {"data", "base", "sft"} | cycle1
+    computed = _by(status, "computed")
+    assert running in computed and computed <= cycle2 | {"copd_merge", "copd_monitor"}
+    assert {"copd_merge", "copd_monitor", "copd:2:opd:math", "copd:2:opd:if"} <= computed
+    assert json.loads((micro_project / "artifacts/copd/merge/models.json").read_text()) == {"copd": "model"}
+
+
 def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):
     params = micro_params()
     params["teacher"]["math"]["learning_rate"] = "fast"
