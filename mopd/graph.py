@@ -296,7 +296,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
     # CoPD's monitor (§6): top-k overlap and symmetric KL between exchange partners after every phase.
     StageKind("copd_monitor", "tasks.copd_monitor", _one,
               lambda ctx, a: ("seed", "copd.monitor_prompts", "copd.monitor_topk", "copd.opd.max_new_tokens",
-                              "copd.opd.temperature"),
+                              "copd.opd.temperature", "weight_shift"),
               lambda a: f"{ARTIFACTS}/analysis/copd_monitor",
               upstream=lambda ctx, a: ("data", "sft", *ctx.names("copd")), tags=("gpu",), listed_as="copd"),
     # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.

@@ -2,7 +2,9 @@
 for every exchange pair and every training point (SFT, then each cycle's Phase I and Phase II),
 the top-k overlap and the symmetric KL of the two branches along each one's rollouts on the
 other's prompts (the states Phase II distils on). CSV + PNG, and MLflow metrics with the point as
-the step, so the MLflow UI draws the same curves."""
+the step, so the MLflow UI draws the same curves. Also the weight-shift analysis (M2RL 3.3) of the
+final branches against SFT: changed-weight Jaccard per pair and parameter group beside the
+random-mask reference, as the `weight_shift` stage does for the teachers."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from mopd.artifacts import Result, finalize
 from mopd.config import Config
 from mopd.data import read_split
 from mopd.models import load_model, load_tokenizer
-from mopd.plots import phase_lines
+from mopd.metrics import weight_shift_pairs
+from mopd.plots import phase_lines, weight_shift_chart
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
@@ -56,9 +59,19 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     fig.savefig(out_dir / "monitor.png", dpi=120)
     tracker.log_figure(fig, "monitor.png")
     tracker.log_artifact(out_dir / "monitor.csv")
+    final = {f"copd:{d}": inputs[f"copd:{c.cycles}:opd:{d}"] / "model" for d in cfg.copd_branches}
+    shift = weight_shift_pairs(inputs["sft"] / "model", final, eta=cfg.params.weight_shift.eta)
+    shift.to_csv(out_dir / "weight_shift.csv", index=False)
+    fig = weight_shift_chart(shift, f"CoPD branches after cycle {c.cycles}: changed-weight Jaccard vs random reference")
+    fig.savefig(out_dir / "weight_shift.png", dpi=120)
+    tracker.log_figure(fig, "weight_shift.png")
+    tracker.log_artifact(out_dir / "weight_shift.csv")
     last = table[table["point"] == table["point"].max()]
     metrics = {f"{key}/{r['pair']}": float(r[key]) for _, r in last.iterrows()
                for key in ("topk_overlap", "symmetric_kl")}
+    for _, r in shift[shift["group"] == "all"].iterrows():
+        pair = f"{r['a'].split(':')[-1]}_{r['b'].split(':')[-1]}"
+        metrics |= {f"jaccard/{pair}": float(r["jaccard"]), f"random_reference/{pair}": float(r["random_reference"])}
     return finalize("copd_monitor", cfg.project_dir, out_dir, metrics)
 
 
