@@ -83,6 +83,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage(args: argparse.Namespace) -> int:
+    from mopd.config import ConfigError, load_config
+    from mopd.local_run import StageError, run_one
+
+    try:
+        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        run_one(cfg, args.name, force=args.force, track=not args.no_track)
+    except (ConfigError, ValueError, StageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _results(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -143,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", nargs="*", default=[], help="stages or kinds to force")
     p.add_argument("--no-track", action="store_true", help="do not log the stages to MLflow")
     p.set_defaults(func=_run)
+    p = sub.add_parser("stage", help="run one stage in the foreground, as the flow and DVC run it",
+                       description="The stage's own command line, with the cache decision of the flow: "
+                                   "cached when its result.json matches, else run here (its log on this "
+                                   "terminal). Its upstream stages must be up to date.")
+    p.add_argument("name", help="stage name, e.g. teacher:math or copd:2:opd:code")
+    p.add_argument("--pipeline", default="full")
+    p.add_argument("--project-dir", default=".")
+    p.add_argument("--force", action="store_true", help="run it even if it is cached")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.set_defaults(func=_stage)
     p = sub.add_parser("results", help="a pipeline's last comparison table (avg@k with CIs, "
                                        "normalised score)")
     p.add_argument("--pipeline", default="full")

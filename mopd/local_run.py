@@ -64,3 +64,40 @@ def run_pipeline(cfg: Config, *, rerun: list[str] | tuple[str, ...] = (), quiet:
             status[spec.name] = "cached"
         hashes[spec.name] = recorded.content_hash
     return status
+
+
+def run_one(cfg: Config, name: str, *, force: bool = False, track: bool = True) -> str:
+    """`mopd stage NAME`: stage ``name`` of ``cfg.pipeline`` in this terminal, with the cache
+    decision the flow and `mopd run` make; returns "computed" or "cached". Every upstream stage
+    must be up to date (a StageError names the first that is not): this runs one stage, not its
+    ancestors."""
+    graph = build_graph(cfg)
+    names = [s.name for s in graph]
+    if name not in names:
+        raise StageError(f"no stage {name!r} in pipeline {cfg.pipeline!r}; its stages: {names}")
+    hashes: dict[str, str] = {}
+    for spec in graph:
+        missing = [u for u in spec.upstream if u not in hashes]
+        if spec.name == name and missing:
+            raise StageError(f"stage {name!r} needs {missing}, which are not up to date in {cfg.project_dir}: "
+                             f"run them first (mopd stage {missing[0]} --pipeline {cfg.pipeline}, or mopd run "
+                             f"--pipeline {cfg.pipeline})")
+        if missing:
+            continue  # an ancestor of a stale stage: it cannot be keyed, and is not up to date either
+        inputs = key_inputs(cfg, spec, {u: hashes[u] for u in spec.upstream})
+        target = spec.name == name
+        decision, recorded = decide(cfg.project_dir, spec, hash_inputs(inputs), inputs, force=force and target)
+        if not target:
+            if recorded is not None:
+                hashes[spec.name] = recorded.content_hash
+            continue
+        if recorded is not None:
+            print(f"{name}: cached ({spec.out_dir}/result.json matches its cache key; --force runs it again)",
+                  flush=True)
+            return "cached"
+        print(f"{name}: run ({'; '.join(decision.reasons)})", flush=True)
+        t0 = time.time()
+        run_stage(cfg, spec, track=track)
+        print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
+        return "computed"
+    raise AssertionError("unreachable: the stage is in the graph")

@@ -320,6 +320,18 @@ def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_
     assert running in computed and computed <= cycle2 | {"copd_merge", "copd_monitor"}
     assert {"copd_merge", "copd_monitor", "copd:2:opd:math", "copd:2:opd:if"} <= computed
     assert json.loads((micro_project / "artifacts/copd/merge/models.json").read_text()) == {"copd": "model"}
+    # `mopd stage NAME`: the same cache decision, one stage in the foreground
+    def stage(*args):
+        return subprocess.run([sys.executable, "-m", "mopd.cli", "stage", *args, "--pipeline", "copd", "--no-track"],
+                              cwd=micro_project, capture_output=True, text=True)
+    assert "copd_merge: cached" in stage("copd_merge").stdout
+    before = (micro_project / "artifacts/copd/merge/result.json").stat().st_mtime_ns
+    out = stage("copd_merge", "--force")
+    assert out.returncode == 0 and "copd_merge: run (forced (rerun))" in out.stdout, out.stdout + out.stderr
+    assert (micro_project / "artifacts/copd/merge/result.json").stat().st_mtime_ns > before
+    (micro_project / "artifacts/copd/2/rl/if/result.json").unlink()
+    out = stage("copd:2:opd:math")
+    assert out.returncode == 2 and "needs ['copd:2:rl:if']" in out.stderr
 
 
 def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):
