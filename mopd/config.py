@@ -222,6 +222,9 @@ class DistillParams(_Strict):
     # teacher is named by its domain), each row sums to 1; unlisted domains route one-hot to their
     # own teacher (MOPD). Needs an objective that uses only the sampled token's log-prob.
     teacher_weights: dict[str, dict[str, Annotated[float, Field(ge=0)]]] | None = None
+    # Checkpoint inside the stage every this many steps (model, optimiser, RNG streams, step),
+    # under .mopd/checkpoints/; a killed run resumes from the last one. null = never.
+    checkpoint_every: PosInt | None = 50
     # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
     # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
     # duration and scores through the same HTTP client used for remote endpoints.

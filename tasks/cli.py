@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
+from mopd.checkpoint import KEY_ENV
 from mopd.config import Config, ConfigError, load_config
 from mopd.graph import KINDS, build_graph, config_sections, get_spec, hash_inputs, key_inputs
 from mopd.security import redact_secrets
@@ -80,6 +81,7 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                if track else NullTracker())
     tracker.log_params(sections)
     tracker.set_tags({"torch_threads": _set_threads()})
+    os.environ[KEY_ENV] = key  # in-stage checkpoints resume only under the same key (mopd.checkpoint)
     t0 = time.time()
     try:
         result = run(cfg, inputs, out_dir, tracker, **spec.kwargs)

@@ -5,9 +5,11 @@ domain's teacher. The plain stage is MOPD (its table label is `mopd`); a variant
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import KEY_ENV, checkpoint_dir
 from mopd.config import Config, DistillParams, MultiRoundParams
 from mopd.data import read_balanced, read_split
 from mopd.teachers.routing import open_teachers
@@ -44,17 +46,18 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
     local_dirs = {d: inputs[f"round_teacher:{round}:{d}" if round else f"teacher:{d}"] / "model"
                   for d in cfg.local_teacher_domains if d in domains}
     student = inputs[MultiRoundParams.student_stage(int(round) - 1) if round else "sft"] / "model"
+    name = f"multiround:{round}" if round else (f"distill:{variant}" if variant else "distill")
     with contextlib.ExitStack() as stack:
         # one torch thread per local server: several full-size OpenMP teams on a small CPU host
         # oversubscribe it (benchmarks/teacher_overlap.py)
         teachers = open_teachers(routes, local_dirs, transport=params.teacher_transport,
                                  stack=stack, server_threads=1)
-        history = train_mopd(student, teachers, prompts, out_dir, params, cfg.params.seed, tracker, score_fn=score)
+        history = train_mopd(student, teachers, prompts, out_dir, params, cfg.params.seed, tracker, score_fn=score,
+                             checkpoint=checkpoint_dir(cfg.project_dir, name), key=os.environ.get(KEY_ENV, ""))
     log_curves(tracker, history, "MOPD distillation" + (f" round {round}" if round else ""))
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]
     metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n}
-    name = f"multiround:{round}" if round else (f"distill:{variant}" if variant else "distill")
     return finalize(name, cfg.project_dir, out_dir, metrics)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mopd import checkpoint as ckpt
 from mopd.config import DistillParams, UniOPDParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
@@ -400,7 +401,8 @@ def as_clients(teachers: dict[str, "TeacherClient | Path | str"]) -> dict[str, T
 
 def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
                out_dir: Path, params: DistillParams, seed: int, tracker, *,
-               score_fn=None, rollout: RolloutBackend | None = None) -> dict[str, list[tuple[int, float]]]:
+               score_fn=None, rollout: RolloutBackend | None = None, checkpoint: Path | None = None,
+               key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Distil ``teachers`` (domain -> client, or checkpoint path for an in-process teacher) into
     the SFT student; save to ``out_dir/model``.
 
@@ -408,7 +410,10 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     ``score_fn(domain, texts, references) -> list[float]`` verifies the rollouts: for monitoring,
     and for Uni-OPD's balancing and calibration (`params.uniopd`), which need it; MOPD's
     objectives never use the outcome reward. ``rollout``: the student's sampling
-    backend (default: transformers `generate` on the trained module). Returns the metric history."""
+    backend (default: transformers `generate` on the trained module). ``checkpoint``: a directory
+    for in-stage checkpoints every `params.checkpoint_every` steps, resumed from when it holds one
+    made under the same ``key`` (the stage's cache key; another key is an error): the resumed run
+    ends with the same weights as an uninterrupted one. Returns the metric history."""
     domains = sorted(teachers)
     for d, row in (params.teacher_weights or {}).items():
         unknown = sorted({d, *row} - set(domains))
@@ -428,16 +433,31 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     needs = set(required_fields(params.objective))
     topk = params.topk if needs & TOPK_FIELDS else None
     history: dict[str, list[tuple[int, float]]] = {}
+    start = 1
+    resumed = ckpt.load(checkpoint, key=key, model=student, optim=optim, py_rng=rng) if checkpoint else None
+    if resumed is not None:
+        start, history = resumed.step + 1, resumed.history
+        rollout.update_weights(student)
+        log.warning("resumed from step %d (checkpoint %s)", resumed.step, checkpoint)
+        print(f"resumed from step {resumed.step}", flush=True)
+        tracker.set_tags({"resumed_from_step": resumed.step})
     with ThreadPoolExecutor(max_workers=max(2, 2 * len(clients)), thread_name_prefix="teacher",
                             initializer=_one_thread) as pool:
-        for step in tqdm(range(1, params.max_steps + 1), desc="mopd distill", mininterval=5):
+        for step in tqdm(range(start, params.max_steps + 1), desc="mopd distill", mininterval=5,
+                         initial=start - 1, total=params.max_steps):
             metrics = _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains,
                             params, topk, needs, rng, seed * 100_003 + step, score_fn, step)
             tracker.log_metrics(metrics, step=step)
             report(step, params.max_steps, "steps")
             for k, v in metrics.items():
                 history.setdefault(k, []).append((step, v))
+            if checkpoint and params.checkpoint_every and step % params.checkpoint_every == 0 \
+                    and step < params.max_steps:
+                ckpt.save(checkpoint, key=key, step=step, model=student, tokenizer=tokenizer, optim=optim,
+                          py_rng=rng, history=history)
     save_checkpoint(student, tokenizer, out_dir / "model")
+    if checkpoint:
+        ckpt.remove(checkpoint)
     return history
 
 

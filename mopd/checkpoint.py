@@ -1,0 +1,116 @@
+"""Checkpoints inside a stage: what a training loop needs to continue after a kill exactly as if it
+had not stopped (model, optimiser, every RNG stream, step, metric history), tied to the stage's
+cache key so that a changed configuration, teacher set (upstream content) or code never resumes
+from a stale state.
+
+Layout of ``<dir>``: ``model/`` (safetensors + config + tokenizer), ``optimizer.safetensors``
+(every tensor of the optimiser state), ``rng.safetensors`` (torch's CPU generator state) and
+``state.json`` (step, key, optimiser scalars and param groups, Python ``random`` state, history).
+No pickle anywhere. A checkpoint is written to a temporary sibling and renamed into place, so a
+kill while saving leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+KEY_ENV = "MOPD_STAGE_KEY"  # set by the stage runner (tasks/cli.py): the running stage's cache key
+ROOT = Path(".mopd") / "checkpoints"
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint exists for this stage but was made under another cache key."""
+
+
+def checkpoint_dir(project: Path, stage: str) -> Path:
+    return Path(project) / ROOT / stage.replace(":", "__")
+
+
+@dataclass
+class Resumed:
+    step: int
+    history: dict[str, list[tuple[int, float]]]
+
+
+def save(path: Path, *, key: str, step: int, model, tokenizer, optim, py_rng: random.Random,
+         history: dict[str, list[tuple[int, float]]]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from mopd.models import save_checkpoint
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_checkpoint(model, tokenizer, tmp / "model")
+    tensors, scalars = {}, {}
+    for idx, st in optim.state_dict()["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = v
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    version, internal, gauss = py_rng.getstate()
+    state = {"key": key, "step": step, "param_groups": optim.state_dict()["param_groups"],
+             "optimizer_scalars": scalars, "python_random": [version, list(internal), gauss],
+             "history": {k: [list(p) for p in v] for k, v in history.items()}}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: Path, *, key: str, model, optim, py_rng: random.Random) -> Resumed | None:
+    """Restore ``model``, ``optim``, torch's and ``py_rng``'s states from ``path`` (None when there
+    is no checkpoint). Raises CheckpointMismatch when it was made under another cache key."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return None
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((path / STATE_FILE).read_text())
+    if state.get("key") != key:
+        raise CheckpointMismatch(
+            f"{path}: a checkpoint of this stage at step {state.get('step')} was made with cache key "
+            f"{str(state.get('key'))[:12]}, but the stage now has key {key[:12]} (its configuration, teacher "
+            f"set / upstream outputs or code changed since): it will not resume from it. Delete {path} "
+            f"to start the stage afresh.")
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model" / "model.safetensors")), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointMismatch(f"{path}/model: missing {missing}, unexpected {unexpected}")
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    per: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        idx, name = k.split(".", 1)
+        per.setdefault(int(idx), {})[name] = v
+    for k, v in state["optimizer_scalars"].items():
+        idx, name = k.split(".", 1)
+        per.setdefault(int(idx), {})[name] = v
+    optim.load_state_dict({"state": per, "param_groups": state["param_groups"]})
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
+    version, internal, gauss = state["python_random"]
+    py_rng.setstate((version, tuple(internal), gauss))
+    history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state["history"].items()}
+    return Resumed(int(state["step"]), history)
+
+
+def remove(path: Path) -> None:
+    """A finished stage's checkpoint is removed (disk)."""
+    shutil.rmtree(path, ignore_errors=True)

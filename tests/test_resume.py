@@ -1,0 +1,110 @@
+"""Crash-exact stages: SIGKILL a running `distill` stage, run it again, and it resumes from its last
+in-stage checkpoint (log line + MLflow tag) and ends with the same weights, byte for byte, as an
+uninterrupted run (fixed thread count). A checkpoint made under another cache key is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mopd.checkpoint import STATE_FILE, checkpoint_dir
+from tests.conftest import micro_params, write_params
+
+pytestmark = pytest.mark.slow
+
+EVERY, STEPS = 4, 120
+
+
+def _stage(project: Path, name: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "MOPD_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "mopd.cli", "stage", name, "--pipeline", "p"], cwd=project,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def upstream_done(tmp_path_factory):
+    """A micro project whose data, base, SFT and teachers are built (distill's upstream)."""
+    project = tmp_path_factory.mktemp("resume") / "project"
+    project.mkdir()
+    params = micro_params()
+    params["distill"].update(max_steps=STEPS, checkpoint_every=EVERY)
+    write_params(project, params)
+    pipes = yaml.safe_load((Path(__file__).parents[1] / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"p": {"domains": ["math", "code", "if"],
+                                "stages": ["data", "base", "sft", "teacher", "distill"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    env = {**os.environ, "MOPD_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("data", "base", "sft", "teacher:math", "teacher:code", "teacher:if"):
+        subprocess.run([sys.executable, "-m", "mopd.cli", "stage", name, "--pipeline", "p", "--no-track"],
+                       cwd=project, env=env, check=True, capture_output=True)
+    return project
+
+
+def test_killed_distill_resumes_from_its_checkpoint_byte_identical(upstream_done, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    shutil.copytree(upstream_done, straight)
+    shutil.copytree(upstream_done, killed)
+    out = _stage(straight, "distill").communicate()[0]
+    assert "resumed" not in out
+    want = _sha(straight / "artifacts/distill/mopd/model/model.safetensors")
+    assert not checkpoint_dir(straight, "distill").exists()  # removed once the stage finished
+
+    state = checkpoint_dir(killed, "distill") / STATE_FILE
+    proc = _stage(killed, "distill")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 3 * EVERY:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (killed / "artifacts/distill/mopd/result.json").exists(), "the stage finished before the kill"
+    step = json.loads(state.read_text())["step"]
+    assert step % EVERY == 0 and 3 * EVERY <= step < STEPS
+
+    out = _stage(killed, "distill").communicate()[0]
+    assert f"resumed from step {step}" in out, out[-3000:]
+    assert _sha(killed / "artifacts/distill/mopd/model/model.safetensors") == want
+    assert not checkpoint_dir(killed, "distill").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{killed}/.mopd/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mopd").experiment_id],
+                              "tags.stage = 'distill'")
+    tags = [r.data.tags.get("resumed_from_step") for r in runs if r.info.status == "FINISHED"]
+    assert tags == [str(step)]
+
+
+def test_checkpoint_of_another_configuration_is_refused(upstream_done, tmp_path):
+    project = tmp_path / "p"
+    shutil.copytree(upstream_done, project)
+    state = checkpoint_dir(project, "distill") / STATE_FILE
+    proc = _stage(project, "distill")
+    while proc.poll() is None and not state.is_file():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert state.is_file()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"]["learning_rate"] = 1e-3
+    write_params(project, params)
+    out = _stage(project, "distill").communicate()[0]
+    assert "will not resume from it" in out and str(checkpoint_dir(project, "distill")) in out
+    assert not (project / "artifacts/distill/mopd/result.json").exists()
