@@ -36,6 +36,11 @@ def checkpoint_dir(project: Path, stage: str) -> Path:
     return Path(project) / ROOT / stage.replace(":", "__")
 
 
+def stage_checkpoint(project: Path, stage: str) -> dict:
+    """The ``checkpoint``/``key`` keyword arguments of a trainer run by stage ``stage``."""
+    return {"checkpoint": checkpoint_dir(project, stage), "key": os.environ.get(KEY_ENV, "")}
+
+
 @dataclass
 class Resumed:
     step: int

@@ -124,6 +124,7 @@ class SFTParams(_Strict):
     batch_size: PosInt = 32
     warmup_ratio: Prob = 0.05
     max_length: PosInt = 96
+    checkpoint_every: PosInt | None = None  # in-stage checkpoints (transformers'); null = none
 
 
 class GRPOParams(_Strict):
@@ -137,6 +138,7 @@ class GRPOParams(_Strict):
     temperature: PosFloat = 1.0
     beta: Annotated[float, Field(ge=0)] = 0.0  # KL coefficient to the reference (0 = none, as DAPO)
     epsilon: PosFloat = 0.2  # PPO clip
+    checkpoint_every: PosInt | None = None  # in-stage checkpoints (transformers'); null = none
 
     @model_validator(mode="after")
     def _divisible(self) -> "GRPOParams":

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.grpo import train_grpo
@@ -20,7 +21,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain:
     prev, = (path for name, path in inputs.items() if name != "data")  # the stage table's previous step
     records = read_split(inputs["data"], domain, "train")
     history = train_grpo(prev / "model", records, cfg.domain(domain).verifier, out_dir,
-                         cfg.params.teacher[domain], cfg.params.seed, tracker)
+                         cfg.params.teacher[domain], cfg.params.seed, tracker,
+                         **stage_checkpoint(cfg.project_dir, f"cascade_rl:{domain}"))
     log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
     metrics = reward_quarters(history)
     return finalize(f"cascade_rl:{domain}", cfg.project_dir, out_dir, metrics)

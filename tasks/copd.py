@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config
 from mopd.data import read_split
 from tasks.plotting import log_curves, reward_quarters
@@ -28,7 +29,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, cycle: 
 
         init = inputs["sft"] if n == 1 else inputs[f"copd:{n - 1}:opd:{domain}"]
         recipe = cfg.params.teacher[domain].model_copy(update={"max_steps": c.rl_steps})
-        history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker)
+        history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker,
+                             **stage_checkpoint(cfg.project_dir, name))
         log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}")
         return finalize(name, cfg.project_dir, out_dir, reward_quarters(history))
     if phase != "opd":

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.grpo import mixed_schedule, train_grpo
@@ -25,7 +26,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     counts = Counter(r["domain"] for r in stream)
     tracker.log_params({f"mix_rl/prompts_{d}": counts[d] for d in domains})
     history = train_grpo(inputs["sft"] / "model", stream, None, out_dir, params, cfg.params.seed,
-                         tracker, ordered=True)
+                         tracker, ordered=True, **stage_checkpoint(cfg.project_dir, "mix_rl"))
     log_curves(tracker, history, "Mix-RL")
     metrics = {f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
     return finalize("mix_rl", cfg.project_dir, out_dir, metrics)

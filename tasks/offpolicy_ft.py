@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config, OffPolicyFTParams
 from mopd.data import read_split
 from mopd.models import load_tokenizer
@@ -76,7 +77,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
                          f"{params.threshold} (offpolicy_ft.threshold); lower it or set "
                          "offpolicy_ft.correct_only: false")
     random.Random(cfg.params.seed).shuffle(kept)
-    history = train_sft(inputs["sft"] / "model", kept, out_dir, params.sft, cfg.params.seed, tracker)
+    history = train_sft(inputs["sft"] / "model", kept, out_dir, params.sft, cfg.params.seed, tracker,
+                        **stage_checkpoint(cfg.project_dir, "offpolicy_ft"))
     log_curves(tracker, history, "off-policy fine-tuning")
     return finalize("offpolicy_ft", cfg.project_dir, out_dir, metrics)
 

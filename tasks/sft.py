@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.sft import train_sft
@@ -17,7 +18,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     records = [r for d in cfg.domains for r in read_split(inputs["data"], d, "train")]
     random.Random(cfg.params.seed).shuffle(records)
     history = train_sft(inputs["base"] / "model", records, out_dir, cfg.params.sft,
-                        cfg.params.seed, tracker)
+                        cfg.params.seed, tracker, **stage_checkpoint(cfg.project_dir, "sft"))
     log_curves(tracker, history, "SFT")
     metrics = {"final_loss": history["train/loss"][-1][1]} if history.get("train/loss") else {}
     return finalize("sft", cfg.project_dir, out_dir, metrics)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
+from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config, MultiRoundParams
 from mopd.data import read_split
 from mopd.trainers.grpo import train_grpo
@@ -19,11 +20,11 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain:
     records = read_split(inputs["data"], domain, "train")
     kind = cfg.domain(domain).verifier
     init = inputs["sft"] if round is None else inputs[MultiRoundParams.student_stage(int(round) - 1)]
-    history = train_grpo(init / "model", records, kind, out_dir,
-                         cfg.params.teacher[domain], cfg.params.seed, tracker)
+    name = f"round_teacher:{round}:{domain}" if round else f"teacher:{domain}"
+    history = train_grpo(init / "model", records, kind, out_dir, cfg.params.teacher[domain], cfg.params.seed,
+                         tracker, **stage_checkpoint(cfg.project_dir, name))
     log_curves(tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
     metrics = reward_quarters(history)
-    name = f"round_teacher:{round}:{domain}" if round else f"teacher:{domain}"
     return finalize(name, cfg.project_dir, out_dir, metrics)
 
 

@@ -44,6 +44,7 @@ def upstream_done(tmp_path_factory):
     project.mkdir()
     params = micro_params()
     params["distill"].update(max_steps=STEPS, checkpoint_every=EVERY)
+    params["teacher"]["if"].update(max_steps=40, checkpoint_every=EVERY)
     write_params(project, params)
     pipes = yaml.safe_load((Path(__file__).parents[1] / "pipelines.yaml").read_text())
     pipes["pipelines"] = {"p": {"domains": ["math", "code", "if"],
@@ -51,13 +52,44 @@ def upstream_done(tmp_path_factory):
     (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
     env = {**os.environ, "MOPD_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    for name in ("data", "base", "sft", "teacher:math", "teacher:code", "teacher:if"):
+    for name in ("data", "base", "sft", "teacher:math", "teacher:code"):
         subprocess.run([sys.executable, "-m", "mopd.cli", "stage", name, "--pipeline", "p", "--no-track"],
                        cwd=project, env=env, check=True, capture_output=True)
     return project
 
 
+def test_killed_teacher_resumes_from_its_last_checkpoint(upstream_done):
+    """TRL's own checkpoints (safetensors model, optimiser and RNG states read with
+    weights_only=True) every EVERY steps under .mopd/checkpoints/teacher__if; the rerun resumes
+    from the last one, so at most EVERY steps are computed twice."""
+    ckpt = checkpoint_dir(upstream_done, "teacher:if")
+    proc = _stage(upstream_done, "teacher:if")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (ckpt / f"checkpoint-{2 * EVERY}").is_dir():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (upstream_done / "artifacts/teachers/if/result.json").exists(), "finished before the kill"
+    # complete checkpoints (a kill may leave the newest half-written: it is not resumed from)
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert steps and steps[-1] >= EVERY and steps[-1] % EVERY == 0
+    out = _stage(upstream_done, "teacher:if").communicate()[0]
+    assert f"resumed from step {steps[-1]}" in out, out[-3000:]
+    assert (upstream_done / "artifacts/teachers/if/result.json").exists() and not ckpt.exists()
+    assert _tags(upstream_done, "teacher:if") == [str(steps[-1])]
+
+
+def _tags(project: Path, stage: str) -> list[str | None]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/.mopd/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mopd").experiment_id], f"tags.stage = '{stage}'")
+    return [r.data.tags.get("resumed_from_step") for r in runs if r.info.status == "FINISHED"]
+
+
 def test_killed_distill_resumes_from_its_checkpoint_byte_identical(upstream_done, tmp_path):
+    if not (upstream_done / "artifacts/teachers/if/result.json").exists():
+        _stage(upstream_done, "teacher:if").communicate()
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     shutil.copytree(upstream_done, straight)
     shutil.copytree(upstream_done, killed)
@@ -83,16 +115,12 @@ def test_killed_distill_resumes_from_its_checkpoint_byte_identical(upstream_done
     assert f"resumed from step {step}" in out, out[-3000:]
     assert _sha(killed / "artifacts/distill/mopd/model/model.safetensors") == want
     assert not checkpoint_dir(killed, "distill").exists()
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{killed}/.mopd/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("mopd").experiment_id],
-                              "tags.stage = 'distill'")
-    tags = [r.data.tags.get("resumed_from_step") for r in runs if r.info.status == "FINISHED"]
-    assert tags == [str(step)]
+    assert _tags(killed, "distill") == [str(step)]
 
 
 def test_checkpoint_of_another_configuration_is_refused(upstream_done, tmp_path):
+    if not (upstream_done / "artifacts/teachers/if/result.json").exists():
+        _stage(upstream_done, "teacher:if").communicate()
     project = tmp_path / "p"
     shutil.copytree(upstream_done, project)
     state = checkpoint_dir(project, "distill") / STATE_FILE

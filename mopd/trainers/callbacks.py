@@ -27,18 +27,25 @@ class TrackerCallback(TrainerCallback):
             self.tracker.log_metrics(metrics, step=state.global_step)
 
 
-def common_args(out_dir, max_steps: int, learning_rate: float, seed: int) -> dict:
-    """TrainingArguments shared by every TRL trainer mopd runs: no checkpoints or hub pushes
-    (the stage saves one safetensors checkpoint itself), no external reporters (mopd logs to
-    MLflow through its tracker, with explicit run ids), deterministic seed."""
+def common_args(out_dir, max_steps: int, learning_rate: float, seed: int, *, checkpoint=None,
+                checkpoint_every: int | None = None) -> dict:
+    """TrainingArguments shared by every TRL trainer mopd runs: no hub pushes, no external
+    reporters (mopd logs to MLflow through its tracker, with explicit run ids), deterministic
+    seed. With ``checkpoint`` and ``checkpoint_every``: transformers' own checkpoints (model in
+    safetensors, optimiser / scheduler / RNG states read back with ``weights_only=True``) every
+    that many steps into ``checkpoint``, the last one kept; otherwise none (the stage saves one
+    safetensors model itself)."""
+    saving = dict(save_strategy="no")
+    if checkpoint is not None and checkpoint_every:
+        saving = dict(save_strategy="steps", save_steps=checkpoint_every, save_total_limit=1)
     return dict(
-        output_dir=str(out_dir),
+        output_dir=str(checkpoint if checkpoint is not None and checkpoint_every else out_dir),
         max_steps=max_steps,
         learning_rate=learning_rate,
         seed=seed,
         data_seed=seed,
         logging_steps=1,
-        save_strategy="no",
+        **saving,
         report_to=[],
         disable_tqdm=False,
         use_cpu=not _cuda(),
@@ -67,16 +74,59 @@ class QuietProgressCallback(ProgressCallback):
         return super().on_step_end(args, state, control, **kwargs)
 
 
-def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback) -> dict[str, list[tuple[int, float]]]:
+def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, checkpoint=None,
+                 key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Train quietly, drop the trainer's scratch directory, save one safetensors checkpoint to
-    ``out_dir/model``; return the metric history."""
+    ``out_dir/model``; return the metric history. With ``checkpoint`` (the trainer's checkpoint
+    directory): resume from its last checkpoint when one was made under the same ``key`` (the
+    stage's cache key; another key raises CheckpointMismatch), and remove it once finished."""
+    import json
     import shutil
+    from pathlib import Path
 
+    from mopd.checkpoint import CheckpointMismatch
     from mopd.models import save_checkpoint
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgressCallback())
-    trainer.train()
+    last = None
+    if checkpoint is not None and trainer.args.save_strategy != "no":
+        checkpoint = Path(checkpoint)
+        mark = checkpoint / "key.json"
+        if mark.is_file() and json.loads(mark.read_text()).get("key") != key:
+            raise CheckpointMismatch(
+                f"{checkpoint}: checkpoints of this stage were made with cache key "
+                f"{json.loads(mark.read_text()).get('key', '')[:12]}, but the stage now has key {key[:12]} (its "
+                f"configuration, upstream outputs or code changed since): it will not resume from them. "
+                f"Delete {checkpoint} to start the stage afresh.")
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        mark.write_text(json.dumps({"key": key}))
+        last = _last_complete(checkpoint)
+    if last is not None:
+        state = json.loads((Path(last) / "trainer_state.json").read_text())
+        step = int(state["global_step"])
+        for entry in state.get("log_history", []):  # the curves of the steps before the kill
+            callback.on_log(trainer.args, type("S", (), {"global_step": entry.get("step", 0)})(), None,
+                            logs={k: v for k, v in entry.items() if k != "step"})
+        print(f"resumed from step {step}", flush=True)
+        callback.tracker.set_tags({"resumed_from_step": step})
+    trainer.train(resume_from_checkpoint=last)
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
     save_checkpoint(trainer.model, tokenizer, out_dir / "model")
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return callback.history
+
+
+def _last_complete(checkpoint) -> str | None:
+    """The newest ``checkpoint-N`` that transformers finished writing (``trainer_state.json`` is
+    its last file); a directory a kill left half-written is removed."""
+    import shutil
+
+    done = []
+    for path in checkpoint.glob("checkpoint-*"):
+        if (path / "trainer_state.json").is_file() and path.name.split("-")[-1].isdigit():
+            done.append((int(path.name.split("-")[-1]), path))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(done)[1]) if done else None

@@ -66,10 +66,13 @@ def mixed_schedule(records: dict[str, list[dict]], weights: dict[str, float], pr
 
 
 def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Path, params: GRPOParams,
-               seed: int, tracker, *, ordered: bool = False) -> dict[str, list[tuple[int, float]]]:
+               seed: int, tracker, *, ordered: bool = False, checkpoint: Path | None = None,
+               key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Train a policy from ``sft_dir`` on ``records`` (prompt + reference, and ``kind`` per row
     when ``kind`` is None); save to ``out_dir``. ``ordered``: take the prompts in the given order
-    (one step's prompts after the other: Mix-RL's per-batch ratios) instead of TRL's shuffle."""
+    (one step's prompts after the other: Mix-RL's per-batch ratios) instead of TRL's shuffle.
+    ``checkpoint``/``key``: in-stage checkpoints every `params.checkpoint_every` steps, resumed
+    after a kill (`mopd.trainers.callbacks.fit_and_save`)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -80,7 +83,8 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
         columns["kind"] = [r["kind"] for r in records]
     dataset = Dataset.from_dict(columns)
     args = GRPOConfig(
-        **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed),
+        **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
+                      checkpoint_every=params.checkpoint_every),
         per_device_train_batch_size=params.batch_size,
         num_generations=params.num_generations,
         max_completion_length=params.max_completion_length,
@@ -94,4 +98,4 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
     callback = TrackerCallback(tracker)
     trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
-    return fit_and_save(trainer, tokenizer, out_dir, callback)
+    return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key)

@@ -36,7 +36,7 @@ def tokenize_pairs(tokenizer, records: list[dict]) -> dict[str, list[list[int]]]
 
 
 def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTParams, seed: int,
-              tracker) -> dict[str, list[tuple[int, float]]]:
+              tracker, *, checkpoint: Path | None = None, key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Fine-tune ``base_dir`` on prompt/completion ``records``; save the model to ``out_dir``.
 
     Loss on completion tokens only. Returns the metric history."""
@@ -47,7 +47,8 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
     model = load_model(base_dir)
     dataset = Dataset.from_dict(tokenize_pairs(tokenizer, records))
     args = SFTConfig(
-        **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed),
+        **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
+                      checkpoint_every=params.checkpoint_every),
         per_device_train_batch_size=params.batch_size,
         warmup_steps=params.warmup_ratio,  # a float < 1 is a ratio of max_steps in transformers 5
         lr_scheduler_type="cosine",
@@ -58,4 +59,4 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
     callback = TrackerCallback(tracker)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[callback])
-    return fit_and_save(trainer, tokenizer, out_dir, callback)
+    return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key)
