@@ -893,6 +893,10 @@ def load_config(
             raise ConfigError(
                 f"{project_dir / params_file}: distill.domain_weights = {weights}: must sum to 1"
             )
+    unknown = [d for d in [*params.copd.branches, params.copd.hub] if d is not None and d not in pipes.domains]
+    if unknown:
+        raise ConfigError(f"{project_dir / params_file}: copd.{'hub' if params.copd.hub in unknown else 'branches'}: "
+                          f"{unknown} not domain(s) of {project_dir / pipelines_file} ({sorted(pipes.domains)})")
     for name, pipe in pipes.pipelines.items():
         _check_teacher_weights(params, pipe, project_dir / params_file, name)
         local_teachers = [d for d in pipe.domains if pipes.domains[d].teacher.source == "local"]
@@ -903,6 +907,7 @@ def load_config(
                 f"{name!r} whose teacher it trains ({local_teachers}); multi-round MOPD retrains teachers")
         if name == pipeline:
             _check_baselines(params, pipe, local_teachers, project_dir / params_file, name)
+        _check_copd(params, pipe, local_teachers, project_dir / params_file, name)
         for entry in pipe.stages:
             kind, variant = entry.partition(":")[::2]
             if variant and variant not in params.variants.get(kind, {}):
@@ -941,21 +946,6 @@ def _check_baselines(params: Params, pipe, local_teachers: list[str], file: Path
             raise ConfigError(f"{file}: cascade_rl.order = {order}: " + (
                 f"{dup} listed more than once" if dup else
                 f"{bad} are not domains of pipeline {pipeline!r} with a GRPO recipe here ({local_teachers})"))
-    if "copd" in pipe.stages:
-        c = params.copd
-        branches = c.branches or local_teachers
-        dup = sorted({d for d in branches if branches.count(d) > 1})
-        bad = [d for d in branches if d not in local_teachers]
-        if len(branches) < 2 or dup or bad:
-            raise ConfigError(f"{file}: copd.branches = {branches}: " + (
-                "CoPD needs at least two branches" if len(branches) < 2 else
-                f"{dup} listed more than once" if dup else
-                f"{bad} are not domains of pipeline {pipeline!r} with a GRPO recipe here ({local_teachers})"))
-        if len(branches) > 2 and c.hub not in branches:
-            raise ConfigError(f"{file}: copd.hub = {c.hub!r}: with {len(branches)} branches CoPD exchanges "
-                              f"hub-and-spoke and needs a hub among copd.branches {branches}")
-        if len(branches) == 2 and c.hub is not None and c.hub not in branches:
-            raise ConfigError(f"{file}: copd.hub = {c.hub!r} is not one of copd.branches {branches}")
 
 
 def _check_teacher_weights(params: Params, pipe, file: Path, pipeline: str) -> None:
@@ -1001,3 +991,24 @@ def section(params: Params, dotted: str) -> Any:
     for part in dotted.split("."):
         data = data[part]
     return data
+
+
+def _check_copd(params: Params, pipe, local_teachers: list[str], file: Path, pipeline: str) -> None:
+    """CoPD's branches are >= 2 distinct domains of the pipeline with a GRPO recipe; K > 2 needs a
+    hub among them. Checked for every pipeline that lists `copd` (its stages are built from them)."""
+    if "copd" not in pipe.stages:
+        return
+    c = params.copd
+    branches = c.branches or local_teachers
+    dup = sorted({d for d in branches if branches.count(d) > 1})
+    bad = [d for d in branches if d not in local_teachers]
+    if len(branches) < 2 or dup or bad:
+        raise ConfigError(f"{file}: copd.branches = {branches}: " + (
+            "CoPD needs at least two branches" if len(branches) < 2 else
+            f"{dup} listed more than once" if dup else
+            f"{bad} are not domains of pipeline {pipeline!r} with a GRPO recipe here ({local_teachers})"))
+    if len(branches) > 2 and c.hub not in branches:
+        raise ConfigError(f"{file}: copd.hub = {c.hub!r}: with {len(branches)} branches CoPD exchanges "
+                          f"hub-and-spoke and needs a hub among copd.branches {branches}")
+    if len(branches) == 2 and c.hub is not None and c.hub not in branches:
+        raise ConfigError(f"{file}: copd.hub = {c.hub!r} is not one of copd.branches {branches}")

@@ -73,10 +73,12 @@ def test_copd_stage_table_hub_and_spoke(tmp_path):
 
 @pytest.mark.parametrize("copd, message", [
     ({"hub": None}, "copd.hub = None: with 3 branches"),
-    ({"hub": "chem"}, "copd.hub = 'chem'"),
+    ({"hub": "chem"}, r"copd.hub: \['chem'\] not domain"),
+    ({"hub": "gsm8k"}, "copd.hub = 'gsm8k'"),
     ({"branches": ["math"]}, "at least two branches"),
     ({"branches": ["math", "math"]}, "listed more than once"),
-    ({"branches": ["math", "chem"]}, r"\['chem'\] are not domains"),
+    ({"branches": ["math", "chem"]}, r"copd.branches: \['chem'\] not domain"),
+    ({"branches": ["math", "gsm8k"]}, r"\['gsm8k'\] are not domains"),
 ])
 def test_copd_config_errors_name_the_key(tmp_path, copd, message):
     params = micro_params()
