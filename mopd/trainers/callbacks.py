@@ -71,6 +71,10 @@ class QuietProgressCallback(ProgressCallback):
         from mopd.progress import report
 
         report(state.global_step, state.max_steps, "steps")
+        if state.global_step >= state.max_steps:
+            # transformers also checkpoints the last step; the stage saves the final model itself
+            # and removes its checkpoints, so that one would be written for nothing
+            control.should_save = False
         return super().on_step_end(args, state, control, **kwargs)
 
 
