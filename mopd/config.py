@@ -995,7 +995,8 @@ def section(params: Params, dotted: str) -> Any:
 
 def _check_copd(params: Params, pipe, local_teachers: list[str], file: Path, pipeline: str) -> None:
     """CoPD's branches are >= 2 distinct domains of the pipeline with a GRPO recipe; K > 2 needs a
-    hub among them. Checked for every pipeline that lists `copd` (its stages are built from them)."""
+    hub among them (K = 2 exchanges both ways and ignores `hub`). Checked for every pipeline that
+    lists `copd` (its stages are built from them)."""
     if "copd" not in pipe.stages:
         return
     c = params.copd
@@ -1010,5 +1011,3 @@ def _check_copd(params: Params, pipe, local_teachers: list[str], file: Path, pip
     if len(branches) > 2 and c.hub not in branches:
         raise ConfigError(f"{file}: copd.hub = {c.hub!r}: with {len(branches)} branches CoPD exchanges "
                           f"hub-and-spoke and needs a hub among copd.branches {branches}")
-    if len(branches) == 2 and c.hub is not None and c.hub not in branches:
-        raise ConfigError(f"{file}: copd.hub = {c.hub!r} is not one of copd.branches {branches}")
