@@ -37,7 +37,7 @@ def divergence_along_rollouts(policy, other, tokenizer, prompts: list[str], *, n
     policy.eval()
     other.eval()
     for lo in range(0, len(samples), batch):
-        ids_BT, attn_BT, mask_BT = pack(samples[lo:lo + batch], tokenizer.pad_token_id)
+        ids_BT, attn_BT, mask_BT = pack(samples[lo:lo + batch], tokenizer.pad_token_id, device=policy.device)
         # position t-1's distribution predicts token t: shift the mask left by one
         m = mask_BT[:, 1:].bool()
         la = torch.log_softmax(policy(input_ids=ids_BT, attention_mask=attn_BT).logits[:, :-1][m].double()

@@ -100,6 +100,23 @@ class PretrainedProfile(_Strict):
 Profile = Annotated[TinyProfile | PretrainedProfile, Field(discriminator="source")]
 
 
+class RuntimeParams(_Strict):
+    """Where every model-running stage puts its models (mopd.runtime). ``device``: ``auto`` (CUDA
+    when torch sees it, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. ``dtype``: the compute
+    dtype; ``auto`` = the pretrained profile's dtype on an accelerator, float32 otherwise. Part of
+    every model-running stage's key: another explicit device recomputes; ``auto`` resolves per host
+    (the device used is recorded on each stage's MLflow run)."""
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # data-parallel processes for the stages written for it (distill, multiround), started with
+    # `accelerate launch`; every other stage runs one process
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # who samples rollouts in distill, difficulty and evaluate: transformers `generate`, or a vLLM
+    # engine colocated in the stage (the `gpu` extra, CUDA), synced to the student after each update
+    rollout: Literal["transformers", "vllm"] = "transformers"
+
+
 class DataParams(_Strict):
     n_train: PosInt = 2000  # training prompts per domain (synthetic generator)
     n_eval: PosInt = 64  # evaluation prompts per domain
@@ -456,6 +473,7 @@ class Params(_Strict):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     profile: str = "tiny"
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"tiny": TinyProfile()})
+    runtime: RuntimeParams = RuntimeParams()
     data: DataParams = DataParams()
     sft: SFTParams = SFTParams()
     teacher: dict[str, GRPOParams]

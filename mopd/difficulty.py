@@ -11,7 +11,8 @@ import numpy as np
 
 from mopd.config import DifficultyParams
 from mopd.evaluation import sampled_rewards
-from mopd.models import load_model, load_tokenizer
+from mopd.models import load_tokenizer
+from mopd.rollout import open_policy
 from mopd.objectives.balancing import UpsamplePlan, upsample_plan
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 def pass_counts(model_dir: Path, records: list[dict], kind: str, params: DifficultyParams,
                 seed: int) -> np.ndarray:
     """c_i = number of the student's N samples for prompt i that its verifier accepts, (P,)."""
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
+    model = open_policy(model_dir, tok)  # a module, or a vLLM engine (runtime.rollout)
     rewards = sampled_rewards(model, tok, records, kind, n=params.n_samples,
                               max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                               seed=seed, batch_size=params.batch_size)

@@ -15,8 +15,8 @@ import numpy as np
 
 from mopd.config import EvaluateParams
 from mopd.metrics import avg_at_k, pass_at_k
-from mopd.models import load_model, load_tokenizer
-from mopd.rollout import sample
+from mopd.models import load_tokenizer
+from mopd.rollout import open_policy, sample_policy
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ def sampled_rewards(model, tok, records: list[dict], kind: str, *, n: int, max_n
     (`sample` returns each prompt's samples contiguously)."""
     from mopd.verifiers import verify_batch
 
-    samples = sample(model, tok, [r["prompt"] for r in records], n=n, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed, batch_size=batch_size)
+    samples = sample_policy(model, tok, [r["prompt"] for r in records], n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed, batch_size=batch_size)
     verdicts = verify_batch([kind] * len(samples), [s.text for s in samples],
                             [records[s.prompt_index]["reference"] for s in samples])
     rewards = [v.reward for v in verdicts]
@@ -41,7 +41,8 @@ def evaluate_model(model_dir: Path, problems: dict[str, tuple[str, list[dict]]],
     ``pass@k`` (means over prompts), ``n``, ``k``, ``n_prompts`` and the per-prompt values
     ``per_prompt_avg`` / ``per_prompt_pass`` (in record order) that intervals and paired tests
     are computed from (:mod:`mopd.stats`)."""
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
+    model = open_policy(model_dir, tok)  # a module, or a vLLM engine (runtime.rollout)
     out = {}
     for domain, (kind, recs) in problems.items():
         rewards = sampled_rewards(model, tok, recs, kind, n=params.n, max_new_tokens=params.max_new_tokens,

@@ -325,6 +325,18 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               pipeline_keys=_domain_keys("benchmarks", "teacher"), listed_as="evaluate"),
 )}
 
+def runtime_keys(kind: str, row: StageKind) -> tuple[str, ...]:
+    """The `runtime` keys a stage's results depend on: device and dtype for every stage that runs
+    a model; who samples for the ones that sample through it; the process count for the
+    data-parallel ones (mopd.runtime). Another setting recomputes exactly those stages."""
+    from mopd.runtime import DATA_PARALLEL_KINDS, ROLLOUT_KINDS
+
+    if "gpu" not in row.tags:
+        return ()
+    return ("runtime.device", "runtime.dtype", *(("runtime.rollout",) if kind in ROLLOUT_KINDS else ()),
+            *(("runtime.processes",) if kind in DATA_PARALLEL_KINDS else ()))
+
+
 # What `pipelines.<p>.stages` may list: every kind that is not enabled through another entry.
 LISTABLE = tuple(k for k, v in KINDS.items() if v.listed_as is None)
 VARIANT_KINDS = tuple(k for k, v in KINDS.items() if v.variants)
@@ -357,7 +369,7 @@ def build_graph(cfg: "Config") -> list[StageSpec]:
             a = {k: v for k, v in a.items() if v}
             ctx.specs.append(StageSpec(
                 name=_stage_name(kind, a), kind=kind, module=row.module, out_dir=row.out_dir(a),
-                args=tuple(a.items()), params_keys=row.params(ctx, a),
+                args=tuple(a.items()), params_keys=row.params(ctx, a) + runtime_keys(kind, row),
                 pipeline_keys=row.pipeline_keys(ctx, a), upstream=row.upstream(ctx, a),
                 domains=(a["domain"],) if row.per_domain else tuple(cfg.domains),
                 tags=row.tags, models=row.models(ctx, a)))

@@ -81,7 +81,7 @@ def build_base(profile: TinyProfile | PretrainedProfile, texts: Iterable[str], o
         model = build_tiny_model(profile, tokenizer, seed)
     else:
         tokenizer = load_tokenizer(profile.model, revision=profile.revision)
-        model = load_model(profile.model, dtype=profile.dtype, revision=profile.revision)
+        model = load_model(profile.model, dtype=profile.dtype, revision=profile.revision, device="cpu")
     save_checkpoint(model, tokenizer, out_dir)
     return {"n_params": float(sum(p.numel() for p in model.parameters())),
             "vocab_size": float(len(tokenizer))}
@@ -96,11 +96,20 @@ def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path_or_id: str | Path, *, dtype: str = "float32", revision: str | None = None,
-               device: str | torch.device = "cpu"):
-    """Load a causal LM from a local directory or a hub id, safetensors only."""
+def load_model(path_or_id: str | Path, *, dtype: str | None = None, revision: str | None = None,
+               device: str | torch.device | None = None, trained: bool = False, record: bool = True):
+    """Load a causal LM from a local directory or a hub id, safetensors only.
+
+    Device and dtype default to the stage's runtime setting (:func:`mopd.runtime.current`): a
+    frozen model is loaded in the compute dtype, a ``trained`` one in float32 (its forwards
+    autocast; see mopd.runtime). The placement is recorded for the stage's run (``record=False``:
+    the caller records it, e.g. once a TRL trainer has placed the model)."""
     from transformers import AutoModelForCausalLM
 
+    from mopd import runtime
+
+    rt = runtime.current()
+    dtype = dtype or ("float32" if trained else rt.dtype)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     local = Path(path_or_id)
@@ -109,7 +118,10 @@ def load_model(path_or_id: str | Path, *, dtype: str = "float32", revision: str 
     model = AutoModelForCausalLM.from_pretrained(
         str(path_or_id), dtype=_DTYPES[dtype], revision=revision, use_safetensors=True
     )
-    return model.to(device)
+    model = model.to(device if device is not None else rt.device)
+    if record:
+        runtime.record(model, amp=rt.dtype if trained and rt.mixed else None)
+    return model
 
 
 def load_tokenizer(path_or_id: str | Path, *, revision: str | None = None):

@@ -139,9 +139,13 @@ class TransformersRollout:
 
 
 class VLLMRollout:
-    """vLLM sampling of a fixed checkpoint (GPU hosts, `gpu` extra): suits the offline
-    difficulty stage. Same sampling rule as `sample` (temperature only, top-k/top-p off).
-    Weight sync from a trained module is not implemented: `update_weights` raises."""
+    """vLLM sampling (GPU hosts, `gpu` extra), colocated in the trainer's process. Same sampling
+    rule as `sample` (temperature only, top-k/top-p off). ``update_weights(module)`` copies a
+    trained module's parameters into the engine (the colocate recipe TRL's GRPO uses: the
+    engine's model ``load_weights`` over ``named_parameters``), then resets the prefix cache, so
+    no rollout after an update reuses KV computed under the old weights. Needs vLLM's engine in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before the engine starts).
+    Never run by the CPU test suite; no GPU was available to check it against a vLLM release."""
 
     name = "vllm"
 
@@ -150,8 +154,12 @@ class VLLMRollout:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the host
             raise ImportError("VLLMRollout needs vLLM: install the `gpu` extra on a CUDA host") from exc
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's model in this process
         self.tokenizer = tokenizer
         self.llm = LLM(model=str(model_path), dtype=dtype, **engine_kwargs)
+        self.synced = 0  # weight syncs so far
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
         return self.sample_ids(encode_prompts(self.tokenizer, prompts), n=n, max_new_tokens=max_new_tokens,
@@ -172,8 +180,46 @@ class VLLMRollout:
                 for c in (_trim(list(o.token_ids), eos, pad) for o in out.outputs)]
 
     def update_weights(self, model) -> None:
-        raise NotImplementedError("VLLMRollout cannot load weights from a training module yet; "
-                                  "use it for a fixed policy (e.g. the difficulty stage)")
+        engine_model = _vllm_model(self.llm)
+        engine_model.load_weights((name, p.detach()) for name, p in model.named_parameters())
+        self.llm.reset_prefix_cache()
+        self.synced += 1
+
+
+def _vllm_model(llm):
+    """The torch module inside a colocated vLLM engine (V1 worker layout first, then V0's)."""
+    worker = llm.llm_engine.model_executor.driver_worker
+    for path in (("worker", "model_runner", "model"), ("model_runner", "model")):
+        node = worker
+        try:
+            for attr in path:
+                node = getattr(node, attr)
+        except AttributeError:
+            continue
+        return node
+    raise RuntimeError("this vLLM release keeps its model out of reach (no driver_worker.[worker.]model_runner"
+                       ".model): run it with VLLM_ENABLE_V1_MULTIPROCESSING=0, or use the transformers backend")
+
+
+def open_policy(model_dir: Path, tokenizer):
+    """A checkpoint's sampling policy per the stage's runtime (`runtime.rollout`): its transformers
+    module, or a colocated vLLM engine (difficulty, evaluate: fixed policies)."""
+    from mopd import runtime
+    from mopd.models import load_model
+
+    rt = runtime.current()
+    if rt.rollout == "vllm":
+        return VLLMRollout(model_dir, tokenizer, dtype=rt.dtype)
+    return load_model(model_dir)
+
+
+def sample_policy(policy, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float,
+                  seed: int, batch_size: int = 64) -> list[Sample]:
+    """`sample` for a module or a rollout backend (:func:`open_policy`)."""
+    if isinstance(policy, VLLMRollout):
+        return policy.sample(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return sample(policy, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                  seed=seed, batch_size=batch_size)
 
 
 def make_rollout(kind: str, model, tokenizer, **kwargs) -> RolloutBackend:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from mopd import runtime
 from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
 from mopd.checkpoint import KEY_ENV
 from mopd.config import Config, ConfigError, load_config
@@ -60,17 +61,27 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     if name in {s.strip() for s in os.environ.get(HOLD_ENV, "").split(",")}:
         _hold(project, name)
 
+    # where this stage's models run (mopd.runtime); a device this host lacks fails here, before
+    # the output folder is touched
+    rt = runtime.resolve(cfg.params.runtime.device, cfg.params.runtime.dtype,
+                         getattr(cfg.params.model_profile, "dtype", None), cfg.params.runtime.rollout)
+    runtime.activate(rt)
+    runtime.init_distributed()  # under `accelerate launch` (runtime.processes > 1): join the group
+    main_proc = runtime.is_main()  # ... where only process 0 writes files, MLflow and result.json
     out_dir = project / spec.out_dir
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    if main_proc:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+    runtime.barrier()
     # Provenance: every output carries the configuration it was made with, so a changed setting
     # changes the stage's content hash (and reruns what depends on it) even when the weights
     # happen to come out identical (e.g. a GRPO run whose groups all had equal rewards).
     sections = redact_secrets(config_sections(cfg, spec))  # no URL credentials in files or MLflow
-    (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
-    if spec.models:  # what an evaluation of this stage finds in it: method label -> model dir
-        (out_dir / MODELS_FILE).write_text(json.dumps(dict(spec.models), indent=2) + "\n")
+    if main_proc:
+        (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
+        if spec.models:  # what an evaluation of this stage finds in it: method label -> model dir
+            (out_dir / MODELS_FILE).write_text(json.dumps(dict(spec.models), indent=2) + "\n")
 
     tags = {"stage": name, "kind": spec.kind, "pipeline": cfg.pipeline, "cache_key": key,
             **{f"arg/{k}": v for k, v in spec.args}}
@@ -78,9 +89,10 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
         tags["domain"] = spec.domain
     tracker = (MLflowTracker.start(EXPERIMENT, name, tracking_uri=default_tracking_uri(project),
                                    parent_run_id=parent_run_id, tags=tags)
-               if track else NullTracker())
+               if track and main_proc else NullTracker())
     tracker.log_params(sections)
-    tracker.set_tags({"torch_threads": _set_threads()})
+    tracker.set_tags({"torch_threads": _set_threads(), "runtime/device": rt.device, "runtime/dtype": rt.dtype,
+                      "runtime/processes": runtime.world_size()})
     os.environ[KEY_ENV] = key  # in-stage checkpoints resume only under the same key (mopd.checkpoint)
     t0 = time.time()
     try:
@@ -88,8 +100,14 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     except BaseException:
         tracker.end("FAILED")
         raise
+    placed = runtime.placements()
+    if placed:  # the models the stage actually placed, as device/dtype (+amp for trained ones)
+        log.info("%s: models on %s", name, ", ".join(f"{p} x{placed.count(p)}" for p in dict.fromkeys(placed)))
+        tracker.set_tags({"runtime/models": ",".join(dict.fromkeys(placed)), "runtime/n_models": len(placed)})
     result = replace(result, stage=name, metrics={**result.metrics, "stage_seconds": time.time() - t0},
                      cache_key=key, inputs=key_in)
+    if not main_proc:
+        return result
     write_result(out_dir, result)
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,

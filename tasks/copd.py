@@ -13,6 +13,7 @@ from mopd.artifacts import Result, finalize
 from mopd.checkpoint import stage_checkpoint
 from mopd.config import Config
 from mopd.data import read_split
+from mopd.teachers.ledger import history_totals
 from tasks.plotting import log_curves, reward_quarters
 
 
@@ -54,6 +55,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, cycle: 
         q = max(1, len(vals) // 4)
         short = key.split("/")[-1]
         metrics |= {f"{short}_first_quarter": sum(vals[:q]) / q, f"{short}_last_quarter": sum(vals[-q:]) / q}
+    metrics |= history_totals(history, "copd/trained_tokens")  # scoring by the partners (mopd.teachers.ledger)
     return finalize(name, cfg.project_dir, out_dir, metrics)
 
 

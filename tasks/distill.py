@@ -8,10 +8,14 @@ import contextlib
 import os
 from pathlib import Path
 
+from mopd import runtime
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import KEY_ENV, checkpoint_dir
 from mopd.config import Config, DistillParams, MultiRoundParams
 from mopd.data import read_balanced, read_split
+from mopd.models import load_tokenizer
+from mopd.rollout import VLLMRollout
+from mopd.teachers.ledger import history_totals
 from mopd.teachers.routing import open_teachers
 from mopd.trainers.distill import train_mopd
 from tasks.plotting import log_curves
@@ -52,12 +56,17 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
         # oversubscribe it (benchmarks/teacher_overlap.py)
         teachers = open_teachers(routes, local_dirs, transport=params.teacher_transport,
                                  stack=stack, server_threads=1)
+        # `runtime.rollout: vllm`: a colocated engine samples, synced to the student after each update
+        rollout = (VLLMRollout(student, load_tokenizer(student), dtype=runtime.current().dtype)
+                   if runtime.current().rollout == "vllm" else None)
         history = train_mopd(student, teachers, prompts, out_dir, params, cfg.params.seed, tracker, score_fn=score,
-                             checkpoint=checkpoint_dir(cfg.project_dir, name), key=os.environ.get(KEY_ENV, ""))
+                             rollout=rollout, checkpoint=checkpoint_dir(cfg.project_dir, name),
+                             key=os.environ.get(KEY_ENV, ""))
     log_curves(tracker, history, "MOPD distillation" + (f" round {round}" if round else ""))
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]
-    metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n}
+    metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n,
+               **history_totals(history, "distill/trained_tokens")}
     return finalize(name, cfg.project_dir, out_dir, metrics)
 
 

@@ -18,6 +18,7 @@ from mopd.config import Config, OffPolicyFTParams
 from mopd.data import read_split
 from mopd.models import load_tokenizer
 from mopd.rollout import encode_prompts
+from mopd.teachers.ledger import Ledger, stage_totals
 from mopd.teachers.routing import open_teachers
 from mopd.trainers.sft import train_sft
 from tasks.plotting import log_curves
@@ -55,9 +56,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     prompts = {d: read_split(inputs["data"], d, "train") for d in domains}
     routes = {d: cfg.domain(d).teacher for d in domains}
     local_dirs = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains}
+    ledger = Ledger()  # what the teachers' rollouts cost (mopd.teachers.ledger)
     with contextlib.ExitStack() as stack:
-        clients = open_teachers(routes, local_dirs, transport="inprocess", stack=stack,
-                                pad_id=tokenizer.pad_token_id or 0)
+        clients = ledger.wrap(open_teachers(routes, local_dirs, transport="inprocess", stack=stack,
+                                            pad_id=tokenizer.pad_token_id or 0))
         rows = teacher_rollouts(clients, tokenizer, prompts, {d: cfg.domain(d).verifier for d in domains},
                                 params, cfg.params.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
                          f"{params.threshold} (offpolicy_ft.threshold); lower it or set "
                          "offpolicy_ft.correct_only: false")
     random.Random(cfg.params.seed).shuffle(kept)
+    # the student's tokens here: the completions it is fine-tuned on (one pass over them)
+    student_tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in kept)
+    metrics |= stage_totals(ledger.totals(), student_tokens)
     history = train_sft(inputs["sft"] / "model", kept, out_dir, params.sft, cfg.params.seed, tracker,
                         **stage_checkpoint(cfg.project_dir, "offpolicy_ft"))
     log_curves(tracker, history, "off-policy fine-tuning")

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from mopd.artifacts import Result, finalize
+from mopd.artifacts import Result, finalize, load_result
+from mopd.graph import build_graph
+from mopd.teachers.ledger import FIELDS
 from mopd.config import Config
 from mopd.stats import comparison
 
 STUDENT = "sft"
 SCORES_FILE = "scores.json"  # written by tasks.evaluate
 TABLE_FILE = "table.json"
+COST_FIELDS = (*FIELDS, "student_tokens")
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipeline: str) -> Result:
@@ -34,6 +37,9 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
                        teachers={d: f"teacher:{d}" for d in local}, level=p.ci_level,
                        n_boot=p.bootstrap, seed=cfg.params.seed)
     table |= {"pipeline": pipeline, "n": p.n, "k": p.k}
+    costs = teacher_costs(cfg, list(inputs))
+    for m, entry in table["methods"].items():
+        entry["teacher_cost"] = costs.get(m)
     (out_dir / TABLE_FILE).write_text(json.dumps(table, indent=2) + "\n")
 
     avg, lo, hi, long_rows = {}, {}, {}, []
@@ -74,6 +80,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
                 metrics[f"normalized/{m}/{d}"] = cell["value"]
         if entry["normalized"] is not None:
             metrics[f"normalized/{m}/score"] = entry["normalized"]
+        for k, v in (entry["teacher_cost"] or {}).items():
+            metrics[f"teacher_cost/{m}/{k}"] = v
     for d, g in table["teacher_gain"].items():
         if g.get("gain") is not None:
             metrics[f"teacher_gain/{d}"] = g["gain"]
@@ -81,6 +89,34 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
     metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
     tracker.log_metrics(metrics)
     return finalize(f"report:{pipeline}", cfg.project_dir, out_dir, metrics)
+
+
+def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, float]]:
+    """Method label -> what querying teachers cost to make that model (mopd.teachers.ledger): the
+    ledger totals of its stage and of every stage upstream of it (CoPD: all its Phase II stages;
+    multi-round MOPD: every round), summed. Methods that never query a teacher are absent."""
+    graph = {s.name: s for s in build_graph(cfg)}
+    out: dict[str, dict[str, float]] = {}
+    for ev in evaluations:
+        model_stage = graph[ev].kwargs.get("model") if ev in graph else None
+        if model_stage is None:
+            continue
+        seen, todo, total = set(), [model_stage], dict.fromkeys(COST_FIELDS, 0.0)
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            todo += list(graph[name].upstream)
+            metrics = load_result(cfg.project_dir / graph[name].out_dir).metrics
+            for k in COST_FIELDS:
+                total[k] += metrics.get(f"teacher_cost/all/{k}", 0.0)
+        if total["requests"] or total["seconds"]:
+            tokens = total["student_tokens"]
+            total["seconds_per_student_token"] = total["seconds"] / tokens if tokens else None
+            for label, _ in graph[model_stage].models:
+                out[label] = total
+    return out
 
 
 def _normalized_frames(table: dict, domains: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

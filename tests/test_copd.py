@@ -60,7 +60,8 @@ def test_copd_stage_table_hub_and_spoke(tmp_path):
     assert graph["copd_merge"].upstream == ("sft", "copd:3:opd:math", "copd:3:opd:code", "copd:3:opd:if")
     assert graph["copd_merge"].models == (("copd", "model"),)
     assert "evaluate:copd_merge" in graph and set(graph["copd_monitor"].upstream) >= set(names)
-    assert graph["copd:1:rl:if"].params_keys == ("seed", "copd.rl_steps", "teacher.if")
+    assert graph["copd:1:rl:if"].params_keys == ("seed", "copd.rl_steps", "teacher.if", "runtime.device",
+                                                        "runtime.dtype")
     assert graph["copd:1:opd:if"].domains == ("if",)
     # K = 2: both directions, no hub needed
     params["copd"].update(branches=["math", "if"], hub=None)

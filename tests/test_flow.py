@@ -273,6 +273,26 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert methods["mopd"] == methods["mix_rl"] == methods["merge:linear"]
     assert {"avg_at_k/math", "avg_at_k_ci_lo/math", "avg_at_k_ci_hi/math", "pass_at_k/code"} <= methods["mopd"]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The teacher cost ledger, read back from the SQLite store: per step on the distill run,
+    # totals in its result metrics, and a column of the comparison table (parent run + table.json).
+    distill = [r for r in client.search_runs([exp.experiment_id], "tags.stage = 'distill'")
+               if r.data.tags.get("cache") != "hit"][0]
+    per_step = {d: client.get_metric_history(distill.info.run_id, f"teacher/{d}/requests") for d in ("math", "code", "if")}
+    assert all([m.step for m in h] == [1, 2] for h in per_step.values()), per_step
+    assert all(sum(h[i].value for h in per_step.values()) >= 1 for i in range(2))  # every step asked a teacher
+    assert distill.data.metrics["result/teacher_cost/all/requests"] == sum(m.value for h in per_step.values() for m in h)
+    assert distill.data.metrics["result/teacher_cost/all/seconds_per_student_token"] > 0
+    assert last.data.metrics["teacher_cost/mopd/seconds_per_student_token"] > 0
+    costs = {m: e["teacher_cost"] for m, e in
+             json.loads((project / "artifacts/report/alt/table.json").read_text())["methods"].items()}
+    assert costs["distill:fast"]["prefill_tokens"] > 0 and costs["offpolicy_ft"]["generated_tokens"] > 0
+    assert costs["distill:tg"]["generated_tokens"] > 0  # TrOPD's teacher prefixes are sampled by the teacher
+    assert costs["mix_rl"] is None and costs["sft"] is None  # they query no teacher
+    # Every model-running stage placed its models where `runtime` says (CPU here), recorded on its run.
+    for stage in ("sft", "teacher:math", "difficulty", "distill", "mix_rl", "evaluate:distill"):
+        run = [r for r in client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'")
+               if r.data.tags.get("cache") != "hit"][0]
+        assert run.data.tags["runtime/device"] == "cpu" and run.data.tags["runtime/models"].startswith("cpu/"), stage
 
 
 def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_env):

@@ -52,7 +52,8 @@ def test_variants_are_their_own_stages(tmp_path):
     graph = {s.name: s for s in build_graph(cfg)}
     v = graph["distill:jsd"]
     assert v.out_dir == "artifacts/distill/jsd" and v.argv == ["--variant", "jsd"]
-    assert v.params_keys == ("seed", "distill", "variants.distill.jsd")
+    assert v.params_keys == ("seed", "distill", "variants.distill.jsd", "runtime.device",
+                             "runtime.dtype", "runtime.rollout", "runtime.processes")
     assert v.models == (("distill:jsd", "model"),)
     assert "evaluate:distill:jsd" in graph and graph["evaluate:distill:jsd"].out_dir == \
         "artifacts/evaluate/distill-jsd"
@@ -214,7 +215,8 @@ def test_multiround_stages_chain_students_and_teachers(tmp_path):
     assert graph["round_teacher:2:math"].upstream == ("data", "distill")
     assert graph["round_teacher:3:if"].upstream == ("data", "multiround:2")
     assert graph["round_teacher:2:math"].argv == ["--round", "2", "--domain", "math"]
-    assert graph["round_teacher:2:math"].params_keys == ("seed", "teacher.math", "multiround")
+    assert graph["round_teacher:2:math"].params_keys == ("seed", "teacher.math", "multiround",
+                                                                "runtime.device", "runtime.dtype")
     assert graph["multiround:3"].upstream == ("data", "multiround:2", "difficulty", "round_teacher:3:math",
                                               "round_teacher:3:if")
     assert "round_teacher:2:code" not in graph  # code is neither retrained nor distilled again

@@ -1,5 +1,7 @@
 """Real `mopd serve-teacher` subprocesses: round-robin over two replicas, failover when one is
-SIGKILLed, a clear error naming the domain and every endpoint when all are dead; CLI errors."""
+SIGKILLed, a clear error naming the domain and every endpoint when all are dead; CLI errors. The
+stage's cost ledger, in front of the client, counts requests, retries and failovers as they
+happened."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from mopd.cli import main
 from mopd.models import build_base, load_model
 from mopd.teachers import HTTPTeacher, InProcessTeacher, TeacherError
 from mopd.teachers.launch import start_server, stop_server, wait_healthy
+from mopd.teachers.ledger import Ledger
 from tests.test_teachers import SMALL, TEXTS
 
 
@@ -32,7 +35,8 @@ def replicas(tmp_path_factory):
 
 def test_round_robin_then_failover_then_clear_error(replicas):
     path, [(p1, u1), (p2, u2)] = replicas
-    client = HTTPTeacher("code", [u1, u2], timeout=10)
+    ledger = Ledger()
+    client = ledger.wrap({"code": HTTPTeacher("code", [u1, u2], timeout=10)})["code"]
     ref = InProcessTeacher(load_model(path))
     prompts, comps = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
     want = ref.score(prompts, comps, topk=3)
@@ -40,17 +44,25 @@ def test_round_robin_then_failover_then_clear_error(replicas):
         got = client.score(prompts, comps, topk=3)
         assert all(torch.allclose(g.logprobs_C, w.logprobs_C, atol=1e-4) for g, w in zip(got, want))
     assert client.failovers == 0
+    cost = ledger.step()["code"]
+    assert (cost["requests"], cost["sequences"], cost["prefill_tokens"], cost["retries"], cost["failovers"]) \
+        == (4, 8, 4 * (5 + 4), 0, 0) and cost["seconds"] > 0
     p1.kill()
     p1.wait()
     for _ in range(2):  # one of the two calls starts at the dead replica and moves on
         got = client.score(prompts, comps, topk=3)
         assert torch.allclose(got[1].topk_logprobs_CK, want[1].topk_logprobs_CK, atol=1e-4)
     assert client.failovers == 1
+    cost = ledger.step()["code"]
+    assert (cost["requests"], cost["sequences"], cost["retries"], cost["failovers"]) == (3, 4, 1, 1)
     p2.kill()
     p2.wait()
     with pytest.raises(TeacherError, match=rf"domain 'code': no endpoint answered after 2 attempt\(s\): "
                                            rf"{u1}.*ConnectError.*; {u2}|{u2}.*; {u1}"):
         client.score(prompts, comps)
+    cost = ledger.step()["code"]  # a failed call is charged too: both attempts were retries
+    assert (cost["requests"], cost["retries"], cost["failovers"]) == (2, 2, 0)
+    assert ledger.totals()["code"]["requests"] == 9 and ledger.totals()["code"]["retries"] == 3
 
 
 def test_serve_teacher_rejects_unset_token_env(monkeypatch, capsys, tmp_path):

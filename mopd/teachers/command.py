@@ -31,7 +31,7 @@ def serve_teacher(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     serve(args.model, host=args.host, port=args.port, token=token, limits=limits, dtype=args.dtype,
-          threads=args.threads, name=args.served_model_name)
+          device=args.device, threads=args.threads, name=args.served_model_name)
     return 0
 
 
@@ -48,7 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="name reported by /v1/models; requests may use it or the --model path, "
                         "any other `model` is a 404 (default: the --model path)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: $MOPD_DTYPE (the stage's runtime setting), else float32")
+    p.add_argument("--device", default=None, help="default: $MOPD_DEVICE (the stage's runtime setting), else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     d = ServerLimits()
     p.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens)

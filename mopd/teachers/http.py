@@ -81,6 +81,9 @@ class HTTPTeacher:
                                   limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
         self._rr = itertools.count()
         self._lock = threading.Lock()
+        # cumulative counters, read by the stage's cost ledger (mopd.teachers.ledger)
+        self.requests = 0  # POSTs sent, failed ones included
+        self.retries = 0  # POSTs that failed (connection error or 5xx)
         self.failovers = 0  # requests that had to move to another replica
 
     def score(self, prompt_ids, completion_ids, *, topk: int | None = None) -> list[SequenceScores]:
@@ -140,6 +143,8 @@ class HTTPTeacher:
         errors = []
         for attempt in range(self.max_attempts):
             url = self.endpoints[(first + attempt) % len(self.endpoints)]
+            with self._lock:
+                self.requests += 1
             try:
                 resp = self._http.post(f"{url}/v1/completions", json=body)
             except httpx.HTTPError as exc:
@@ -155,6 +160,8 @@ class HTTPTeacher:
                     raise TeacherError(f"teacher for domain {self.domain!r} at {self.shown[url]} "
                                        f"rejected the request ({resp.status_code}): {msg}")
                 errors.append(f"{self.shown[url]}: HTTP {resp.status_code}: {msg}")
+            with self._lock:
+                self.retries += 1
             log.warning("teacher %s: %s; trying the next replica", self.domain, errors[-1])
         raise TeacherError(f"teacher for domain {self.domain!r}: no endpoint answered after "
                            f"{self.max_attempts} attempt(s): " + "; ".join(errors))

@@ -80,7 +80,7 @@ class InProcessTeacher:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, name: str | None = None, dtype: str = "float32",
+    def from_pretrained(cls, path: str | Path, *, name: str | None = None, dtype: str | None = None,
                         **kwargs) -> "InProcessTeacher":
         from mopd.models import load_model
 

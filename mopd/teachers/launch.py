@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          limits: ServerLimits = ServerLimits(), dtype: str = "float32", threads: int | None = None,
-          name: str | None = None) -> None:
+          limits: ServerLimits = ServerLimits(), dtype: str | None = None, device: str | None = None,
+          threads: int | None = None, name: str | None = None) -> None:
     """Load ``model_path`` (a local checkpoint or hub id) and serve it until interrupted.
     Requests may name the model by ``name`` (default: the path) or by the path."""
     import torch
@@ -42,7 +42,7 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, token: 
         log.warning(warning)
     if threads:
         torch.set_num_threads(threads)
-    model = load_model(model_path, dtype=dtype)
+    model = load_model(model_path, dtype=dtype, device=device)  # default: the stage's runtime setting
     try:
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError):  # a bare model directory: no decoded_token strings

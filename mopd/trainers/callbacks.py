@@ -7,6 +7,8 @@ import math
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from mopd import runtime
+
 
 class TrackerCallback(TrainerCallback):
     """Forward each `on_log` dict to the tracker as step metrics, and keep a history for plots."""
@@ -48,16 +50,9 @@ def common_args(out_dir, max_steps: int, learning_rate: float, seed: int, *, che
         **saving,
         report_to=[],
         disable_tqdm=False,
-        use_cpu=not _cuda(),
-        bf16=False,
+        **runtime.current().trainer_args(),  # the stage's device; mixed precision in its dtype
         dataloader_num_workers=0,
     )
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class QuietProgressCallback(ProgressCallback):
@@ -93,6 +88,9 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgressCallback())
+    # where the trainer put the model, and the mixed precision its arguments ask for
+    a = trainer.args
+    runtime.record(trainer.model, amp="bfloat16" if a.bf16 else "float16" if a.fp16 else None)
     last = None
     if checkpoint is not None and trainer.args.save_strategy != "no":
         checkpoint = Path(checkpoint)

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mopd import runtime
 from mopd.config import CoPDOPDParams
+from mopd.teachers.ledger import Ledger, step_metrics
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.objectives.registry import DistillBatch, get_objective
 from mopd.objectives.routing import copd_advantage, group_advantages
@@ -70,15 +72,16 @@ def phase2_batch(student, tokenizer, rollout: RolloutBackend, partners: dict[str
         n=params.cross_samples, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
         seed=seed + 1, chunks=1, overlap=False, topk=None)
     samples = own + got
-    ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id)
+    dev = student.lm_head.weight.device  # the batch lives where the branch does (mopd.runtime)
+    ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id, device=dev)
     n = len(own)
-    with torch.no_grad():  # the rollout policy π_k, fixed for this step's advantages
+    with torch.no_grad(), runtime.current().autocast():  # the rollout policy π_k, fixed for this step
         old_s_BT = student_quantities(student, ids_BT, attn_BT, temperature=params.temperature)[0]
     adv_BT = torch.zeros_like(mask_BT, dtype=old_s_BT.dtype)
-    groups_B = torch.tensor([s.prompt_index for s in own])
-    native_B = group_advantages(torch.tensor(rewards, dtype=old_s_BT.dtype), groups_B)
+    groups_B = torch.tensor([s.prompt_index for s in own], device=dev)
+    native_B = group_advantages(torch.tensor(rewards, dtype=old_s_BT.dtype, device=dev), groups_B)
     adv_BT[:n] = native_B[:, None] * mask_BT[:n]
-    u_BT = lay_out(scores, [len(s.prompt_ids) for s in got], ids_BT.shape[1], None)[0]
+    u_BT = lay_out(scores, [len(s.prompt_ids) for s in got], ids_BT.shape[1], None)[0].to(dev)
     adv_BT[n:] = copd_advantage(u_BT, old_s_BT[n:], beta=params.beta, clip=params.clip) * mask_BT[n:]
     row_partner: list[str | None] = [None] * n + [cross_domains[s.prompt_index] for s in got]
     metrics = {"copd/native_reward": sum(rewards) / len(rewards),
@@ -110,9 +113,10 @@ def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"]
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = load_tokenizer(branch_dir)
-    student = load_model(branch_dir)
+    student = load_model(branch_dir, trained=True)
     student.train()
-    clients = as_clients(partners)
+    ledger = Ledger()  # what scoring by each partner costs (mopd.teachers.ledger)
+    clients = ledger.wrap(as_clients(partners))
     rollout = rollout or TransformersRollout(student, tokenizer)
     optim = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=0.0)
     objective = get_objective("mopd_pg")
@@ -125,7 +129,8 @@ def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"]
             cross = {j: [rng.choice(prompts[j]) for _ in range(params.cross_prompts)] for j in sorted(clients)}
             batch = phase2_batch(student, tokenizer, rollout, clients, pool, native, cross,
                                  score_fn, params, seed * 100_003 + step)
-            s_BT = student_quantities(student, batch.ids_BT, batch.attn_BT, temperature=params.temperature)[0]
+            with runtime.current().autocast():
+                s_BT = student_quantities(student, batch.ids_BT, batch.attn_BT, temperature=params.temperature)[0]
             loss, obj = objective(DistillBatch(mask_BT=batch.mask_BT, student_logprobs_BT=s_BT,
                                                advantages_BT=batch.advantages_BT), token_mean=True)
             optim.zero_grad(set_to_none=True)
@@ -134,7 +139,8 @@ def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"]
             optim.step()
             rollout.update_weights(student)
             metrics = batch.metrics | {"copd/loss": float(loss.detach()), "copd/grad_norm": float(grad_norm),
-                                       "copd/step_seconds": time.perf_counter() - t0}
+                                       "copd/step_seconds": time.perf_counter() - t0,
+                                       "copd/trained_tokens": float(batch.mask_BT.sum())} | step_metrics(ledger.step())
             tracker.log_metrics(metrics, step=step)
             report(step, steps, "steps")
             for k, v in metrics.items():

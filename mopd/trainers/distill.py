@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mopd import checkpoint as ckpt
+from mopd import checkpoint as ckpt, runtime
 from mopd.config import DistillParams, UniOPDParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
@@ -55,6 +55,7 @@ from mopd.progress import report
 from mopd.objectives.tropd import cosine_prefix_length
 from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts, pack
 from mopd.teachers import InProcessTeacher, SequenceScores, TeacherClient, TeacherError, lay_out
+from mopd.teachers.ledger import Ledger, step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def chunk_bounds(n: int, chunks: int) -> list[int]:
 def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient], prompt_ids: list[list[int]],
                       domains: list[str], pool: ThreadPoolExecutor, *, n: int, max_new_tokens: int,
                       temperature: float, seed: int, chunks: int, overlap: bool, topk: int | None,
-                      prefixes: list[list[int]] | None = None, decode=None, eos_id: int | None = None):
+                      prefixes: list[list[int]] | None = None, decode=None, eos_id: int | None = None,
+                      part: tuple[int, int] = (0, 1)):
     """Sample ``n`` completions per prompt in ``chunks`` micro-batches of prompts. With
     ``overlap`` a chunk's scoring requests go out as soon as it is sampled, while the next
     chunks sample (MOPD 3.3); without, all scoring starts after the last chunk.
@@ -154,15 +156,24 @@ def rollout_and_score(rollout: RolloutBackend, clients: dict[str, TeacherClient]
     ``prefixes`` (TrOPD §4.3): per prompt, teacher-generated tokens the student continues from;
     a sample's completion is then prefix + continuation (``max_new_tokens`` in all; none after a
     prefix that ended with EOS), and ``decode(ids)`` re-renders its text.
+    ``part = (rank, world)``: data parallelism; this process samples chunks ``rank, rank + world,
+    ...`` only, each with the seed it has in one process, so the processes together draw exactly
+    the one-process batch.
     Returns (samples, scores per sample, StepTiming, prefix length per sample)."""
     timing = StepTiming()
     bounds = chunk_bounds(len(prompt_ids), chunks)
+    rank, world = part
+    if len(bounds) - 1 < world:
+        raise ValueError(f"{len(prompt_ids)} prompts in {len(bounds) - 1} rollout chunk(s) cannot feed {world} "
+                         f"data-parallel processes: raise distill.prompts_per_step / distill.rollout_chunks")
     pre = prefixes or [[] for _ in prompt_ids]
     samples: list[Sample] = []
     prefix_lens: list[int] = []
     row_domain: list[str] = []
     jobs: list[tuple] = []
     for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if c % world != rank:
+            continue
         t0 = time.perf_counter()
         got = rollout.sample_ids([list(p) + pre[i] for i, p in enumerate(prompt_ids[lo:hi], lo)], n=n,
                                  max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 7919 * c)
@@ -247,6 +258,8 @@ def teacher_prefixes(clients: dict[str, TeacherClient], prompt_ids: list[list[in
     return out
 
 
+# step metrics that are means over the batch's response tokens (data parallelism weights them so)
+TOKEN_MEAN_METRICS = {"distill/reverse_kl", "distill/clipped_fraction"}
 TOPK_FIELDS = {"teacher_topk_logprobs_BTK", "student_topk_logprobs_BTK", "teacher_topk_ids_BTK"}
 
 
@@ -422,12 +435,16 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
     missing = [d for d in domains if not prompts.get(d)]
     if missing:
         raise ValueError(f"no prompts for domain(s) {missing}")
+    part = (runtime.rank(), runtime.world_size())
+    if part[1] > 1:
+        check_data_parallel(params, part[1])
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = load_tokenizer(sft_dir)
-    student = load_model(sft_dir)
+    student = load_model(sft_dir, trained=True)
     student.train()
-    clients = as_clients(teachers)
+    ledger = Ledger()  # what each teacher costs, per step (mopd.teachers.ledger)
+    clients = ledger.wrap(as_clients(teachers))
     rollout = rollout or TransformersRollout(student, tokenizer)
     optim = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=0.0)
     needs = set(required_fields(params.objective))
@@ -446,19 +463,46 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
         for step in tqdm(range(start, params.max_steps + 1), desc="mopd distill", mininterval=5,
                          initial=start - 1, total=params.max_steps):
             metrics = _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains,
-                            params, topk, needs, rng, seed * 100_003 + step, score_fn, step)
+                            params, topk, needs, rng, seed * 100_003 + step, score_fn, step, part)
+            costs = step_metrics(ledger.step()) | {"distill/trained_tokens": metrics["distill/trained_tokens"]}
+            metrics |= dict(zip(costs, runtime.all_reduce_sum(*costs.values())))  # every process's
             tracker.log_metrics(metrics, step=step)
             report(step, params.max_steps, "steps")
             for k, v in metrics.items():
                 history.setdefault(k, []).append((step, v))
             if checkpoint and params.checkpoint_every and step % params.checkpoint_every == 0 \
-                    and step < params.max_steps:
+                    and step < params.max_steps and runtime.is_main():  # the replicas are identical
                 ckpt.save(checkpoint, key=key, step=step, model=student, tokenizer=tokenizer, optim=optim,
                           py_rng=rng, history=history)
-    save_checkpoint(student, tokenizer, out_dir / "model")
-    if checkpoint:
-        ckpt.remove(checkpoint)
+    if runtime.is_main():
+        save_checkpoint(student, tokenizer, out_dir / "model")
+        if checkpoint:
+            ckpt.remove(checkpoint)
+    runtime.barrier()  # the other processes return once the model is on disk
     return history
+
+
+def check_data_parallel(params: DistillParams, world: int) -> None:
+    """What the data-parallel loop supports, checked before any work. Each process samples its
+    share of the rollout chunks and the gradients are summed with the loss weighted by each
+    process's share of the batch, which equals the one-process update for objectives that average
+    per-token terms (mopd_pg, mopd_topk, reopold_clip, mask_outlier, jsd, topk_fkl). Not (yet):
+    steps that need the whole batch in one place."""
+    where = f"runtime.processes = {world}"
+    if params.rollout_chunks % world:
+        raise ValueError(f"distill.rollout_chunks = {params.rollout_chunks} must be a multiple of {where} "
+                         "(each process samples whole chunks)")
+    if params.uniopd is not None and params.uniopd.active:
+        raise ValueError(f"distill.uniopd balances and calibrates over the whole batch: not supported with {where}")
+    if params.prefix_share > 0:
+        raise ValueError(f"distill.prefix_share = {params.prefix_share} (TrOPD teacher prefixes): not supported "
+                         f"with {where}")
+    if params.epochs > 1 or params.minibatches > 1:
+        raise ValueError(f"distill.epochs / distill.minibatches > 1: not supported with {where} (one update per "
+                         "rollout batch)")
+    if params.objective in ("entropy_opd", "tropd"):
+        raise ValueError(f"distill.objective = {params.objective!r} selects tokens over the whole batch: not "
+                         f"supported with {where}")
 
 
 def _verify(score_fn, samples: list[Sample], recs: list[dict], batch_domains: list[str]) -> list[float]:
@@ -474,7 +518,7 @@ def _verify(score_fn, samples: list[Sample], recs: list[dict], batch_domains: li
 
 
 def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, params: DistillParams,
-          topk, needs, rng, sample_seed, score_fn, step: int = 1) -> dict[str, float]:
+          topk, needs, rng, sample_seed, score_fn, step: int = 1, dp: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """One MOPD step: [TrOPD: teacher prefixes], rollouts + teacher scores (overlapped),
     [Uni-OPD: verify, balance, calibrate], objective, optimiser step(s)."""
     t0 = time.perf_counter()
@@ -497,7 +541,8 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
         rollout, clients, prompt_ids, batch_domains, pool, n=params.samples_per_prompt,
         max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=sample_seed,
         chunks=params.rollout_chunks, overlap=params.overlap, topk=topk, prefixes=prefixes,
-        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos_id=tokenizer.eos_token_id)
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eos_id=tokenizer.eos_token_id,
+        part=dp)
     if params.teacher_weights:
         scores = mix_teachers(pool, clients, samples, [batch_domains[s.prompt_index] for s in samples], scores,
                               params.teacher_weights, timing)
@@ -512,7 +557,9 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
         gen = torch.Generator().manual_seed(sample_seed)
         kept, uni_metrics = uniopd_balance(uni, rewards, [s.prompt_index for s in samples], gen)
     t_samples, t_scores = [samples[b] for b in kept], [scores[b] for b in kept]
-    ids_BT, attn_BT, mask_BT = pack(t_samples, tokenizer.pad_token_id)
+    dev = student.lm_head.weight.device  # the batch lives where the student does (mopd.runtime)
+    amp = runtime.current().autocast
+    ids_BT, attn_BT, mask_BT = pack(t_samples, tokenizer.pad_token_id, device=dev)
     prefix_BT = None
     if prefixes is not None:  # teacher tokens: β·NLL only; the on-policy terms see the student's
         prefix_BT = torch.zeros_like(mask_BT)
@@ -520,28 +567,29 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
             start = len(samples[b].prompt_ids)
             prefix_BT[row, start:start + prefix_lens[b]] = 1.0
         mask_BT = mask_BT - prefix_BT
-    u_BT, top_ids_BTK, top_lp_BTK = lay_out(t_scores, [len(s.prompt_ids) for s in t_samples],
-                                            ids_BT.shape[1], topk)
+    u_BT, top_ids_BTK, top_lp_BTK = (None if x is None else x.to(dev) for x in lay_out(
+        t_scores, [len(s.prompt_ids) for s in t_samples], ids_BT.shape[1], topk))
     updates = update_passes(params, ids_BT.shape[0], rng)
     calibrate = uni is not None and uni.calibration != "off"
     old_s_BT = adv_BT = None
     if len(updates) > 1 or calibrate:  # fix the rollout policy (§1): ratio, advantages, returns
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             old_s_BT = student_quantities(student, ids_BT, attn_BT, temperature=params.temperature)[0]
     if calibrate:
         r_BT = opd_advantage(u_BT, old_s_BT, clip=params.clip)
         adv_BT, cal_metrics = uniopd_advantages(
-            uni, r_BT, mask_BT, torch.tensor([rewards[b] for b in kept], dtype=r_BT.dtype),
-            torch.tensor([samples[b].prompt_index for b in kept]))
+            uni, r_BT, mask_BT, torch.tensor([rewards[b] for b in kept], dtype=r_BT.dtype, device=dev),
+            torch.tensor([samples[b].prompt_index for b in kept], device=dev))
         uni_metrics |= cal_metrics
     kwargs = objective_kwargs(params.objective, params)
     if _accepts(params.objective, "generator"):  # TrOPD's trust mask: its own seeded stream
         kwargs["generator"] = torch.Generator().manual_seed(sample_seed + 2)
     sums: dict[str, float] = {}
     for rows in updates:
-        s_BT, s_topk_BTK, ent_BT = student_quantities(
-            student, ids_BT[rows], attn_BT[rows], topk_ids_BTK=_rows(top_ids_BTK, rows),
-            entropy="student_entropy_BT" in needs, temperature=params.temperature)
+        with amp():
+            s_BT, s_topk_BTK, ent_BT = student_quantities(
+                student, ids_BT[rows], attn_BT[rows], topk_ids_BTK=_rows(top_ids_BTK, rows),
+                entropy="student_entropy_BT" in needs, temperature=params.temperature)
         m_BT = mask_BT[rows]
         batch = DistillBatch(mask_BT=m_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT[rows],
                              old_student_logprobs_BT=_rows(old_s_BT, rows), advantages_BT=_rows(adv_BT, rows),
@@ -551,8 +599,15 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
                              prefix_student_logprobs_BT=None if prefix_BT is None else s_BT,
                              prefix_mask_BT=_rows(prefix_BT, rows))
         loss, obj_metrics = get_objective(params.objective)(batch, **kwargs)
+        # data parallelism: this process's share of the batch's averaging units (tokens with
+        # token_mean, else sequences with a response token); 1 in one process
+        tok_mine = float(m_BT.sum())
+        n_mine = tok_mine if params.token_mean else float((m_BT.sum(-1) > 0).sum())
+        n_all, tok_all = runtime.all_reduce_sum(n_mine, tok_mine)
+        share = n_mine / n_all if n_all else 0.0
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
+        runtime.all_reduce_grads(student)  # summed: the whole batch's gradient, identical everywhere
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optim.step()
         n_mb = m_BT.sum().clamp(min=1)
@@ -564,6 +619,9 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
             ratio = torch.exp(s_BT.detach() - old_s_BT[rows])
             out = (ratio < 1 - kwargs.get("eps_low", 0.2)) | (ratio > 1 + kwargs.get("eps_high", 0.2))
             part["distill/clipped_fraction"] = float((out & m_BT.bool()).sum() / n_mb)
+        if dp[1] > 1:  # the batch's values: each process's share-weighted sum (token means by tokens)
+            w = {k: tok_mine / tok_all if k in TOKEN_MEAN_METRICS and tok_all else share for k in part}
+            part = dict(zip(part, runtime.all_reduce_sum(*(v * w[k] for k, v in part.items()))))
         for k, v in part.items():
             sums[k] = sums.get(k, 0.0) + v / len(updates)
     rollout.update_weights(student)
@@ -571,6 +629,7 @@ def _step(student, tokenizer, rollout, clients, optim, pool, prompts, domains, p
     n_tok = mask_BT.sum().clamp(min=1)
     metrics = sums | uni_metrics | pre_metrics | {
         "distill/response_tokens": float(n_tok / len(t_samples)),
+        "distill/trained_tokens": float(mask_BT.sum()),  # on-policy tokens in the loss (cost ledger)
         "distill/sample_seconds": timing.sample,
         "distill/teacher_seconds": timing.teacher,
         "distill/teacher_wait_seconds": timing.wait,

@@ -77,7 +77,7 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = load_tokenizer(sft_dir)
-    model = load_model(sft_dir)
+    model = load_model(sft_dir, trained=True, record=False)  # fit_and_save records it
     columns = {"prompt": [r["prompt"] for r in records], "reference": [r["reference"] for r in records]}
     if kind is None:
         columns["kind"] = [r["kind"] for r in records]

@@ -44,7 +44,7 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(base_dir)
-    model = load_model(base_dir)
+    model = load_model(base_dir, trained=True, record=False)  # fit_and_save records it
     dataset = Dataset.from_dict(tokenize_pairs(tokenizer, records))
     args = SFTConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,

@@ -1,0 +1,207 @@
+"""Where models run: one device / dtype setting (`runtime` in params.yaml) for every stage.
+
+The stage runner (`tasks.cli.execute`) resolves the setting once per stage and exports it as
+``$MOPD_DEVICE`` / ``$MOPD_DTYPE``, so the stage's own code and every process it starts (local
+teacher servers) read the same values through :func:`current`. Outside a stage (library use,
+unit tests) the default is CPU / float32.
+
+``dtype`` is the *compute* dtype:
+- frozen models (teachers, evaluation, difficulty scoring, analyses) are loaded in it;
+- trained models keep float32 master weights and run their forward passes under autocast to it
+  (TRL: ``bf16`` / ``fp16`` mixed precision; the distill loops: :meth:`Runtime.autocast`), the
+  usual mixed-precision recipe: bf16 weights with a bf16 AdamW lose small updates.
+
+Every model a stage places is recorded (:func:`placements`): the runner logs them and tags the
+stage's MLflow run with them, so "which device did this run use" is a fact of the run, not of
+the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+DEVICE_ENV = "MOPD_DEVICE"
+DTYPE_ENV = "MOPD_DTYPE"
+ROLLOUT_ENV = "MOPD_ROLLOUT"
+DTYPES = ("float32", "bfloat16", "float16")
+
+_placed: list[str] = []
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cpu", "cuda", "cuda:1", "mps"
+    dtype: str  # one of DTYPES
+    rollout: str = "transformers"  # or "vllm"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def mixed(self) -> bool:
+        return self.dtype != "float32"
+
+    def autocast(self):
+        """Forward passes of a float32-weighted model in the compute dtype (no-op for float32)."""
+        import torch
+
+        if not self.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.torch_dtype)
+
+    def trainer_args(self) -> dict:
+        """The transformers TrainingArguments that put a TRL trainer on this device and dtype."""
+        return {"use_cpu": self.device_type == "cpu", "bf16": self.dtype == "bfloat16",
+                "fp16": self.dtype == "float16"}
+
+
+def resolve(device: str, dtype: str, profile_dtype: str | None = None, rollout: str = "transformers") -> Runtime:
+    """The setting made concrete on this host. ``device``: ``auto`` (CUDA when torch sees it,
+    else CPU), ``cpu``, ``cuda`` / ``cuda:N`` or ``mps``. ``dtype``: ``auto`` (the pretrained
+    profile's dtype on an accelerator; float32 on CPU and for the tiny profile) or a dtype name.
+    Raises ValueError naming the key when the host cannot honour an explicit setting."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world_size() > 1:  # one device per process under `accelerate launch`
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    elif device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"runtime.device = {device!r}, but torch sees no CUDA device on this host "
+                             f"(torch {torch.__version__}); use `auto` or `cpu`")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"runtime.device = {device!r}, but this host has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("runtime.device = 'mps', but torch sees no MPS device on this host")
+    if dtype == "auto":
+        dtype = profile_dtype if (profile_dtype and device != "cpu") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"runtime.dtype = {dtype!r} is not one of {['auto', *DTYPES]}")
+    if rollout == "vllm":
+        import importlib.util
+
+        if not device.startswith("cuda") or importlib.util.find_spec("vllm") is None:
+            raise ValueError(f"runtime.rollout = 'vllm' needs vLLM (the `gpu` extra) and a CUDA device; this host "
+                             f"has device {device!r} and {'no ' if importlib.util.find_spec('vllm') is None else ''}"
+                             "vLLM: use `transformers`")
+    elif rollout != "transformers":
+        raise ValueError(f"runtime.rollout = {rollout!r}: expected 'transformers' or 'vllm'")
+    return Runtime(device, dtype, rollout)
+
+
+def activate(rt: Runtime) -> None:
+    """Make ``rt`` the setting of this process and of the processes it starts; forget earlier
+    placements (one stage per activation)."""
+    os.environ[DEVICE_ENV] = rt.device
+    os.environ[DTYPE_ENV] = rt.dtype
+    os.environ[ROLLOUT_ENV] = rt.rollout
+    _placed.clear()
+
+
+def current() -> Runtime:
+    dtype = os.environ.get(DTYPE_ENV) or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"${DTYPE_ENV} = {dtype!r} is not one of {list(DTYPES)}")
+    return Runtime(os.environ.get(DEVICE_ENV) or "cpu", dtype, os.environ.get(ROLLOUT_ENV) or "transformers")
+
+
+# ---- data parallelism (`runtime.processes` > 1: the stage runs under `accelerate launch`) ----
+# Kinds whose loop is written for data parallelism (mopd.trainers.distill); others run one process.
+DATA_PARALLEL_KINDS = ("distill", "multiround")
+# Kinds that sample through `runtime.rollout` (the others sample with transformers or TRL).
+ROLLOUT_KINDS = ("distill", "multiround", "difficulty", "evaluate")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed() -> None:
+    """Join the process group `accelerate launch` (torchrun) describes in the environment:
+    gloo on CPU, NCCL on CUDA. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if current().device_type == "cuda" else "gloo")
+
+
+def all_reduce_sum(*values: float) -> list[float]:
+    """Sum scalars over the processes (the values themselves in a single process)."""
+    if world_size() == 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=current().device if current().device_type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(model) -> None:
+    """Sum every parameter's gradient over the processes (each process scaled its loss by its share
+    of the batch, so the sum is the whole batch's gradient)."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def launch_prefix(processes: int) -> list[str]:
+    """The command-line prefix that runs a stage module in ``processes`` data-parallel processes;
+    empty for one. ``accelerate launch`` through its torchrun path (``--multi_gpu``): its ``--cpu``
+    path starts a single process unless MPI is configured. The processes put their models where
+    `runtime.device` says (CPU: gloo, CUDA: NCCL, one device per process). Torch-free (flows)."""
+    if processes <= 1:
+        return []
+    import socket
+    import sys
+
+    with socket.socket() as s:  # a free rendezvous port: two data-parallel stages may run at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), "-m"]
+
+
+def record(model, *, amp: str | None = None) -> None:
+    """Note where ``model`` lives, as ``device/dtype`` of its parameters (``+amp:<dtype>`` for a
+    trained model whose forwards autocast to ``amp``)."""
+    p = next(model.parameters())
+    entry = f"{p.device.type}/{str(p.dtype).removeprefix('torch.')}"
+    _placed.append(entry + (f"+amp:{amp}" if amp else ""))
+
+
+def placements() -> list[str]:
+    """What :func:`record` saw since the last :func:`activate`, in order."""
+    return list(_placed)
