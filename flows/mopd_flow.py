@@ -276,5 +276,5 @@ def _finish(parent, project: Path, pipeline: str, results: dict[str, Result], su
             if (out / name).is_file():
                 parent.log_artifact(out / name)
         parent.log_metrics({k: v for k, v in report.metrics.items()
-                            if k.startswith(("normalized/", "avg_at_k/"))})
+                            if k.startswith(("normalized/", "avg_at_k/", "teacher_cost/"))})
     parent.end("FAILED" if "failed" in summary["status"].values() else "FINISHED")

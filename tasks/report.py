@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mopd.artifacts import Result, finalize, load_result
+from mopd.artifacts import RESULT_FILE, Result, finalize, load_result
 from mopd.graph import build_graph
 from mopd.teachers.ledger import FIELDS
 from mopd.config import Config
@@ -108,7 +108,10 @@ def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, fl
                 continue
             seen.add(name)
             todo += list(graph[name].upstream)
-            metrics = load_result(cfg.project_dir / graph[name].out_dir).metrics
+            out_dir = cfg.project_dir / graph[name].out_dir
+            if not (out_dir / RESULT_FILE).is_file():  # not a declared input: a report fed bare
+                continue                                 # evaluations (tests) finds no ledger there
+            metrics = load_result(out_dir).metrics
             for k in COST_FIELDS:
                 total[k] += metrics.get(f"teacher_cost/all/{k}", 0.0)
         if total["requests"] or total["seconds"]:
