@@ -60,7 +60,7 @@ def build(root: Path, shape: str) -> tuple[Path, Path, list[str]]:
 
 def run_mopd(student: Path, teacher: Path, prompts: list[str], args) -> dict[str, float]:
     params = DistillParams(max_steps=args.steps, prompts_per_step=args.prompts, samples_per_prompt=args.samples,
-                           max_new_tokens=args.max_new_tokens, learning_rate=1e-5, rollout_chunks=4, overlap=True,
+                           max_new_tokens=args.max_new_tokens, learning_rate=1e-5, rollout_chunks=args.chunks, overlap=args.chunks > 1,
                            checkpoint_every=None)
     client = InProcessTeacher.from_pretrained(teacher, name="teacher")
     t0 = time.perf_counter()
@@ -112,6 +112,10 @@ def run_trl(student: Path, teacher: Path, prompts: list[str], args) -> dict[str,
             self.steps.append(dt)
             self.shares.append(spent["teacher"] / dt)
 
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:  # TRL's own count of the step's completions
+                self.tokens.append(float(logs["completions/mean_length"]) * n)
+
     n = args.prompts * args.samples
     # the same completions per step as mopd: `prompts` distinct prompts, each `samples` times
     data = Dataset.from_dict({"prompt": [p for p in prompts[: args.prompts * args.steps] for _ in range(args.samples)]})
@@ -125,10 +129,11 @@ def run_trl(student: Path, teacher: Path, prompts: list[str], args) -> dict[str,
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    # completion tokens trained per step: TRL logs no count; at most n x max_new_tokens (an upper
-    # bound: it favours TRL whenever completions stop early)
+    # completion tokens trained per step: TRL's logged mean completion length x completions
+    if len(timer.tokens) != len(timer.steps):
+        raise RuntimeError(f"TRL logged completion lengths for {len(timer.tokens)} of {len(timer.steps)} steps")
     steps = timer.steps[1:]
-    return {"tokens_per_s": n * args.max_new_tokens * len(steps) / sum(steps), "teacher_share": statistics.mean(timer.shares[1:]),
+    return {"tokens_per_s": sum(timer.tokens[1:]) / sum(steps), "teacher_share": statistics.mean(timer.shares[1:]),
             "step_s": statistics.mean(steps), "wall_s": wall}
 
 
@@ -141,6 +146,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--chunks", type=int, default=4,
+                    help="mopd's rollout_chunks (1: one generate call per step and no overlap with the teacher)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.steps < 2:
