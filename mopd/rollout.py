@@ -144,8 +144,12 @@ class VLLMRollout:
     trained module's parameters into the engine (the colocate recipe TRL's GRPO uses: the
     engine's model ``load_weights`` over ``named_parameters``), then resets the prefix cache, so
     no rollout after an update reuses KV computed under the old weights. Needs vLLM's engine in
-    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before the engine starts).
-    Never run by the CPU test suite; no GPU was available to check it against a vLLM release."""
+    this process: as TRL's colocate mode does, the engine is built with
+    ``distributed_executor_backend="external_launcher"`` (RANK / LOCAL_RANK / WORLD_SIZE from the
+    stage's process group, one engine per process) and a bounded ``gpu_memory_utilization``
+    (default 0.3: the trained student and the teachers share the device). ``engine_kwargs``
+    override either. Never run by the CPU test suite; no GPU was available to check it against a
+    vLLM release."""
 
     name = "vllm"
 
@@ -156,9 +160,20 @@ class VLLMRollout:
             raise ImportError("VLLMRollout needs vLLM: install the `gpu` extra on a CUDA host") from exc
         import os
 
+        from mopd import runtime
+
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's model in this process
+        if engine_kwargs.get("distributed_executor_backend", "external_launcher") == "external_launcher":
+            # vLLM's external launcher joins the process group this process is in (or a group of one)
+            os.environ.setdefault("RANK", str(runtime.rank()))
+            os.environ.setdefault("LOCAL_RANK", str(runtime.rank()))
+            os.environ.setdefault("WORLD_SIZE", str(runtime.world_size()))
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(runtime.free_port()))
+        kwargs = {"distributed_executor_backend": "external_launcher", "gpu_memory_utilization": 0.3,
+                  "seed": runtime.rank(), **engine_kwargs}
         self.tokenizer = tokenizer
-        self.llm = LLM(model=str(model_path), dtype=dtype, **engine_kwargs)
+        self.llm = LLM(model=str(model_path), dtype=dtype, **kwargs)
         self.synced = 0  # weight syncs so far
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:

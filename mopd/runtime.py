@@ -176,6 +176,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def free_port() -> int:
+    """A free local TCP port (rendezvous of a process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_prefix(processes: int) -> list[str]:
     """The command-line prefix that runs a stage module in ``processes`` data-parallel processes;
     empty for one. ``accelerate launch`` through its torchrun path (``--multi_gpu``): its ``--cpu``
@@ -183,12 +192,9 @@ def launch_prefix(processes: int) -> list[str]:
     `runtime.device` says (CPU: gloo, CUDA: NCCL, one device per process). Torch-free (flows)."""
     if processes <= 1:
         return []
-    import socket
     import sys
 
-    with socket.socket() as s:  # a free rendezvous port: two data-parallel stages may run at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # two data-parallel stages may run at once
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port), "-m"]
