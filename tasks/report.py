@@ -6,6 +6,7 @@ named by its pipeline: comparing that pipeline's methods is what it computes."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -97,6 +98,14 @@ def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, fl
     multi-round MOPD: every round), summed. Methods that never query a teacher are absent."""
     graph = {s.name: s for s in build_graph(cfg)}
     out: dict[str, dict[str, float]] = {}
+
+    @functools.cache
+    def ledger(name: str) -> dict[str, float]:  # each stage's result read once, not once per method
+        out_dir = cfg.project_dir / graph[name].out_dir
+        if not (out_dir / RESULT_FILE).is_file():  # not a declared input: a report fed bare
+            return {}                                # evaluations (tests) finds no ledger there
+        return load_result(out_dir).metrics
+
     for ev in evaluations:
         model_stage = graph[ev].kwargs.get("model") if ev in graph else None
         if model_stage is None:
@@ -108,10 +117,7 @@ def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, fl
                 continue
             seen.add(name)
             todo += list(graph[name].upstream)
-            out_dir = cfg.project_dir / graph[name].out_dir
-            if not (out_dir / RESULT_FILE).is_file():  # not a declared input: a report fed bare
-                continue                                 # evaluations (tests) finds no ledger there
-            metrics = load_result(out_dir).metrics
+            metrics = ledger(name)
             for k in COST_FIELDS:
                 total[k] += metrics.get(f"teacher_cost/all/{k}", 0.0)
         if total["requests"] or total["seconds"]:
