@@ -16,6 +16,9 @@ import torch
 from mopd.rollout import encode_prompts, pack, sample_ids
 
 
+# why: 10 parameters: the two models, tokenizer and prompts, then keyword-only knobs with defaults:
+# sample_ids's sampling (n, max_new_tokens, temperature, seed) and the measurement's (k, batch);
+# tasks/teacher_fit.py and tasks/copd_monitor.py call it with these names.
 @torch.no_grad()
 def divergence_along_rollouts(policy, other, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int,
                               temperature: float = 1.0, seed: int = 0, k: int = 10, batch: int = 16

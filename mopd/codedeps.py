@@ -13,7 +13,9 @@ too: they run when the stage runs), except under ``if TYPE_CHECKING:`` and
 file without importing it (a subprocess, a file read as source) names it in a module-level
 ``__mopd_deps__ = ("mopd.verifiers.sandbox_child", ...)`` tuple of module names. A package
 whose exports are lazy (PEP 562) lists them in ``__mopd_lazy__ = {name: submodule}``, so
-``from pkg import name`` counts exactly that submodule. An import line marked
+``from pkg import name`` counts exactly that submodule. A package whose modules are imported by
+discovery (``pkgutil``: method plugins) sets ``__mopd_plugins__ = True``, so importing the package
+counts every module in it. An import line marked
 ``# codedeps: ignore`` does not count: for imports that cannot change what a stage computes
 (configuration *validation* reading the stage table, say), so that editing the table does not
 retrain every teacher.
@@ -30,6 +32,7 @@ PACKAGES = ("mopd", "tasks")
 DEPS_VAR = "__mopd_deps__"
 PRAGMA = "codedeps: ignore"
 LAZY_VAR = "__mopd_lazy__"  # a package's {exported name: submodule} for PEP 562 lazy exports
+PLUGINS_VAR = "__mopd_plugins__"  # a package whose every module is imported by discovery
 
 
 def project_root() -> Path:
@@ -88,14 +91,30 @@ def _imports(path: str, mtime_ns: int, size: int, package: str) -> tuple[str, ..
     return tuple(out)
 
 
-@lru_cache(maxsize=256)
-def _lazy_exports(path: str, mtime_ns: int, size: int) -> dict[str, str]:
+def _module_constant(path: str, name: str):
     tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == LAZY_VAR for t in node.targets):
-            return dict(ast.literal_eval(node.value))
-    return {}
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
+
+
+@lru_cache(maxsize=256)
+def _lazy_exports(path: str, mtime_ns: int, size: int) -> dict[str, str]:
+    return dict(_module_constant(path, LAZY_VAR) or {})
+
+
+@lru_cache(maxsize=256)
+def _is_plugin_package(path: str, mtime_ns: int, size: int) -> bool:
+    return bool(_module_constant(path, PLUGINS_VAR))
+
+
+def _plugins(init: Path, package: str) -> list[str]:
+    """The modules of a ``__mopd_plugins__`` package (none for another package)."""
+    stat = init.stat()
+    if not _is_plugin_package(str(init), stat.st_mtime_ns, stat.st_size):
+        return []
+    return [f"{package}.{p.stem}" for p in sorted(init.parent.glob("*.py")) if p.name != "__init__.py"]
 
 
 def _resolve_lazy(name: str, root: Path) -> str | None:
@@ -134,6 +153,8 @@ def import_closure(module: str, root: Path | None = None) -> list[Path]:
             package = ".".join(parts[:i]) if is_pkg else ".".join(parts[: i - 1])
             stat = path.stat()
             todo.extend(_imports(str(path), stat.st_mtime_ns, stat.st_size, package))
+            if is_pkg:
+                todo.extend(_plugins(path, package))
     return sorted(seen)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mopd.config import DataParams, DomainConfig, HubSource, LocalSource
+from mopd.settings.data import DataParams, DomainConfig, HubSource, LocalSource
 
 log = logging.getLogger(__name__)
 

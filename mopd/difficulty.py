@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mopd.config import DifficultyParams
+from mopd.settings.difficulty import DifficultyParams
 from mopd.evaluation import sampled_rewards
 from mopd.models import load_tokenizer
 from mopd.rollout import open_policy

@@ -19,7 +19,6 @@ import yaml
 from mopd.codedeps import import_closure, project_root
 from mopd.config import PIPELINES_FILE, Config
 from mopd.graph import all_stages
-from mopd.runtime import DATA_PARALLEL_KINDS
 
 DVC_FILE = "dvc.yaml"
 HEADER = """\
@@ -45,7 +44,7 @@ def build(cfg: Config) -> dict:
         params: list = list(spec.params_keys)
         if spec.pipeline_keys:
             params.append({PIPELINES_FILE: list(spec.pipeline_keys)})
-        processes = cfg.params.runtime.processes if spec.kind in DATA_PARALLEL_KINDS else 1
+        processes = cfg.params.runtime.processes if spec.data_parallel else 1
         launcher = (["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m"] if processes > 1 else ["python", "-m"])
         cmd = " ".join([*launcher, spec.module, *spec.argv, "--pipeline", pipeline])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mopd.config import EvaluateParams
+from mopd.settings.evaluate import EvaluateParams
 from mopd.metrics import avg_at_k, pass_at_k
 from mopd.models import load_tokenizer
 from mopd.rollout import open_policy, sample_policy
@@ -21,6 +21,8 @@ from mopd.rollout import open_policy, sample_policy
 log = logging.getLogger(__name__)
 
 
+# why: 9 parameters: the model and tokenizer, the records and their verifier kind, and the five
+# sampling settings of the evaluate section, passed by keyword as `sample_policy` takes them.
 def sampled_rewards(model, tok, records: list[dict], kind: str, *, n: int, max_new_tokens: int,
                     temperature: float, seed: int, batch_size: int) -> list[list[float]]:
     """``rewards_PN``: the verifier's reward for each of ``n`` sampled completions per record

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from mopd.codedeps import code_files
+from mopd.security import redact_secrets
+from mopd.settings.multiround import MultiRoundParams
 
 if TYPE_CHECKING:
     from mopd.config import Config
@@ -49,6 +51,7 @@ class StageSpec:
     domains: tuple[str, ...] = ()  # the domains the stage covers (part of its identity)
     tags: tuple[str, ...] = ()
     models: tuple[tuple[str, str], ...] = ()  # (method label, model dir inside out_dir)
+    data_parallel: bool = False  # runs `runtime.processes` processes (its kind's `data_parallel`)
 
     @property
     def kwargs(self) -> dict[str, str]:
@@ -109,6 +112,11 @@ class StageKind:
     tags: tuple[str, ...] = ()
     models: Callable[[_Ctx, dict], tuple[tuple[str, str], ...]] = lambda ctx, a: ()
     listed_as: str | None = None  # the pipelines.yaml entry that enables it (default: kind)
+    samples: bool = False  # samples rollouts through `runtime.rollout` (transformers or vLLM)
+    data_parallel: bool = False  # runs `runtime.processes` processes under `accelerate launch`
+    # params.yaml keys of generation lengths: each plus the longest prompt must fit a tiny
+    # profile's context (`teacher.*` = every recipe's)
+    length_keys: tuple[str, ...] = ()
 
 
 def _one(ctx: _Ctx) -> list[dict]:
@@ -149,14 +157,10 @@ def _rounds(ctx: _Ctx) -> range:
 
 
 def _round_teacher_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
-    from mopd.config import MultiRoundParams
-
     return ("data", MultiRoundParams.student_stage(int(a["round"]) - 1))
 
 
 def _round_distill_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
-    from mopd.config import MultiRoundParams
-
     r = int(a["round"])
     return ("data", MultiRoundParams.student_stage(r - 1), *(("difficulty",) if ctx.has("difficulty") else ()),
             *(f"round_teacher:{r}:{d}" for d in ctx.cfg.round_domains))
@@ -234,12 +238,14 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/teachers/{a['domain']}", args=("domain",), per_domain=True,
               upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",),
-              tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),)),
+              tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),),
+              length_keys=("teacher.*.max_completion_length",)),
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
     StageKind("difficulty", "tasks.difficulty", _one, lambda ctx, a: ("seed", "difficulty"),
               lambda a: f"{ARTIFACTS}/difficulty", upstream=lambda ctx, a: ("data", "sft"),
-              pipeline_keys=_domain_keys("verifier"), tags=("gpu",)),
+              pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
+              samples=True, length_keys=("difficulty.max_new_tokens",)),
     # MOPD §1-§3 and its variants; the routing table is part of what it reads (new endpoints or
     # model names rerun it).
     StageKind("distill", "tasks.distill", _variants("distill"), _distill_params, _distill_out,
@@ -247,7 +253,8 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft", *(("difficulty",) if ctx.has("difficulty") else ()),
                                        *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
-              models=_distill_models),
+              models=_distill_models,
+              samples=True, data_parallel=True, length_keys=("distill.max_new_tokens",)),
     # Multi-round MOPD (MOPD §4.4.3): round r's teachers start from round r-1's student and train
     # with the domain's recipe; then MOPD again over those domains from that student.
     StageKind("round_teacher", "tasks.round_teacher",
@@ -262,13 +269,15 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda ctx, a: ("seed", "distill", "multiround"),
               lambda a: f"{ARTIFACTS}/rounds/{a['round']}/distill", args=("round",),
               upstream=_round_distill_upstream, pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
-              models=lambda ctx, a: ((f"{DEFAULT_DISTILL_METHOD}:round{a['round']}", "model"),)),
+              models=lambda ctx, a: ((f"{DEFAULT_DISTILL_METHOD}:round{a['round']}", "model"),),
+              samples=True, data_parallel=True),
     # Integration baselines (MOPD Table 2, ALGORITHMS §9). Mix-RL: one GRPO run on the pooled
     # prompts, each rewarded by its domain's verifier.
     StageKind("mix_rl", "tasks.mix_rl", _one, lambda ctx, a: ("seed", "mix_rl"),
               lambda a: f"{ARTIFACTS}/baselines/mix_rl", upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
-              models=lambda ctx, a: (("mix_rl", "model"),)),
+              models=lambda ctx, a: (("mix_rl", "model"),),
+              length_keys=("mix_rl.max_completion_length",)),
     # Cascade RL: GRPO per domain in `cascade_rl.order`, each from the previous step's model.
     StageKind("cascade_rl", "tasks.cascade_rl",
               lambda ctx: [{"domain": d} for d in ctx.cfg.cascade_order[1:]],
@@ -282,13 +291,15 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/offpolicy_ft",
               upstream=lambda ctx, a: ("data", "sft", *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
-              models=lambda ctx, a: (("offpolicy_ft", "model"),)),
+              models=lambda ctx, a: (("offpolicy_ft", "model"),),
+              length_keys=("offpolicy_ft.max_new_tokens",)),
     # CoPD (ALGORITHMS §6): each branch-cycle-phase is a stage, so a failure in cycle n reruns
     # only cycle n onward; the final branches merged through mergekit are the method `copd`.
     StageKind("copd", "tasks.copd", _copd_expand, _copd_params,
               lambda a: f"{ARTIFACTS}/copd/{a['cycle']}/{a['phase']}/{a['domain']}",
               args=("cycle", "phase", "domain"), per_domain=True, upstream=_copd_upstream,
-              pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",)),
+              pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
+              length_keys=("copd.opd.max_new_tokens",)),
     StageKind("copd_merge", "tasks.copd_merge", _one,
               lambda ctx, a: ("seed", "copd.merge_method", "copd.task_arithmetic_lambda", "copd.density"),
               lambda a: f"{ARTIFACTS}/copd/merge", upstream=lambda ctx, a: ("sft", *_copd_last(ctx)),
@@ -311,13 +322,15 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
     StageKind("teacher_fit", "tasks.teacher_fit", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("seed", "teacher_fit"), lambda a: f"{ARTIFACTS}/analysis/teacher_fit/{a['pipeline']}",
               args=("pipeline",), upstream=lambda ctx, a: ("data", *(s.name for s in _model_stages(ctx))),
-              pipeline_keys=_domain_keys("teacher"), tags=("gpu",)),
+              pipeline_keys=_domain_keys("teacher"), tags=("gpu",),
+              length_keys=("teacher_fit.max_new_tokens",)),
     # One evaluation per model stage, shared by every pipeline that has that model ...
     StageKind("evaluate", "tasks.evaluate",
               lambda ctx: [{"model": s.name} for s in _model_stages(ctx)],
               lambda ctx, a: ("seed", "evaluate"), _eval_out, args=("model",),
               upstream=lambda ctx, a: ("data", a["model"]),
-              pipeline_keys=_domain_keys("verifier", "benchmarks"), tags=("gpu",)),
+              pipeline_keys=_domain_keys("verifier", "benchmarks"), tags=("gpu",),
+              samples=True, length_keys=("evaluate.max_new_tokens",)),
     # ... and the pipeline's comparison table over them (MOPD 4.1 normalised score, §8).
     StageKind("report", "tasks.report", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("evaluate",), lambda a: f"{ARTIFACTS}/report/{a['pipeline']}",
@@ -329,12 +342,25 @@ def runtime_keys(kind: str, row: StageKind) -> tuple[str, ...]:
     """The `runtime` keys a stage's results depend on: device and dtype for every stage that runs
     a model; who samples for the ones that sample through it; the process count for the
     data-parallel ones (mopd.runtime). Another setting recomputes exactly those stages."""
-    from mopd.runtime import DATA_PARALLEL_KINDS, ROLLOUT_KINDS
-
     if "gpu" not in row.tags:
         return ()
-    return ("runtime.device", "runtime.dtype", *(("runtime.rollout",) if kind in ROLLOUT_KINDS else ()),
-            *(("runtime.processes",) if kind in DATA_PARALLEL_KINDS else ()))
+    return ("runtime.device", "runtime.dtype", *(("runtime.rollout",) if row.samples else ()),
+            *(("runtime.processes",) if row.data_parallel else ()))
+
+
+def generation_lengths(params) -> dict[str, int]:
+    """Every generation length the stage table declares (``length_keys``), by dotted key, read
+    from a ``Params``: what must fit the model's context with the longest prompt."""
+    data = params.model_dump(mode="json")
+    out: dict[str, int] = {}
+    for row in KINDS.values():
+        for key in row.length_keys:
+            head, _, rest = key.partition(".*.")
+            if rest:  # teacher.*.max_completion_length: every recipe
+                out |= {f"{head}.{name}.{rest}": _lookup(sub, rest) for name, sub in data[head].items()}
+            else:
+                out[key] = _lookup(data, key)
+    return out
 
 
 # What `pipelines.<p>.stages` may list: every kind that is not enabled through another entry.
@@ -372,7 +398,7 @@ def build_graph(cfg: "Config") -> list[StageSpec]:
                 args=tuple(a.items()), params_keys=row.params(ctx, a) + runtime_keys(kind, row),
                 pipeline_keys=row.pipeline_keys(ctx, a), upstream=row.upstream(ctx, a),
                 domains=(a["domain"],) if row.per_domain else tuple(cfg.domains),
-                tags=row.tags, models=row.models(ctx, a)))
+                tags=row.tags, models=row.models(ctx, a), data_parallel=row.data_parallel))
     specs = ctx.specs
     names = {s.name for s in specs}
     for s in specs:
@@ -447,24 +473,25 @@ def check_shared_stages(cfg: "Config") -> None:
 
 def config_sections(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
     """The exact configuration a stage reads: its params.yaml and pipelines.yaml keys."""
-    from mopd.config import section
-
-    out: dict[str, Any] = {k: section(cfg.params, k) for k in spec.params_keys}
+    params = cfg.params.model_dump(mode="json")
+    out: dict[str, Any] = {k: _lookup(params, k) for k in spec.params_keys}
     pipes = cfg.pipelines.model_dump(mode="json")
     for k in spec.pipeline_keys:
-        node: Any = pipes
-        for part in k.split("."):
-            node = node[part]
-        out[f"pipelines:{k}"] = node
+        out[f"pipelines:{k}"] = _lookup(pipes, k)
     return out
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    """The plain-data value of a dotted key, e.g. ``teacher.math`` (used in cache keys)."""
+    for part in dotted.split("."):
+        data = data[part]
+    return data
 
 
 def static_key_inputs(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
     """The part of a stage's key known before its upstream stages have run. Config values are
     taken with credentials redacted (URL passwords, secret-named keys): they are recorded in
     result.json, and a new password does not change what a stage computes."""
-    from mopd.security import redact_secrets
-
     return {
         "stage": spec.name,
         "domains": list(spec.domains),

@@ -18,7 +18,7 @@ from mopd.artifacts import load_result
 from mopd.config import Config
 from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
 from mopd.plan import decide, forced
-from mopd.runtime import DATA_PARALLEL_KINDS, launch_prefix
+from mopd.runtime import launch_prefix
 
 class StageError(RuntimeError):
     pass
@@ -29,7 +29,7 @@ def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool 
     from mopd.config import load_config
 
     processes = load_config(project, pipeline=pipeline).params.runtime.processes \
-        if spec.kind in DATA_PARALLEL_KINDS else 1
+        if spec.data_parallel else 1
     launcher = launch_prefix(processes) or [sys.executable, "-m"]
     return [*launcher, spec.module, *spec.argv, "--project-dir", str(project),
             "--pipeline", pipeline, *([] if track else ["--no-track"])]

@@ -177,6 +177,8 @@ def chunked_token_logprobs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, tar
 class _ChunkedTopkLoss(torch.autograd.Function):
     """Scalar ``Σ_n w_n loss_fn(logp_nK, extra_nK)``; gradients computed eagerly in forward."""
 
+    # why: 9 parameters: an autograd.Function's forward takes ctx plus exactly the inputs
+    # chunked_topk_loss passes to .apply() (backward returns one gradient slot per input).
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, ids_NK, extra_NK, weights_N, loss_fn, chunk, temperature):
         grad_h_NH, grad_w_VH = _grad_buffers(ctx, hidden_NH, weight_VH)

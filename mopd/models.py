@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from mopd.config import PretrainedProfile, TinyProfile
+from mopd.settings.model import PretrainedProfile, TinyProfile
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ class Sample:
     text: str  # decoded completion, without special tokens
 
 
+# why: 9 parameters: sample_ids's keyword-only sampling knobs plus the pad and EOS ids a
+# tokenizer would give, so a caller holding only token ids (no tokenizer) samples alike.
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float,
                  seed: int, pad_id: int, eos_id: int, batch_size: int = 64) -> list[tuple[int, list[int]]]:

@@ -118,10 +118,8 @@ def current() -> Runtime:
 
 
 # ---- data parallelism (`runtime.processes` > 1: the stage runs under `accelerate launch`) ----
-# Kinds whose loop is written for data parallelism (mopd.trainers.distill); others run one process.
-DATA_PARALLEL_KINDS = ("distill", "multiround")
-# Kinds that sample through `runtime.rollout` (the others sample with transformers or TRL).
-ROLLOUT_KINDS = ("distill", "multiround", "difficulty", "evaluate")
+# Which kinds run data-parallel and which sample through `runtime.rollout` are fields of the stage
+# table (mopd.graph.StageKind: `data_parallel`, `samples`).
 
 
 def world_size() -> int:

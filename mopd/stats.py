@@ -87,13 +87,7 @@ def comparison(scores: Mapping[str, Mapping[str, dict]], domains: Mapping[str, S
            for i, b in enumerate(benches)}
     out: dict = {"level": level, "n_boot": n_boot, "methods": {}, "teacher_gain": {}}
     for m, per in scores.items():
-        cells = {}
-        for b, cell in per.items():
-            cells[b] = {"avg": float(np.mean(cell["per_prompt_avg"])),
-                        "ci": list(mean_ci(cell["per_prompt_avg"], idx[b], level)),
-                        "pass": float(np.mean(cell["per_prompt_pass"])),
-                        "pass_ci": list(mean_ci(cell["per_prompt_pass"], idx[b], level)),
-                        "n_prompts": len(cell["per_prompt_avg"])}
+        cells = {b: _benchmark_cell(cell, idx[b], level) for b, cell in per.items()}
         out["methods"][m] = {"domains": cells, "normalized": None, "normalized_ci": None,
                              "normalized_domains": {}, "normalized_note": None}
     if student not in scores:
@@ -131,19 +125,35 @@ def comparison(scores: Mapping[str, Mapping[str, dict]], domains: Mapping[str, S
                 entry["normalized_domains"][d], replicas[m, d] = normalized_cell(
                     pool[m], pool[t_name], pool[student], d_idx, level)
     for m, entry in out["methods"].items():
-        good = [d for d in domains if valid.get(d) and entry["normalized_domains"][d]["value"] is not None]
-        missing = [d for d in domains if d not in good]
-        if good:
-            entry["normalized"] = float(np.mean([entry["normalized_domains"][d]["value"] for d in good]))
-            # domains hold different prompts, resampled independently: the score's replicate b is
-            # the mean over domains of their replicate b
-            score_B = np.mean(np.stack([replicas[m, d] for d in good]), axis=0)
-            entry["normalized_ci"] = list(percentile_ci(score_B, level))
-        if missing:
-            entry["normalized_note"] = (f"mean over {good} only; no normalised score on {missing} "
-                                        "(see normalized_domains)" if good else
-                                        f"no domain has a significant teacher gain ({missing})")
+        _summarise_normalized(entry, domains, valid, {d: r for (n, d), r in replicas.items() if n == m}, level)
     return out
+
+
+def _benchmark_cell(cell: dict, idx: np.ndarray, level: float) -> dict:
+    """One method's scores on one benchmark with their bootstrap CIs over resamples ``idx``."""
+    return {"avg": float(np.mean(cell["per_prompt_avg"])),
+            "ci": list(mean_ci(cell["per_prompt_avg"], idx, level)),
+            "pass": float(np.mean(cell["per_prompt_pass"])),
+            "pass_ci": list(mean_ci(cell["per_prompt_pass"], idx, level)),
+            "n_prompts": len(cell["per_prompt_avg"])}
+
+
+def _summarise_normalized(entry: dict, domains: Mapping[str, Sequence[str]], valid: Mapping[str, bool],
+                          replicas: Mapping[str, np.ndarray], level: float) -> None:
+    """Fill one method's ``normalized``, ``normalized_ci`` and ``normalized_note`` from its
+    per-domain cells (``entry["normalized_domains"]``) and bootstrap replicates (domain -> array)."""
+    good = [d for d in domains if valid.get(d) and entry["normalized_domains"][d]["value"] is not None]
+    missing = [d for d in domains if d not in good]
+    if good:
+        entry["normalized"] = float(np.mean([entry["normalized_domains"][d]["value"] for d in good]))
+        # domains hold different prompts, resampled independently: the score's replicate b is
+        # the mean over domains of their replicate b
+        score_B = np.mean(np.stack([replicas[d] for d in good]), axis=0)
+        entry["normalized_ci"] = list(percentile_ci(score_B, level))
+    if missing:
+        entry["normalized_note"] = (f"mean over {good} only; no normalised score on {missing} "
+                                    "(see normalized_domains)" if good else
+                                    f"no domain has a significant teacher gain ({missing})")
 
 
 def _n_prompts(scores: Mapping[str, Mapping[str, dict]], bench: str) -> int:

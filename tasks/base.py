@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
 from mopd.data import corpus
 from mopd.models import build_base
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

@@ -7,14 +7,17 @@ only cycle n onward."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import stage_checkpoint
-from mopd.config import Config
 from mopd.data import read_split
 from mopd.teachers.ledger import history_totals
 from tasks.plotting import log_curves, reward_quarters
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, cycle: str, phase: str,

@@ -8,6 +8,7 @@ random-mask reference, as the `weight_shift` stage does for the teachers."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import random
 from pathlib import Path
 
@@ -15,11 +16,13 @@ import pandas as pd
 
 from mopd.analysis import divergence_along_rollouts
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
 from mopd.data import read_split
 from mopd.models import load_model, load_tokenizer
 from mopd.metrics import weight_shift_pairs
 from mopd.plots import phase_lines, weight_shift_chart
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

@@ -3,6 +3,7 @@ student, and the balanced (upsampled) prompt set the distillation stage trains o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import json
 import random
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import pandas as pd
 
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
 from mopd.data import BALANCED_FILE, read_split
 from mopd.difficulty import balance_all, pass_counts
 from mopd.progress import report
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

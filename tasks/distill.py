@@ -4,6 +4,7 @@ domain's teacher. The plain stage is MOPD (its table label is `mopd`); a variant
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import contextlib
 import os
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 from mopd import runtime
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import KEY_ENV, checkpoint_dir
-from mopd.config import Config, DistillParams, MultiRoundParams
+from mopd.opd.settings import DistillParams
+from mopd.settings.multiround import MultiRoundParams
 from mopd.data import read_balanced, read_split
 from mopd.models import load_tokenizer
 from mopd.rollout import VLLMRollout
@@ -19,6 +21,9 @@ from mopd.teachers.ledger import history_totals
 from mopd.teachers.routing import open_teachers
 from mopd.trainers.distill import train_mopd
 from tasks.plotting import log_curves
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,

@@ -5,15 +5,18 @@ pipeline's `report` stage puts them side by side."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import json
 from pathlib import Path
 
 from mopd.artifacts import MODELS_FILE, Result, finalize
-from mopd.config import Config
 from mopd.data import read_split
 from mopd.evaluation import evaluate_model
 from mopd.progress import report
 from mopd.stats import bootstrap_indices, mean_ci
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 SCORES_FILE = "scores.json"
 

@@ -3,11 +3,14 @@ with base = the SFT checkpoint, one output directory per method."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
 from mopd.merging import merge, method_params
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

@@ -4,15 +4,18 @@ domain's verifier, the domains in fixed ratios within every step's batch."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from collections import Counter
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import stage_checkpoint
-from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.grpo import mixed_schedule, train_grpo
 from tasks.plotting import log_curves, reward_quarters
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

@@ -4,11 +4,14 @@ is `tasks.distill`'s with the `distill` section; this module gives it its own co
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result
-from mopd.config import Config
 from tasks.distill import run as run_distill
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, round: str) -> Result:

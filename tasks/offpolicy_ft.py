@@ -6,6 +6,7 @@ and what was kept are written to `rollouts.jsonl`; kept counts per domain are me
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import contextlib
 import json
 import logging
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import stage_checkpoint
-from mopd.config import Config, OffPolicyFTParams
+from mopd.settings.offpolicy import OffPolicyFTParams
 from mopd.data import read_split
 from mopd.models import load_tokenizer
 from mopd.rollout import encode_prompts
@@ -22,6 +23,9 @@ from mopd.teachers.ledger import Ledger, stage_totals
 from mopd.teachers.routing import open_teachers
 from mopd.trainers.sft import train_sft
 from tasks.plotting import log_curves
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 log = logging.getLogger(__name__)
 

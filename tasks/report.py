@@ -6,6 +6,7 @@ named by its pipeline: comparing that pipeline's methods is what it computes."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import functools
 import json
 import math
@@ -16,8 +17,10 @@ import pandas as pd
 from mopd.artifacts import RESULT_FILE, Result, finalize, load_result
 from mopd.graph import build_graph
 from mopd.teachers.ledger import FIELDS
-from mopd.config import Config
 from mopd.stats import comparison
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 STUDENT = "sft"
 SCORES_FILE = "scores.json"  # written by tasks.evaluate

@@ -4,11 +4,14 @@ recipe. The computation is `tasks.teacher`'s; this module gives it its own comma
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result
-from mopd.config import Config
 from tasks.teacher import run as run_teacher
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, round: str, domain: str) -> Result:

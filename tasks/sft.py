@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import random
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import stage_checkpoint
-from mopd.config import Config
 from mopd.data import read_split
 from mopd.trainers.sft import train_sft
 from tasks.plotting import log_curves
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

@@ -3,14 +3,18 @@ domain's verifier as reward (MOPD 3.1). Teachers are independent: one failing st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
 from mopd.checkpoint import stage_checkpoint
-from mopd.config import Config, MultiRoundParams
+from mopd.settings.multiround import MultiRoundParams
 from mopd.data import read_split
 from mopd.trainers.grpo import train_grpo
 from tasks.plotting import log_curves, reward_quarters
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str,

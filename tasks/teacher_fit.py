@@ -8,6 +8,7 @@ pipeline's methods."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import json
 import random
 from pathlib import Path
@@ -16,11 +17,13 @@ import pandas as pd
 
 from mopd.analysis import divergence_along_rollouts
 from mopd.artifacts import MODELS_FILE, Result, finalize
-from mopd.config import Config
 from mopd.data import read_split
 from mopd.models import load_model, load_tokenizer
 from mopd.plots import score_table_chart
 from mopd.progress import report
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipeline: str) -> Result:

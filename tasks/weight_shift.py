@@ -7,12 +7,15 @@ interferes little); far above it, they compete for the same ones. CSV + PNG, log
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mopd.artifacts import Result, finalize
-from mopd.config import Config
 from mopd.metrics import weight_shift_pairs
 from mopd.plots import weight_shift_chart
+
+if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+    from mopd.config import Config
 
 
 def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:

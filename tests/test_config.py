@@ -113,24 +113,30 @@ def test_remote_teacher_domain_has_no_teacher_stage(tmp_path):
         load_config(_project(tmp_path, params, pipes))
 
 
-def test_objective_params_table_matches_the_registry():
-    """config.OBJECTIVE_PARAMS (torch-free, checked at load time) lists exactly the keyword
-    arguments each registered objective takes, besides batch, clip, token_mean and generator."""
+def test_method_specs_match_their_losses():
+    """Each method spec (mopd.opd.methods, torch-free, checked at load time) declares exactly the
+    keyword arguments its loss takes: its own settings model's fields plus the distill settings it
+    `takes`, with the loss's defaults; its `requires` are DistillBatch fields."""
+    import dataclasses
     import inspect
 
-    from mopd.config import OBJECTIVE_PARAMS, DistillParams
-    from mopd.objectives import OBJECTIVES
+    from mopd.config import DistillParams
+    from mopd.objectives.registry import DistillBatch
+    from mopd.opd.methods import BATCH_FIELDS, METHODS
 
-    assert set(OBJECTIVE_PARAMS) == set(OBJECTIVES)
-    for name, fn in OBJECTIVES.items():
-        taken = set(inspect.signature(inspect.unwrap(fn)).parameters)
-        assert set(OBJECTIVE_PARAMS[name]) == taken - {"batch", "clip", "token_mean", "generator"}, name
+    assert set(BATCH_FIELDS) == {f.name for f in dataclasses.fields(DistillBatch)}
+    assert len(METHODS) >= 8
+    for name, spec in METHODS.items():
+        sig = inspect.signature(spec.loss_fn()).parameters
+        taken = set(sig) - {"batch"}
+        assert set(spec.params.model_fields) | set(spec.takes) == taken, name
+        for field, info in spec.params.model_fields.items():
+            assert info.default == sig[field].default, (name, field)
     assert DistillParams(objective="jsd", objective_params={"beta": 0.3}).objective_params == {"beta": 0.3}
-    from mopd.config import OBJECTIVE_PARAM_RANGES
-
-    assert {k for ks in OBJECTIVE_PARAMS.values() for k in ks} == set(OBJECTIVE_PARAM_RANGES)
     with pytest.raises(ValueError, match=r"objective_params.beta = 1.5: must be a number in \[0, 1\]"):
         DistillParams(objective="jsd", objective_params={"beta": 1.5})
+    with pytest.raises(ValueError, match=r"objective_params.tau = True: must be a number <= 0"):
+        DistillParams(objective="reopold_clip", objective_params={"tau": True})
 
 
 def test_yaml_that_dvc_cannot_read_is_refused(tmp_path):

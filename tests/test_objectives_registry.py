@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mopd.objectives import OBJECTIVES, DistillBatch, get_objective, register_objective, required_fields
-from mopd.objectives import registry as registry_module
+from mopd.opd.methods import unregister_method
 
 
 def _batch(seed=0, B=3, T=5, V=13, K=4, prefix=False):
@@ -165,5 +165,5 @@ def test_registry_errors_and_extension():
         with pytest.raises(ValueError, match="already registered"):
             register_objective("test_only_sum", requires=())(_sum)
     finally:
-        OBJECTIVES.pop("test_only_sum")
-        registry_module._REQUIRES.pop("test_only_sum")
+        unregister_method("test_only_sum")
+    assert "test_only_sum" not in OBJECTIVES

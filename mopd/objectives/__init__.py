@@ -22,6 +22,7 @@ __mopd_lazy__ = {
     "margin_calibrate": "calibration",
     "margin_calibrate_groups": "calibration",
     "distillation_return": "opd",
+    "response_return": "opd",
     "opd_advantage": "opd",
     "pg_loss": "opd",
     "pg_per_token": "opd",

@@ -15,6 +15,7 @@ __all__ = [
     "topk_distill_per_token",
     "trust_probability",
     "distillation_return",
+    "response_return",
 ]
 
 
@@ -178,7 +179,14 @@ def distillation_return(
     A response with no masked token gets return 0.
     """
     check_same_shape(teacher_logprobs_BT=teacher_logprobs_BT, student_logprobs_BT=student_logprobs_BT)
-    check_mask(mask_BT, teacher_logprobs_BT, "teacher_logprobs_BT")
-    diff_BT = (teacher_logprobs_BT - student_logprobs_BT).detach()
-    diff_BT = torch.where(mask_BT.bool(), diff_BT, torch.zeros_like(diff_BT))
-    return diff_BT.sum(dim=-1) / mask_BT.to(diff_BT.dtype).sum(dim=-1).clamp(min=1.0)
+    return response_return(teacher_logprobs_BT - student_logprobs_BT, mask_BT)
+
+
+def response_return(rewards_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """The eq. 5 average ``1/|y| Σ_t r_t`` of any token rewards per response, (B,), detached
+    (0 for a response with no masked token). The trainer's Uni-OPD calibration passes the clipped
+    K1 rewards (:func:`mopd.opd.shapers.uniopd_advantages` says why)."""
+    check_mask(mask_BT, rewards_BT, "rewards_BT")
+    r_BT = rewards_BT.detach()
+    r_BT = torch.where(mask_BT.bool(), r_BT, torch.zeros_like(r_BT))
+    return r_BT.sum(dim=-1) / mask_BT.to(r_BT.dtype).sum(dim=-1).clamp(min=1.0)

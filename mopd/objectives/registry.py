@@ -1,31 +1,24 @@
-"""Objective registry: the distillation trainer picks an objective by config name.
+"""The distillation losses (ALGORITHMS §1, §2, §5) over one :class:`DistillBatch`, and
+:data:`OBJECTIVES`, the view of the method registry (:mod:`mopd.opd.methods`) that resolves each
+method's loss.
 
-Adding an objective = one function ``fn(batch: DistillBatch, **params) -> (loss, metrics)`` plus one
-``@register_objective("name", requires=(...))`` line. ``requires`` lists the ``DistillBatch`` fields
-the function needs; they are checked before it runs and a missing one raises a clear error.
-
-| name           | required fields (besides mask_BT)                                              |
-|----------------|--------------------------------------------------------------------------------|
-| mopd_pg        | student_logprobs_BT, teacher_logprobs_BT (or advantages_BT)                    |
-| mopd_topk      | student_topk_logprobs_BTK, teacher_topk_logprobs_BTK                           |
-| tropd          | student_logprobs_BT, teacher_logprobs_BT, student/teacher_topk_logprobs_BTK    |
-| reopold_clip   | student_logprobs_BT, teacher_logprobs_BT                                       |
-| mask_outlier   | student_logprobs_BT, teacher_logprobs_BT                                       |
-| entropy_opd    | student_logprobs_BT, teacher_logprobs_BT, student_entropy_BT                   |
-| jsd            | student_logprobs_BT, teacher_logprobs_BT, student/teacher_topk_logprobs_BTK    |
-| topk_fkl       | student_topk_logprobs_BTK, teacher_topk_logprobs_BTK                           |
+A loss is ``fn(batch: DistillBatch, **params) -> (loss, metrics)``; what it needs from the batch,
+which settings it takes and what it combines with are declared once, in its
+:class:`~mopd.opd.methods.MethodSpec`, never here. :func:`get_objective` returns the loss
+wrapped with a check that the batch holds every field the spec requires.
 
 ``old_student_logprobs_BT`` are the rollout policy's log-probs; they default to the detached
 current log-probs (one optimiser step per rollout batch, ρ = 1). Advantages and trust masks are
 computed from them, so that with several optimiser steps per rollout batch (`distill.epochs`,
-`distill.minibatches`) they stay fixed, as GRPO's do, while the PPO ratio moves (§1). ``advantages_BT``, when given, replaces ``u - s`` in the PG objectives
-(Uni-OPD calibrated advantages, CoPD cross-branch advantages, weighted multi-teacher rewards).
+`distill.minibatches`) they stay fixed, as GRPO's do, while the PPO ratio moves (§1).
+``advantages_BT``, when given, replaces ``u - s`` in the PG objectives (Uni-OPD calibrated
+advantages, CoPD cross-branch advantages).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +27,7 @@ from mopd.objectives._common import masked_average
 from mopd.objectives.opd import opd_advantage, pg_per_token, topk_distill_per_token
 from mopd.objectives.tropd import (
     entropy_top_mask,
+    tropd_loss,
     jsd_k1_advantage,
     jsd_topk_per_token,
     mask_outlier_advantage,
@@ -42,6 +36,7 @@ from mopd.objectives.tropd import (
     topk_fkl_per_token,
     trust_mask,
 )
+from mopd.opd.methods import METHODS, MethodSpec, NoParams, get_method, register_method
 
 __all__ = ["DistillBatch", "ObjectiveFn", "OBJECTIVES", "register_objective", "get_objective", "required_fields"]
 
@@ -75,46 +70,57 @@ class DistillBatch:
             raise ValueError(f"objective {objective!r} needs DistillBatch field(s) {missing}, which are None")
 
 
-OBJECTIVES: dict[str, ObjectiveFn] = {}
-_REQUIRES: dict[str, tuple[str, ...]] = {}
 _FIELDS = {f.name for f in dataclasses.fields(DistillBatch)}
 
 
-def register_objective(name: str, *, requires: tuple[str, ...]) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator: add ``fn`` to ``OBJECTIVES`` under ``name``; ``requires`` are DistillBatch field names."""
-    unknown = sorted(set(requires) - _FIELDS)
-    if unknown:
-        raise ValueError(f"objective {name!r}: unknown DistillBatch field(s) {unknown}")
+def _checked(spec: MethodSpec) -> ObjectiveFn:
+    fn = spec.loss_fn()
 
-    def wrap(fn: ObjectiveFn) -> ObjectiveFn:
-        if name in OBJECTIVES:
-            raise ValueError(f"objective {name!r} is already registered")
+    def checked(batch: DistillBatch, **params) -> tuple[torch.Tensor, dict[str, float]]:
+        batch.require(spec.requires, spec.name)
+        return fn(batch, **params)
 
-        def checked(batch: DistillBatch, **params) -> tuple[torch.Tensor, dict[str, float]]:
-            batch.require(_REQUIRES[name], name)
-            return fn(batch, **params)
+    checked.__name__, checked.__doc__ = fn.__name__, fn.__doc__
+    checked.__wrapped__ = fn  # type: ignore[attr-defined]
+    return checked
 
-        checked.__name__, checked.__doc__ = fn.__name__, fn.__doc__
-        checked.__wrapped__ = fn  # type: ignore[attr-defined]
-        OBJECTIVES[name] = checked
-        _REQUIRES[name] = tuple(requires)
-        return checked
 
-    return wrap
+class _Objectives(Mapping):
+    """``name -> checked loss`` for every registered method (a live view of METHODS)."""
+
+    def __getitem__(self, name: str) -> ObjectiveFn:
+        return _checked(METHODS[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(METHODS))
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+
+OBJECTIVES: Mapping[str, ObjectiveFn] = _Objectives()
 
 
 def get_objective(name: str) -> ObjectiveFn:
-    """Objective function registered under ``name``; ValueError listing the valid names otherwise."""
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"unknown objective {name!r}; valid names: {sorted(OBJECTIVES)}") from None
+    """The loss of method ``name``, checking the batch fields its spec requires; ValueError listing
+    the registered names otherwise."""
+    return _checked(get_method(name))
 
 
 def required_fields(name: str) -> tuple[str, ...]:
-    """DistillBatch fields the objective ``name`` needs."""
-    get_objective(name)
-    return _REQUIRES[name]
+    """DistillBatch fields the method ``name`` needs."""
+    return get_method(name).requires
+
+
+def register_objective(name: str, *, requires: tuple[str, ...]) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator for a loss defined in process (a notebook, a test): registers a method spec with
+    no settings of its own. A method meant to run in a pipeline registers a full spec from a module
+    of :mod:`mopd.opd.plugins` (docs/methods.md)."""
+    def wrap(fn: ObjectiveFn) -> ObjectiveFn:
+        register_method(MethodSpec(name, fn, NoParams, tuple(requires)))
+        return fn
+
+    return wrap
 
 
 # --------------------------------------------------------------------------- helpers
@@ -144,7 +150,6 @@ def _k1_metrics(batch: DistillBatch) -> dict[str, float]:
 # --------------------------------------------------------------------------- objectives
 
 
-@register_objective("mopd_pg", requires=("student_logprobs_BT", "mask_BT"))
 def mopd_pg(batch: DistillBatch, *, clip: float | None = 5.0, eps_low: float = 0.2, eps_high: float = 0.2,
             token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§1 K1 policy-gradient OPD. Uses ``advantages_BT`` when given, else clip(u - s)."""
@@ -157,7 +162,6 @@ def mopd_pg(batch: DistillBatch, *, clip: float | None = 5.0, eps_low: float = 0
     return loss, {"loss": float(loss.detach()), "advantage_mean": _mean(adv_BT, batch.mask_BT), **_k1_metrics(batch)}
 
 
-@register_objective("mopd_topk", requires=("student_topk_logprobs_BTK", "teacher_topk_logprobs_BTK", "mask_BT"))
 def mopd_topk(batch: DistillBatch, *, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§2 top-k distillation with the -p+q truncation correction."""
     per_BT = topk_distill_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK.detach())
@@ -165,11 +169,6 @@ def mopd_topk(batch: DistillBatch, *, token_mean: bool = False) -> tuple[torch.T
     return loss, {"loss": float(loss.detach()), **_k1_metrics(batch)}
 
 
-_TROPD_FIELDS = ("student_logprobs_BT", "teacher_logprobs_BT", "student_topk_logprobs_BTK",
-                 "teacher_topk_logprobs_BTK", "mask_BT")
-
-
-@register_objective("tropd", requires=_TROPD_FIELDS)
 def tropd(batch: DistillBatch, *, clip: float | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
           prefix_beta: float = 0.001, generator: torch.Generator | None = None,
           token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
@@ -178,8 +177,7 @@ def tropd(batch: DistillBatch, *, clip: float | None = None, eps_low: float = 0.
     adv_BT = opd_advantage(batch.teacher_logprobs_BT, _old(batch), clip=clip)
     pg_BT = _pg(batch, adv_BT, eps_low, eps_high)
     fkl_BT = topk_fkl_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK)
-    per_BT = torch.where(trust_BT, pg_BT, fkl_BT)
-    loss = masked_average(per_BT, batch.mask_BT, token_mean=token_mean)
+    loss = tropd_loss(pg_BT, fkl_BT, trust_BT, batch.mask_BT, token_mean=token_mean)
     metrics = {"trust_fraction": _mean(trust_BT.double(), batch.mask_BT), **_k1_metrics(batch)}
     if batch.prefix_student_logprobs_BT is not None:
         if batch.prefix_mask_BT is None:
@@ -198,7 +196,6 @@ def _pg_with(batch: DistillBatch, adv_BT: torch.Tensor, mask_BT: torch.Tensor, e
     return loss, {"loss": float(loss.detach()), "advantage_mean": _mean(adv_BT, mask_BT), **_k1_metrics(batch)}
 
 
-@register_objective("reopold_clip", requires=("student_logprobs_BT", "teacher_logprobs_BT", "mask_BT"))
 def reopold_clip(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline Clip Outlier (REOPOLD): PG with r = max(u - s, τ)."""
@@ -206,7 +203,6 @@ def reopold_clip(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2
     return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
 
 
-@register_objective("mask_outlier", requires=("student_logprobs_BT", "teacher_logprobs_BT", "mask_BT"))
 def mask_outlier(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline Mask Outlier: PG with r = 1[u - s > τ](u - s)."""
@@ -214,8 +210,6 @@ def mask_outlier(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2
     return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
 
 
-@register_objective("entropy_opd",
-                    requires=("student_logprobs_BT", "teacher_logprobs_BT", "student_entropy_BT", "mask_BT"))
 def entropy_opd(batch: DistillBatch, *, frac: float = 0.2, clip: float | None = None, eps_low: float = 0.2,
                 eps_high: float = 0.2, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline Entropy-OPD: §1 PG only on the top ``frac`` highest-entropy tokens of the batch."""
@@ -224,7 +218,6 @@ def entropy_opd(batch: DistillBatch, *, frac: float = 0.2, clip: float | None = 
     return _pg_with(batch, adv_BT, sel_BT, eps_low, eps_high, token_mean)
 
 
-@register_objective("jsd", requires=_TROPD_FIELDS)
 def jsd(batch: DistillBatch, *, beta: float = 0.5, eps_low: float = 0.2, eps_high: float = 0.2,
         token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline JSD(β): β·top-k KL(q ‖ m) (direct) + (1-β)·K1 KL(p ‖ m) (policy gradient)."""
@@ -235,7 +228,6 @@ def jsd(batch: DistillBatch, *, beta: float = 0.5, eps_low: float = 0.2, eps_hig
     return loss, {"loss": float(loss.detach()), "jsd_topk": _mean(direct_BT, batch.mask_BT), **_k1_metrics(batch)}
 
 
-@register_objective("topk_fkl", requires=("student_topk_logprobs_BTK", "teacher_topk_logprobs_BTK", "mask_BT"))
 def topk_fkl(batch: DistillBatch, *, token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """§5 baseline top-k forward KL on every token (TrOPD Table 1: collapses; kept as a baseline)."""
     per_BT = topk_fkl_per_token(batch.student_topk_logprobs_BTK, batch.teacher_topk_logprobs_BTK)

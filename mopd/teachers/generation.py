@@ -64,6 +64,31 @@ def _filter(logits_BV: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
     return x
 
 
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention mask)``, both ``(len(prompts), longest)`` int64, prompts left-padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        p = list(p)
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[r, width - len(p):] = 1
+    return ids, attn
+
+
+def _next_tokens(raw_BV: torch.Tensor, spec: SamplingSpec, mask_stops: bool, stop_t: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+    """One step's tokens ``(B,)`` from the raw logits: the stop ids masked while ``mask_stops``
+    (before ``min_tokens``), then greedy at temperature 0, else one draw from ``gen``."""
+    x = raw_BV.clone()
+    if mask_stops and len(stop_t):
+        x[:, stop_t] = float("-inf")
+    if spec.temperature == 0:
+        return x.argmax(-1)
+    probs = _filter(x, spec).softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], n: int, spec: SamplingSpec, *,
              pad_id: int = 0, batch_size: int = 64) -> list[list[Generated]]:
@@ -80,14 +105,8 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, spec: SamplingSpec
     stop_t = torch.tensor(sorted(stops), dtype=torch.long)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(prompts[i]) for i, _ in chunk)
         B = len(chunk)
-        ids = torch.full((B, width), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
-        for r, (i, _) in enumerate(chunk):
-            p = list(prompts[i])
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[r, width - len(p):] = 1
+        ids, attn = _left_pad([prompts[i] for i, _ in chunk], pad_id)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
@@ -101,14 +120,7 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, spec: SamplingSpec
             past = o.past_key_values
             raw = o.logits[:, -1].float().cpu()
             logp = raw.log_softmax(-1)
-            x = raw.clone()
-            if t < spec.min_tokens and len(stop_t):
-                x[:, stop_t] = float("-inf")
-            if spec.temperature == 0:
-                nxt = x.argmax(-1)
-            else:
-                probs = _filter(x, spec).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            nxt = _next_tokens(raw, spec, t < spec.min_tokens, stop_t, gen)
             if spec.logprobs is not None:
                 k = min(spec.logprobs, logp.shape[-1])
                 top_lp, top_id = logp.topk(k, dim=-1) if k else (logp[:, :0], nxt[:, None][:, :0])

@@ -27,6 +27,8 @@ from mopd.teachers.server import ServerLimits, create_app
 log = logging.getLogger(__name__)
 
 
+# why: 9 parameters: one keyword-only parameter per `mopd serve-teacher` option
+# (mopd/teachers/command.py passes them through one to one).
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           limits: ServerLimits = ServerLimits(), dtype: str | None = None, device: str | None = None,
           threads: int | None = None, name: str | None = None) -> None:

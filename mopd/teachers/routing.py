@@ -14,7 +14,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from mopd.config import LocalTeacher, RemoteTeacher
+from mopd.settings.data import LocalTeacher, RemoteTeacher
 from mopd.teachers.base import TeacherClient
 from mopd.teachers.http import HTTPTeacher
 from mopd.teachers.inprocess import InProcessTeacher

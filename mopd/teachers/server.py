@@ -521,6 +521,14 @@ def _payload(job: _Job, pres: list[Prefill] | None, gens: list[list[Generated]] 
             "mopd": {"prefill_seconds": seconds}}
 
 
+def _eos_id(model, tokenizer) -> int | None:
+    """The tokenizer's EOS id, else the model config's (the first one when it lists several)."""
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        eos_id = getattr(model.config, "eos_token_id", None)
+    return eos_id[0] if isinstance(eos_id, list) else eos_id
+
+
 def create_app(model, tokenizer=None, *, name: str = "teacher", aliases: Iterable[str] = (),
                token: str | None = None, limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The FastAPI app serving ``model`` (a transformers causal LM, eval mode) as ``name``; a
@@ -529,10 +537,7 @@ def create_app(model, tokenizer=None, *, name: str = "teacher", aliases: Iterabl
     vocab = model.config.vocab_size
     max_len = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_id is None:
-        eos_id = getattr(model.config, "eos_token_id", None)
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    eos_id = _eos_id(model, tokenizer)
     batcher = _Batcher(model, pad_id, limits.max_batch_tokens)
     # one generation at a time (each is a loop of forward passes over its own KV cache)
     sampler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="teacher-generate")

@@ -18,25 +18,24 @@ exchange is synchronous per phase, not per step. This keeps every stage resumabl
 
 from __future__ import annotations
 
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mopd import runtime
-from mopd.config import CoPDOPDParams
-from mopd.teachers.ledger import Ledger, step_metrics
-from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.objectives.registry import DistillBatch, get_objective
 from mopd.objectives.routing import copd_advantage, group_advantages
-from mopd.progress import report
+from mopd.opd.loop import LoopPlan, Student, train_loop
+from mopd.opd.sampler import rollout_and_score
+from mopd.opd.update import student_quantities
 from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts, pack
+from mopd.settings.copd import CoPDOPDParams
 from mopd.teachers import TeacherClient, lay_out
-from mopd.trainers.distill import _one_thread, as_clients, rollout_and_score, student_quantities
+from mopd.teachers.ledger import Ledger
+from mopd.trainers.distill import as_clients
 
 
 @dataclass
@@ -53,6 +52,8 @@ class PhaseIIBatch:
     metrics: dict[str, float]
 
 
+# why: 10 parameters: a pure function of one step's inputs (student, tokenizer, rollout backend,
+# partners, scoring pool), its prompts (native, cross), verifier, settings and seed, tested directly.
 def phase2_batch(student, tokenizer, rollout: RolloutBackend, partners: dict[str, TeacherClient],
                  pool: ThreadPoolExecutor, native: list[dict], cross: dict[str, list[dict]], score_fn,
                  params: CoPDOPDParams, seed: int) -> PhaseIIBatch:
@@ -98,6 +99,45 @@ def phase2_batch(student, tokenizer, rollout: RolloutBackend, partners: dict[str
     return PhaseIIBatch(samples, ids_BT, attn_BT, mask_BT, adv_BT, n, row_partner, metrics)
 
 
+@dataclass
+class CoPDStep:
+    """One Phase II step of branch ``domain`` (the loop's ``step_fn``): native GRPO rollouts and
+    cross-branch rollouts scored by the partners (a routed scorer over the partners' current
+    weights), one policy-gradient step with token-mean averaging (as DAPO/TRL's GRPO loss)."""
+
+    params: CoPDOPDParams
+    student: Student
+    optim: torch.optim.Optimizer
+    rollout: RolloutBackend
+    clients: dict[str, TeacherClient]
+    prompts: dict[str, list[dict]]
+    domain: str
+    score_fn: object
+    seed: int
+
+    def __call__(self, step: int, pool: ThreadPoolExecutor) -> dict[str, float]:
+        t0 = time.perf_counter()
+        p, model, rng = self.params, self.student.model, self.student.rng
+        native = [rng.choice(self.prompts[self.domain]) for _ in range(p.native_prompts)]
+        cross = {j: [rng.choice(self.prompts[j]) for _ in range(p.cross_prompts)] for j in sorted(self.clients)}
+        batch = phase2_batch(model, self.student.tokenizer, self.rollout, self.clients, pool, native, cross,
+                             self.score_fn, p, self.seed * 100_003 + step)
+        with runtime.current().autocast():
+            s_BT = student_quantities(model, batch.ids_BT, batch.attn_BT, temperature=p.temperature)[0]
+        loss, _ = get_objective("mopd_pg")(DistillBatch(mask_BT=batch.mask_BT, student_logprobs_BT=s_BT,
+                                                        advantages_BT=batch.advantages_BT), token_mean=True)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        self.optim.step()
+        self.rollout.update_weights(model)
+        return batch.metrics | {"copd/loss": float(loss.detach()), "copd/grad_norm": float(grad_norm),
+                                "copd/step_seconds": time.perf_counter() - t0,
+                                "copd/trained_tokens": float(batch.mask_BT.sum())}
+
+
+# why: 11 parameters: the stage's inputs (branch, partners, prompts, its domain and verifier,
+# output), its settings and step count, seed and tracker, plus an optional rollout backend.
 def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
                    domain: str, score_fn, out_dir: Path, params: CoPDOPDParams, steps: int, seed: int, tracker, *,
                    rollout: RolloutBackend | None = None) -> dict[str, list[tuple[int, float]]]:
@@ -110,40 +150,11 @@ def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"]
         raise ValueError(f"CoPD Phase II of branch {domain!r}: no prompts for domain(s) {missing}")
     if domain in partners:
         raise ValueError(f"CoPD Phase II of branch {domain!r}: a branch is not its own partner")
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tokenizer = load_tokenizer(branch_dir)
-    student = load_model(branch_dir, trained=True)
-    student.train()
+    student = Student.load(branch_dir, seed)
     ledger = Ledger()  # what scoring by each partner costs (mopd.teachers.ledger)
     clients = ledger.wrap(as_clients(partners))
-    rollout = rollout or TransformersRollout(student, tokenizer)
-    optim = torch.optim.AdamW(student.parameters(), lr=params.learning_rate, weight_decay=0.0)
-    objective = get_objective("mopd_pg")
-    history: dict[str, list[tuple[int, float]]] = {}
-    with ThreadPoolExecutor(max_workers=max(2, len(clients)), thread_name_prefix="partner",
-                            initializer=_one_thread) as pool:
-        for step in tqdm(range(1, steps + 1), desc=f"copd opd {domain}", mininterval=5):
-            t0 = time.perf_counter()
-            native = [rng.choice(prompts[domain]) for _ in range(params.native_prompts)]
-            cross = {j: [rng.choice(prompts[j]) for _ in range(params.cross_prompts)] for j in sorted(clients)}
-            batch = phase2_batch(student, tokenizer, rollout, clients, pool, native, cross,
-                                 score_fn, params, seed * 100_003 + step)
-            with runtime.current().autocast():
-                s_BT = student_quantities(student, batch.ids_BT, batch.attn_BT, temperature=params.temperature)[0]
-            loss, obj = objective(DistillBatch(mask_BT=batch.mask_BT, student_logprobs_BT=s_BT,
-                                               advantages_BT=batch.advantages_BT), token_mean=True)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optim.step()
-            rollout.update_weights(student)
-            metrics = batch.metrics | {"copd/loss": float(loss.detach()), "copd/grad_norm": float(grad_norm),
-                                       "copd/step_seconds": time.perf_counter() - t0,
-                                       "copd/trained_tokens": float(batch.mask_BT.sum())} | step_metrics(ledger.step())
-            tracker.log_metrics(metrics, step=step)
-            report(step, steps, "steps")
-            for k, v in metrics.items():
-                history.setdefault(k, []).append((step, v))
-    save_checkpoint(student, tokenizer, out_dir / "model")
-    return history
+    rollout = rollout or TransformersRollout(student.model, student.tokenizer)
+    optim = torch.optim.AdamW(student.model.parameters(), lr=params.learning_rate, weight_decay=0.0)
+    step = CoPDStep(params, student, optim, rollout, clients, prompts, domain, score_fn, seed)
+    plan = LoopPlan(f"copd opd {domain}", steps, workers=max(2, len(clients)), thread_prefix="partner")
+    return train_loop(student, optim, rollout, ledger, tracker, out_dir, plan, step)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mopd.config import GRPOParams
+from mopd.settings.grpo import GRPOParams
 from mopd.models import load_model, load_tokenizer
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 
@@ -65,6 +65,8 @@ def mixed_schedule(records: dict[str, list[dict]], weights: dict[str, float], pr
     return out
 
 
+# why: 10 parameters: the stage's inputs (init, records, verifier kind, output), its recipe, seed
+# and tracker, plus the prompt order (Cascade RL) and the in-stage checkpoint folder and key.
 def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Path, params: GRPOParams,
                seed: int, tracker, *, ordered: bool = False, checkpoint: Path | None = None,
                key: str = "") -> dict[str, list[tuple[int, float]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mopd.config import SFTParams
+from mopd.settings.sft import SFTParams
 from mopd.models import load_model, load_tokenizer
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 

@@ -1,0 +1,109 @@
+"""The record one on-policy step passes from seam to seam (ALGORITHMS §1-§5).
+
+The loop draws prompts into a :class:`RolloutBatch`; shapers may give prompts a prefix before
+sampling; the sampler fills in the rollouts and, through a scorer, the teachers' log-probs (or
+top-k); a verifier may add outcome rewards; shapers may keep a subset of rows; :meth:`RolloutBatch.pack`
+lays the kept rows out as tensors (:class:`PackedBatch`) that shapers may reshape (masks,
+advantages) before the update reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mopd.rollout import Sample, pack
+from mopd.teachers import SequenceScores, lay_out
+
+
+@dataclass
+class StepTiming:
+    """Wall-clock seconds of one step's rollout phase (MOPD 3.3: teacher cost should hide
+    behind sampling). ``teacher`` sums the scoring calls' own durations (they may overlap each
+    other and the sampling); ``wait`` is the time the trainer blocked on them."""
+
+    sample: float = 0.0
+    teacher: float = 0.0
+    wait: float = 0.0
+
+
+@dataclass
+class RolloutBatch:
+    """One step's prompts and rollouts (lists, one entry per prompt or per rollout row).
+
+    Per prompt: ``domains``, ``records``, ``prompt_ids``, ``prefixes`` (TrOPD teacher prefixes,
+    None when no shaper sets them). Per row (rollout): ``samples``, ``scores`` (the teacher's
+    log-probs, top-k when asked), ``prefix_lens``, ``rewards`` (outcome rewards, None when not
+    verified). ``keep``: the rows the update trains on (all unless a shaper selects). ``seed``:
+    the step's sampling seed, from which every shaper draws its own stream."""
+
+    step: int
+    seed: int
+    domains: list[str]
+    records: list[dict]
+    prompt_ids: list[list[int]]
+    prefixes: list[list[int]] | None = None
+    samples: list[Sample] = field(default_factory=list)
+    scores: list[SequenceScores] = field(default_factory=list)
+    prefix_lens: list[int] = field(default_factory=list)
+    rewards: list[float] | None = None
+    keep: list[int] | None = None
+    timing: StepTiming = field(default_factory=StepTiming)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def row_domains(self) -> list[str]:
+        return [self.domains[s.prompt_index] for s in self.samples]
+
+    @property
+    def groups(self) -> list[int]:
+        """Each row's prompt group (its prompt's index)."""
+        return [s.prompt_index for s in self.samples]
+
+    @property
+    def kept(self) -> list[int]:
+        return list(range(len(self.samples))) if self.keep is None else self.keep
+
+    def pack(self, pad_id: int, device, topk: int | None, prefix_mask: bool) -> "PackedBatch":
+        """The kept rows as right-padded tensors on ``device``. ``prefix_mask``: split the
+        response mask into the teacher's prefix tokens (``prefix_BT``) and the student's own."""
+        kept = self.kept
+        samples = [self.samples[b] for b in kept]
+        ids_BT, attn_BT, mask_BT = pack(samples, pad_id, device=device)
+        prefix_BT = None
+        if prefix_mask:  # teacher tokens: β·NLL only; the on-policy terms see the student's
+            prefix_BT = torch.zeros_like(mask_BT)
+            for row, b in enumerate(kept):
+                start = len(self.samples[b].prompt_ids)
+                prefix_BT[row, start:start + self.prefix_lens[b]] = 1.0
+            mask_BT = mask_BT - prefix_BT
+        u_BT, top_ids_BTK, top_lp_BTK = (None if x is None else x.to(device) for x in lay_out(
+            [self.scores[b] for b in kept], [len(s.prompt_ids) for s in samples], ids_BT.shape[1], topk))
+        return PackedBatch(ids_BT, attn_BT, mask_BT, u_BT, top_ids_BTK, top_lp_BTK, prefix_BT,
+                           rewards_B=None if self.rewards is None else [self.rewards[b] for b in kept],
+                           groups_B=[self.samples[b].prompt_index for b in kept])
+
+
+@dataclass
+class PackedBatch:
+    """The kept rows laid out for the update: B rows × T positions (response positions marked by
+    ``mask_BT``), K teacher top-k entries. ``old_logprobs_BT``: the rollout policy's log-probs
+    (set when a shaper or several update passes need them); ``advantages_BT``: replaces ``u - s``
+    in the policy-gradient losses when a shaper sets it (Uni-OPD calibration)."""
+
+    ids_BT: torch.Tensor
+    attn_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    teacher_logprobs_BT: torch.Tensor
+    teacher_topk_ids_BTK: torch.Tensor | None
+    teacher_topk_logprobs_BTK: torch.Tensor | None
+    prefix_BT: torch.Tensor | None
+    rewards_B: list[float] | None
+    groups_B: list[int]
+    old_logprobs_BT: torch.Tensor | None = None
+    advantages_BT: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.ids_BT.shape[0]

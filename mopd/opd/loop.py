@@ -1,0 +1,115 @@
+"""The on-policy loop: set up, step, checkpoint, save — one function for every method that trains a
+student on its own rollouts (MOPD distillation and its variants, CoPD Phase II).
+
+A method supplies its step as ``step_fn(step, pool) -> metrics`` (sampler, scorers, shapers and
+update composed: :mod:`mopd.trainers.distill`, :mod:`mopd.trainers.copd`); the loop owns what
+every method shares: the student and its optimiser, the teacher-cost ledger, the thread pool that
+scores while the student samples, metrics and progress, in-stage checkpoints (resumed only under
+the same cache key, :mod:`mopd.checkpoint`) and the saved model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from mopd import checkpoint as ckpt, runtime
+from mopd.models import load_model, load_tokenizer, save_checkpoint
+from mopd.progress import report
+from mopd.teachers.ledger import Ledger, step_metrics
+
+log = logging.getLogger(__name__)
+
+History = dict[str, list[tuple[int, float]]]
+
+
+@dataclass
+class Student:
+    """The model a loop trains, its tokenizer, and the Python RNG stream its steps draw from."""
+
+    model: object
+    tokenizer: object
+    rng: random.Random
+
+    @classmethod
+    def load(cls, init_dir: Path, seed: int) -> "Student":
+        """Seed torch and a Python stream with ``seed``, then load the trainable student."""
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        tokenizer = load_tokenizer(init_dir)
+        model = load_model(init_dir, trained=True)
+        model.train()
+        return cls(model, tokenizer, rng)
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """How long and where: ``steps`` optimiser steps (numbered from 1) shown as ``desc``;
+    checkpoints every ``checkpoint_every`` steps under ``checkpoint`` made under ``key`` (none
+    when either is None); ``workers`` scoring threads named ``thread_prefix``; the ledger's
+    per-step costs summed over data-parallel processes with ``trained_tokens_key`` (the metric
+    the step reports its trained tokens under; None: one process, costs as they are)."""
+
+    desc: str
+    steps: int
+    workers: int
+    thread_prefix: str = "teacher"
+    checkpoint: Path | None = None
+    key: str = ""
+    checkpoint_every: int | None = None
+    trained_tokens_key: str | None = None
+
+
+def one_thread() -> None:
+    """Scoring threads run torch with one intra-op thread: an in-process teacher forward in a
+    second thread with its own full-size OpenMP team oversubscribes the cores and slows the
+    student's sampling ~2x on 2 cores (benchmarks/teacher_overlap.py --transport inprocess)."""
+    torch.set_num_threads(1)
+
+
+def train_loop(student: Student, optim, rollout, ledger: Ledger, tracker, out_dir: Path, plan: LoopPlan,
+               step_fn: Callable[[int, ThreadPoolExecutor], dict[str, float]]) -> History:
+    """Run ``step_fn`` for every step not yet done (resuming from ``plan.checkpoint`` when it holds
+    a checkpoint of this key), log and record each step's metrics with the teachers' costs, save
+    the model to ``out_dir/model`` (process 0) and return the metric history."""
+    history: History = {}
+    start = 1
+    resumed = (ckpt.load(plan.checkpoint, key=plan.key, model=student.model, optim=optim, py_rng=student.rng)
+               if plan.checkpoint else None)
+    if resumed is not None:
+        start, history = resumed.step + 1, resumed.history
+        rollout.update_weights(student.model)
+        log.warning("resumed from step %d (checkpoint %s)", resumed.step, plan.checkpoint)
+        print(f"resumed from step {resumed.step}", flush=True)
+        tracker.set_tags({"resumed_from_step": resumed.step})
+    with ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix=plan.thread_prefix,
+                            initializer=one_thread) as pool:
+        for step in tqdm(range(start, plan.steps + 1), desc=plan.desc, mininterval=5, initial=start - 1,
+                         total=plan.steps):
+            metrics = step_fn(step, pool)
+            costs = step_metrics(ledger.step())
+            if plan.trained_tokens_key:  # every process's costs and trained tokens
+                costs |= {plan.trained_tokens_key: metrics[plan.trained_tokens_key]}
+                costs = dict(zip(costs, runtime.all_reduce_sum(*costs.values())))
+            metrics |= costs
+            tracker.log_metrics(metrics, step=step)
+            report(step, plan.steps, "steps")
+            for k, v in metrics.items():
+                history.setdefault(k, []).append((step, v))
+            if plan.checkpoint and plan.checkpoint_every and step % plan.checkpoint_every == 0 \
+                    and step < plan.steps and runtime.is_main():  # the replicas are identical
+                ckpt.save(plan.checkpoint, key=plan.key, step=step, model=student.model,
+                          tokenizer=student.tokenizer, optim=optim, py_rng=student.rng, history=history)
+    if runtime.is_main():
+        save_checkpoint(student.model, student.tokenizer, out_dir / "model")
+        if plan.checkpoint:
+            ckpt.remove(plan.checkpoint)
+    runtime.barrier()  # the other processes return once the model is on disk
+    return history

@@ -1,0 +1,142 @@
+"""Scorers: rollouts → the teachers' log-probs of every response token (MOPD 3.3; ALGORITHMS §3).
+
+:class:`RoutedScorer` sends each rollout to the teacher its domain routes to (MOPD: one-hot
+routing); requests are submitted while later chunks are still sampling and collected before the
+update. :class:`WeightedScorer` adds Uni-OPD eq. 4: a domain's rollouts scored by several
+teachers, their log-probs combined by :func:`mopd.objectives.routing.combine_teacher_logprobs`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from mopd.objectives.routing import combine_teacher_logprobs, teacher_weights
+from mopd.opd.batch import RolloutBatch, StepTiming
+from mopd.rollout import Sample
+from mopd.teachers import SequenceScores, TeacherClient, TeacherError
+
+
+def _timed_score(client: TeacherClient, prompt_ids, completion_ids, topk):
+    t0 = time.perf_counter()
+    return client.score(prompt_ids, completion_ids, topk=topk), time.perf_counter() - t0
+
+
+def submit_scoring(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
+                   rows: list[int], row_domain: list[str], topk: int | None) -> list[tuple]:
+    """Send ``samples[rows]`` to their domains' teachers: one request per distinct client (domains
+    routed to the same teacher share it: fewer, larger requests); returns the pending jobs
+    ``(domains, rows, future)``."""
+    by_client: dict[int, tuple[list[str], list[int]]] = {}
+    for b in rows:
+        doms, rs = by_client.setdefault(id(clients[row_domain[b]]), ([], []))
+        rs.append(b)
+        if row_domain[b] not in doms:
+            doms.append(row_domain[b])
+    return [(doms, rs, pool.submit(_timed_score, clients[doms[0]], [samples[b].prompt_ids for b in rs],
+                                   [samples[b].completion_ids for b in rs], topk))
+            for doms, rs in by_client.values()]
+
+
+def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[SequenceScores]:
+    """Wait for every job; the rows' scores in order. A failed teacher raises (TeacherError names
+    the domain and endpoints): a step never continues with missing scores."""
+    t0 = time.perf_counter()
+    scores: list[SequenceScores | None] = [None] * n_rows
+    try:
+        for doms, rows, fut in jobs:
+            got, seconds = fut.result()
+            if len(got) != len(rows):
+                raise TeacherError(f"teacher for domain(s) {doms}: {len(got)} scores for {len(rows)} rollouts")
+            timing.teacher += seconds
+            for b, sc in zip(rows, got):
+                scores[b] = sc
+    except TeacherError:
+        raise
+    except Exception as exc:
+        raise TeacherError(f"teacher for domain(s) {doms} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for _, _, fut in jobs:
+            fut.cancel()
+        timing.wait += time.perf_counter() - t0
+    missing = [b for b, sc in enumerate(scores) if sc is None]
+    if missing:
+        raise TeacherError(f"rows {missing[:5]} got no teacher score")
+    return scores  # type: ignore[return-value]
+
+
+class RoutedScorer:
+    """Each rollout scored by its own domain's teacher (``clients[domain]``), with the teacher's
+    top-``topk`` per position when ``topk`` is set (§2)."""
+
+    def __init__(self, clients: dict[str, TeacherClient], pool: ThreadPoolExecutor, topk: int | None = None):
+        self.clients, self.pool, self.topk = clients, pool, topk
+
+    def submit(self, samples: list[Sample], rows: list[int], row_domain: list[str]) -> list[tuple]:
+        return submit_scoring(self.pool, self.clients, samples, rows, row_domain, self.topk)
+
+    def collect(self, jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[SequenceScores]:
+        return collect_scoring(jobs, n_rows, timing)
+
+    def finish(self, batch: RolloutBatch) -> None:
+        """After the routed scores are in: nothing more for one-hot routing."""
+
+
+class WeightedScorer(RoutedScorer):
+    """Uni-OPD eq. 4 (ALGORITHMS §3): the rollouts of a domain with a weight row are scored by
+    every teacher of the row with a positive weight, combined as ``u = Σ_i w_i u_i`` (the K1
+    reward of ``Σ_i w_i KL(πS ‖ πTi)`` is ``u - s``). The routed (own-domain) teacher's scores are
+    reused for that teacher's share. Needs a K1-mixable method (checked by the configuration)."""
+
+    def __init__(self, clients: dict[str, TeacherClient], pool: ThreadPoolExecutor,
+                 weights: dict[str, dict[str, float]], topk: int | None = None):
+        super().__init__(clients, pool, topk)
+        self.weights = weights
+
+    def finish(self, batch: RolloutBatch) -> None:
+        batch.scores = mix_teachers(self.pool, self.clients, batch.samples, batch.row_domains, batch.scores,
+                                    self.weights, batch.timing)
+
+
+def mix_teachers(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
+                 row_domain: list[str], scores: list[SequenceScores],
+                 weights: dict[str, dict[str, float]], timing: StepTiming) -> list[SequenceScores]:
+    """:class:`WeightedScorer`'s step: ``scores`` hold the routed teacher's; returns the combined."""
+    out = list(scores)
+    mixed = {d: rows for d, row in weights.items() if row != {d: 1.0}
+             if (rows := [b for b, rd in enumerate(row_domain) if rd == d])}
+    jobs = []
+    for d, rows in mixed.items():
+        for t, w in weights[d].items():
+            if w > 0 and t != d:
+                jobs.append((d, t, rows, pool.submit(_timed_score, clients[t], [samples[b].prompt_ids for b in rows],
+                                                     [samples[b].completion_ids for b in rows], None)))
+    extra = _collect_extra(jobs, timing)
+    for d, rows in mixed.items():
+        teachers = [t for t, w in weights[d].items() if w > 0]
+        w_BM = teacher_weights([d] * len(rows), {d: {t: weights[d][t] for t in teachers}}, teachers)
+        for j, b in enumerate(rows):
+            lp_MC = torch.stack([(scores[b] if t == d else extra[(d, t)][j]).logprobs_C for t in teachers])
+            out[b] = SequenceScores(combine_teacher_logprobs(lp_MC[:, None, :], w_BM[j:j + 1])[0])
+    return out
+
+
+def _collect_extra(jobs: list[tuple], timing: StepTiming) -> dict[tuple[str, str], list[SequenceScores]]:
+    t0 = time.perf_counter()
+    extra: dict[tuple[str, str], list[SequenceScores]] = {}
+    try:
+        for d, t, rows, fut in jobs:
+            got, seconds = fut.result()
+            if len(got) != len(rows):
+                raise TeacherError(f"teacher {t!r} (weighted into domain {d!r}): {len(got)} scores for {len(rows)}")
+            timing.teacher += seconds
+            extra[(d, t)] = got
+    except TeacherError:
+        raise
+    except Exception as exc:
+        raise TeacherError(f"teacher weighted into domain {d!r} ({t!r}) failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        timing.wait += time.perf_counter() - t0
+    return extra

@@ -1,0 +1,161 @@
+"""The `distill` section (and `variants.distill.<name>`): MOPD and every on-policy method built on
+it (ALGORITHMS §1-§5). Imported by the distillation family only, so editing it reruns distill,
+its evaluations and the report, and nothing upstream."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mopd.opd.methods import BUILTIN, METHODS, get_method
+from mopd.settings.base import PipelineFacts, PosFloat, PosInt, Prob, Strict, check_shares, plain
+
+
+class UniOPDParams(Strict):
+    """Uni-OPD (ALGORITHMS §4; Uni-OPD §3.3-3.4, A.2, A.4): each step the student's
+    `samples_per_prompt` rollouts of a prompt form a group, every rollout is verified by its
+    domain's verifier, then (optionally) online balancing and outcome-guided margin calibration
+    shape the token advantages that drive the policy-gradient loss."""
+
+    # A.2 online balancing: subsample the over-represented side (correct / incorrect) inside each
+    # prompt group until the batch's correct share is back in [target - tol, target + tol].
+    online_balance: bool = False
+    target: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    tol: Prob = 0.1
+    # §3.4 margin calibration: `off`, or the margin of eq. 9 (`mean` | `minmax`); `strategy` is
+    # the shift of eq. 11 (`lift` | `suppress` | `spread`) or the greedy mask of Alg. 1 (`mask`).
+    calibration: Literal["off", "mean", "minmax"] = "off"
+    strategy: Literal["lift", "suppress", "spread", "mask"] = "lift"
+    gamma: Annotated[float, Field(ge=0)] = 0.0  # target margin γ
+    min_keep: Prob = 0.5  # greedy mask: smallest kept fraction of a group
+    threshold: Prob = 1.0  # positives: outcome reward >= threshold (rewards lie in [0, 1])
+
+    @property
+    def active(self) -> bool:
+        return self.online_balance or self.calibration != "off"
+
+
+class DistillParams(Strict):
+    """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
+
+    # A registered method (mopd.opd.methods.METHODS; the Literal lists the built-in ones, a method
+    # registered later by a plugin is accepted too) and its own settings (its spec's params model).
+    objective: Literal[BUILTIN] = "mopd_pg"  # type: ignore[valid-type]
+    objective_params: dict[str, float | int | bool | None] = Field(default_factory=dict)
+    max_steps: PosInt = 60
+    learning_rate: PosFloat = 5e-4
+    # Optimiser steps per rollout batch (ALGORITHMS §1): `epochs` passes, each over `minibatches`
+    # shuffled minibatches, with the PPO clipped ratio against the rollout policy (eps_low /
+    # eps_high in objective_params, default 0.2). 1 x 1 = one plain step (ratio = 1).
+    epochs: PosInt = 1
+    minibatches: PosInt = 1
+    prompts_per_step: PosInt = 16
+    samples_per_prompt: PosInt = 2
+    max_new_tokens: PosInt = 32
+    temperature: PosFloat = 1.0
+    clip: PosFloat | None = 5.0  # two-sided advantage clip c (§1); null = no clip
+    topk: PosInt = 16  # k of the top-k form (§2)
+    token_mean: bool = False  # False: mean per sequence, then over sequences (§ notation)
+    domain_weights: dict[str, PosFloat] | None = None  # per-batch domain shares; None = uniform
+    # Uni-OPD eq. 4 (ALGORITHMS §3): a domain's rollouts scored by several teachers, token reward
+    # Σ_i w_i (u_i - s). {math: {math: 0.8, code: 0.2}}; keys are the pipeline's domains (a
+    # teacher is named by its domain), each row sums to 1; unlisted domains route one-hot to their
+    # own teacher (MOPD). Needs an objective that uses only the sampled token's log-prob.
+    teacher_weights: dict[str, dict[str, Annotated[float, Field(ge=0)]]] | None = None
+    # Checkpoint inside the stage every this many steps (model, optimiser, RNG streams, step),
+    # under .mopd/checkpoints/; a killed run resumes from the last one. null = never.
+    checkpoint_every: PosInt | None = 50
+    # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
+    # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
+    # duration and scores through the same HTTP client used for remote endpoints.
+    teacher_transport: Literal["inprocess", "http"] = "inprocess"
+    # Submit a rollout chunk's scoring request as soon as it is sampled, while the remaining
+    # chunks are still sampling; wait only at the update.
+    overlap: bool = True
+    rollout_chunks: PosInt = 4
+    # Uni-OPD A.1: train on the difficulty stage's balanced prompt set when the pipeline runs it
+    # (false: the plain training split, e.g. the OPD row of Uni-OPD's ablation).
+    offline_balance: bool = True
+    # Uni-OPD (ALGORITHMS §4): online balancing and margin calibration; null = off (plain MOPD).
+    uniopd: UniOPDParams | None = None
+    # TrOPD off-policy guidance (ALGORITHMS §5, TrOPD §4.3): each step a `prefix_share` of the
+    # prompts gets a prefix sampled from its domain's teacher, of length uniform in
+    # [1, l_max(step)], l_max annealed by a cosine from max_new_tokens to 0 over max_steps; the
+    # student continues it. The `tropd` objective puts β·NLL on the prefix tokens
+    # (objective_params.prefix_beta). Teachers generate in process, through the embedded
+    # server's /v1/completions (transport http) or a remote vLLM endpoint.
+    prefix_share: Prob = 0.0
+
+    @field_validator("objective", mode="wrap")
+    @classmethod
+    def _registered(cls, value, handler):
+        if isinstance(value, str) and value in METHODS:  # a plugin's method is not in the Literal
+            return value
+        if isinstance(value, str):
+            raise ValueError(f"unknown objective {value!r}; valid names (registered methods): {sorted(METHODS)}")
+        return handler(value)
+
+    @model_validator(mode="after")
+    def _objective_params_known(self) -> "DistillParams":
+        spec = get_method(self.objective)
+        accepted = list(spec.params.model_fields)
+        unknown = sorted(set(self.objective_params) - set(accepted))
+        if unknown:
+            raise ValueError(f"objective_params {unknown} are not parameters of objective "
+                             f"{self.objective!r} (it takes {accepted or 'none'})")
+        for key, value in self.objective_params.items():
+            field = spec.params.model_fields[key]
+            rule = field.description or f"a valid {field.annotation}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"objective_params.{key} = {value!r}: must be {rule}")
+            try:
+                spec.params.model_validate({key: value})
+            except ValidationError as exc:
+                raise ValueError(f"objective_params.{key} = {value!r}: must be {rule} "
+                                 f"({plain(exc.errors()[0]['msg'])})") from None
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_weights_fit(self) -> "DistillParams":
+        spec = get_method(self.objective)
+        for d, row in (self.teacher_weights or {}).items():
+            if not math.isclose(sum(row.values()), 1.0, rel_tol=1e-6, abs_tol=1e-9):
+                raise ValueError(f"teacher_weights.{d} = {row}: weights must sum to 1")
+            if row != {d: 1.0} and not spec.k1_mixable:
+                mixable = [n for n, s in METHODS.items() if s.k1_mixable]
+                raise ValueError(f"teacher_weights.{d} mixes teachers, which needs an objective on the sampled "
+                                 f"token's log-prob ({', '.join(mixable)}); got {self.objective!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _prefix_fits(self) -> "DistillParams":
+        if self.prefix_share > 0 and not get_method(self.objective).prefix_loss:
+            with_prefix = [n for n, s in METHODS.items() if s.prefix_loss]
+            raise ValueError(f"prefix_share {self.prefix_share} (TrOPD off-policy guidance) needs "
+                             f"objective: {' | '.join(with_prefix)}, whose loss covers prefix tokens "
+                             f"(got {self.objective!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _uniopd_fits(self) -> "DistillParams":
+        uni = self.uniopd
+        if uni is not None and uni.calibration != "off" and not get_method(self.objective).calibratable:
+            takes = [n for n, s in METHODS.items() if s.calibratable]
+            raise ValueError(f"uniopd.calibration {uni.calibration!r} shapes the K1 advantages of the "
+                             f"policy-gradient objective: set objective: {' | '.join(takes)} "
+                             f"(got {self.objective!r})")
+        if uni is not None and uni.active and self.samples_per_prompt < 2:
+            raise ValueError("uniopd balances and calibrates within prompt groups: samples_per_prompt "
+                             f"must be >= 2 (got {self.samples_per_prompt})")
+        return self
+
+    def check(self, facts: PipelineFacts) -> None:
+        """Cross-section checks against the pipeline that runs this section (base or variant)."""
+        check_shares(facts.key, self.domain_weights, facts)
+        for d, row in (self.teacher_weights or {}).items():
+            bad = sorted({d, *row} - set(facts.domains))
+            if bad:
+                raise ValueError(f"{facts.key}.teacher_weights.{d}: {bad} not domain(s) of pipeline "
+                                 f"{facts.pipeline!r} ({list(facts.domains)}); a teacher is named by its domain")

