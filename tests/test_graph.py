@@ -232,3 +232,71 @@ def test_multiround_stages_chain_students_and_teachers(tmp_path):
     params["multiround"]["domains"] = ["math", "chem"]
     with pytest.raises(ConfigError, match="multiround.domains"):
         load_config(_project(tmp_path, params), pipeline="multiround")
+
+
+UPSTREAM_OF_DISTILL = ("mopd/opd/", "mopd/objectives/", "mopd/trainers/distill.py", "mopd/config.py",
+                       "mopd/graph.py")
+
+
+def test_sft_and_teacher_identities_hold_no_distillation_module():
+    """Issue #23: a stage's code identity holds its own section's settings, not the root config or
+    another kind's: SFT, the teachers and the data stages import no distillation module."""
+    for kind in ("data", "base", "sft", "teacher", "difficulty", "mix_rl", "cascade_rl", "merge", "evaluate"):
+        files = code_files(KINDS[kind].module)
+        leaked = sorted(f for f in files if f.startswith(UPSTREAM_OF_DISTILL) and f != "mopd/objectives/__init__.py"
+                        and not (kind == "difficulty" and f == "mopd/objectives/balancing.py"))
+        assert not leaked, (kind, leaked)
+    assert "mopd/opd/settings.py" in code_files("tasks.distill")
+    assert "mopd/settings/sft.py" in code_files("tasks.sft")
+
+
+def test_editing_the_distill_settings_module_reruns_only_the_distill_family(tmp_path, monkeypatch):
+    """Append a comment to the module holding the distill section's model (in a copy of the code):
+    `mopd plan --pipeline full` then runs distill, its evaluation, teacher_fit and the report;
+    data, base, SFT, the teachers, difficulty and every other method stay cached."""
+    import shutil
+
+    import mopd.codedeps as codedeps
+    from mopd.artifacts import Result, hash_tree, write_result
+    from mopd.graph import hash_inputs
+    from mopd.opd import settings as distill_settings
+    from mopd.plan import plan
+
+    src = tmp_path / "src"
+    for pkg in ("mopd", "tasks"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedeps, "project_root", lambda: src)
+    (tmp_path / "project").mkdir()
+    cfg = load_config(_project(tmp_path / "project"))
+    hashes = {}
+    for spec in build_graph(cfg):  # every stage recorded as done under its current key
+        out = cfg.project_dir / spec.out_dir
+        out.mkdir(parents=True)
+        (out / "f.txt").write_text(spec.name)
+        inputs = key_inputs(cfg, spec, {u: hashes[u] for u in spec.upstream})
+        res = Result(spec.name, spec.out_dir, hash_tree(out), cache_key=hash_inputs(inputs), inputs=inputs)
+        write_result(out, res)
+        hashes[spec.name] = res.content_hash
+    assert {d.action for d in plan(cfg)} == {"cached"}
+    module = src / "mopd/opd/settings.py"
+    assert module.read_text() == open(distill_settings.__file__).read()  # the module that holds DistillParams
+    with open(module, "a") as f:
+        f.write("# a comment\n")
+    decisions = {d.stage: d for d in plan(cfg)}
+    runs = {name for name, d in decisions.items() if d.action == "run"}
+    assert runs == {"distill", "evaluate:distill", "teacher_fit:full", "report:full"}, runs
+    assert decisions["distill"].reasons == ["code mopd/opd/settings.py: changed"]
+    assert len(decisions) == 25
+
+
+def test_a_variant_section_is_checked_against_the_pipeline(tmp_path):
+    """A variant's `domain_weights` that leaves out a domain is refused at load (as the base
+    section's is), naming the variant and the key, not after SFT and the teachers have run."""
+    params = micro_params()
+    params["variants"]["distill"]["tropd"]["domain_weights"] = {"math": 0.5, "code": 0.5}
+    with pytest.raises(ConfigError, match=r"params.yaml: variants.distill.tropd.domain_weights: keys "
+                                          r"\['code', 'math'\] must be exactly the domains of pipeline 'tropd'"):
+        load_config(_project(tmp_path, params), pipeline="tropd")
+    params["variants"]["distill"]["tropd"]["domain_weights"] = {"math": 0.5, "code": 0.25, "if": 0.5}
+    with pytest.raises(ConfigError, match=r"variants.distill.tropd.domain_weights = .*: must sum to 1"):
+        load_config(_project(tmp_path, params), pipeline="tropd")

@@ -116,6 +116,10 @@ def register_objective(name: str, *, requires: tuple[str, ...]) -> Callable[[Obj
     """Decorator for a loss defined in process (a notebook, a test): registers a method spec with
     no settings of its own. A method meant to run in a pipeline registers a full spec from a module
     of :mod:`mopd.opd.plugins` (docs/methods.md)."""
+    unknown = sorted(set(requires) - _FIELDS)
+    if unknown:  # refused at once, before a function is given
+        raise ValueError(f"objective {name!r}: unknown DistillBatch field(s) {unknown}")
+
     def wrap(fn: ObjectiveFn) -> ObjectiveFn:
         register_method(MethodSpec(name, fn, NoParams, tuple(requires)))
         return fn

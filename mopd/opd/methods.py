@@ -61,7 +61,7 @@ class MethodSpec:
         unknown = sorted(set(self.requires) - set(BATCH_FIELDS))
         bad_takes = sorted(set(self.takes) - set(SECTION_ARGS))
         if unknown or bad_takes:
-            raise ValueError(f"method {self.name!r}: unknown batch field(s) {unknown}" if unknown else
+            raise ValueError(f"method {self.name!r}: unknown DistillBatch field(s) {unknown}" if unknown else
                              f"method {self.name!r}: takes {bad_takes}, not among {list(SECTION_ARGS)}")
         for ref in filter(None, (self.loss, self.shapers)):
             if isinstance(ref, str) and ref.count(":") != 1:

@@ -72,7 +72,7 @@ def check_shares(key: str, weights: dict[str, float] | None, facts: PipelineFact
     if weights is None:
         return
     if set(weights) != set(facts.domains):
-        raise ValueError(f"{key}.domain_weights: keys {sorted(weights)} must be exactly pipeline "
-                         f"{facts.pipeline!r}'s domains {list(facts.domains)}")
+        raise ValueError(f"{key}.domain_weights: keys {sorted(weights)} must be exactly the domains of "
+                         f"pipeline {facts.pipeline!r} {list(facts.domains)}")
     if not math.isclose(sum(weights.values()), 1.0, rel_tol=1e-6):
         raise ValueError(f"{key}.domain_weights = {weights}: must sum to 1")
