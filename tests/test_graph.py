@@ -300,3 +300,16 @@ def test_a_variant_section_is_checked_against_the_pipeline(tmp_path):
     params["variants"]["distill"]["tropd"]["domain_weights"] = {"math": 0.5, "code": 0.25, "if": 0.5}
     with pytest.raises(ConfigError, match=r"variants.distill.tropd.domain_weights = .*: must sum to 1"):
         load_config(_project(tmp_path, params), pipeline="tropd")
+
+
+def test_a_plugin_module_counts_in_the_distill_identity_only(tmp_path):
+    """A method module dropped into mopd/opd/plugins (imported by discovery with the registry)
+    is part of the code identity of the stages that load the registry, and of no other."""
+    import shutil
+
+    src = tmp_path / "src"
+    for pkg in ("mopd", "tasks"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "mopd/opd/plugins/my_method.py").write_text("from mopd.opd.methods import register_method\n")
+    assert "mopd/opd/plugins/my_method.py" in code_files("tasks.distill", src)
+    assert "mopd/opd/plugins/my_method.py" not in code_files("tasks.sft", src)
