@@ -70,20 +70,6 @@ class Result:
         return out
 
 
-def finalize(stage: str, project_dir: Path, out_dir: Path, metrics: dict[str, float],
-             cache_key: str | None = None) -> Result:
-    """Hash the stage's outputs, write result.json, return the Result."""
-    result = Result(
-        stage=stage,
-        out_dir=str(out_dir.resolve().relative_to(project_dir.resolve())),
-        files=hash_tree(out_dir),
-        metrics={k: float(v) for k, v in metrics.items()},
-        cache_key=cache_key,
-    )
-    write_result(out_dir, result)
-    return result
-
-
 def write_result(out_dir: Path, result: Result) -> None:
     (out_dir / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
 

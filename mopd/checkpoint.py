@@ -24,7 +24,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-KEY_ENV = "MOPD_STAGE_KEY"  # set by the stage runner (tasks/cli.py): the running stage's cache key
 ROOT = Path(".mopd") / "checkpoints"
 
 
@@ -34,11 +33,6 @@ class CheckpointMismatch(RuntimeError):
 
 def checkpoint_dir(project: Path, stage: str) -> Path:
     return Path(project) / ROOT / stage.replace(":", "__")
-
-
-def stage_checkpoint(project: Path, stage: str) -> dict:
-    """The ``checkpoint``/``key`` keyword arguments of a trainer run by stage ``stage``."""
-    return {"checkpoint": checkpoint_dir(project, stage), "key": os.environ.get(KEY_ENV, "")}
 
 
 @dataclass

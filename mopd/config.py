@@ -18,16 +18,42 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mopd.copd import copd_exchange_pairs
 from mopd.domains.local_files import DataFileError, resolve_local
-from mopd.graph import (DEFAULT_DISTILL_METHOD, LISTABLE, VARIANT_KINDS, check_shared_stages, generation_lengths,
-                        parse_entry)
+from mopd.graph import (
+    DEFAULT_DISTILL_METHOD,
+    LISTABLE,
+    VARIANT_KINDS,
+    check_shared_stages,
+    generation_lengths,
+    parse_entry,
+)
 from mopd.opd.settings import DistillParams, UniOPDParams
 from mopd.settings.analysis import TeacherFitParams, WeightShiftParams
-from mopd.settings.base import (IDENT, LABEL, LABEL_RULE, PipelineFacts, Strict, check_names, cut, plain,
-                                short)
+from mopd.settings.base import (
+    IDENT,
+    LABEL,
+    LABEL_RULE,
+    PipelineFacts,
+    Strict,
+    check_names,
+    cut,
+    plain,
+    short,
+)
 from mopd.settings.copd import CoPDOPDParams, CoPDParams
-from mopd.settings.data import (DataParams, DataSource, DomainConfig, HubSource, HumanEvalSource, LocalSource,
-                                LocalTeacher, ReasoningGymSource, RemoteTeacher, SyntheticSource, TeacherSource,
-                                VerifierKind)
+from mopd.settings.data import (
+    DataParams,
+    DataSourceConfig,
+    DomainConfig,
+    HubSource,
+    HumanEvalSource,
+    LocalSource,
+    LocalTeacher,
+    ReasoningGymSource,
+    RemoteTeacher,
+    SyntheticSource,
+    TeacherSource,
+    VerifierKind,
+)
 from mopd.settings.difficulty import DifficultyParams
 from mopd.settings.evaluate import EvaluateParams
 from mopd.settings.grpo import CascadeRLParams, GRPOParams, MixRLParams
@@ -39,13 +65,13 @@ from mopd.settings.sft import SFTParams
 from mopd.yamlio import YamlError, read_yaml_mapping
 
 # The section models, re-exported for callers that assemble or inspect a whole configuration.
-__all__ = ["CascadeRLParams", "CoPDOPDParams", "CoPDParams", "Config", "ConfigError", "DataParams", "DataSource",
-           "DifficultyParams", "DistillParams", "DomainConfig", "EvaluateParams", "GRPOParams", "HubSource",
-           "HumanEvalSource", "LocalSource", "LocalTeacher", "MergeMethod", "MergeParams", "MixRLParams",
-           "MultiRoundParams", "OffPolicyFTParams", "Params", "PipelineConfig", "Pipelines", "PretrainedProfile",
-           "Profile", "ReasoningGymSource", "RemoteTeacher", "RuntimeParams", "SFTParams", "SyntheticSource",
-           "TeacherFitParams", "TeacherSource", "TinyProfile", "UniOPDParams", "VerifierKind", "WeightShiftParams",
-           "load_config", "load_params", "load_pipelines", "validate"]
+__all__ = ["CascadeRLParams", "CoPDOPDParams", "CoPDParams", "Config", "ConfigError", "DataParams",
+           "DataSourceConfig", "DifficultyParams", "DistillParams", "DomainConfig", "EvaluateParams", "GRPOParams",
+           "HubSource", "HumanEvalSource", "LocalSource", "LocalTeacher", "MergeMethod", "MergeParams",
+           "MixRLParams", "MultiRoundParams", "OffPolicyFTParams", "Params", "PipelineConfig", "Pipelines",
+           "PretrainedProfile", "Profile", "ReasoningGymSource", "RemoteTeacher", "RuntimeParams", "SFTParams",
+           "SyntheticSource", "TeacherFitParams", "TeacherSource", "TinyProfile", "UniOPDParams", "VerifierKind",
+           "WeightShiftParams", "load_config", "load_params", "load_pipelines", "validate"]
 
 PARAMS_FILE = "params.yaml"
 PIPELINES_FILE = "pipelines.yaml"

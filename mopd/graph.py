@@ -3,7 +3,7 @@
 :data:`KINDS` is the stage table: each stage kind declares its module, the ``params.yaml`` /
 ``pipelines.yaml`` keys it reads, its arguments (domain, variant, model, pipeline) and its
 upstream rule. Everything else is derived from it: the Prefect flow (``flows/``), the stage
-runner (``tasks/cli.py``), ``dvc.yaml`` (:mod:`mopd.dvcgen`), the methods the report compares,
+runner (``tasks/runner.py``), ``dvc.yaml`` (:mod:`mopd.dvcgen`), the methods the report compares,
 ``mopd plan`` (:mod:`mopd.plan`) and the validation of stage names in ``pipelines.yaml``.
 
 A pipeline's ``stages`` list names kinds (``teacher`` expands to one stage per local domain,
@@ -51,6 +51,8 @@ class StageSpec:
     domains: tuple[str, ...] = ()  # the domains the stage covers (part of its identity)
     tags: tuple[str, ...] = ()
     models: tuple[tuple[str, str], ...] = ()  # (method label, model dir inside out_dir)
+    # which upstream stage plays which part: (role, stage) or (role, ((label, stage), ...))
+    roles: tuple[tuple[str, Any], ...] = ()
     data_parallel: bool = False  # runs `runtime.processes` processes (its kind's `data_parallel`)
 
     @property
@@ -112,6 +114,9 @@ class StageKind:
     tags: tuple[str, ...] = ()
     models: Callable[[_Ctx, dict], tuple[tuple[str, str], ...]] = lambda ctx, a: ()
     listed_as: str | None = None  # the pipelines.yaml entry that enables it (default: kind)
+    # role -> upstream stage name, or {domain/label: stage name} for a role several stages play
+    # (StageContext.role / roles_of); `data` is added for every stage that reads the data stage
+    roles: Callable[[_Ctx, dict], dict[str, Any]] = lambda ctx, a: {}
     samples: bool = False  # samples rollouts through `runtime.rollout` (transformers or vLLM)
     data_parallel: bool = False  # runs `runtime.processes` processes under `accelerate launch`
     # params.yaml keys of generation lengths: each plus the longest prompt must fit a tiny
@@ -207,6 +212,36 @@ def _copd_last(ctx: _Ctx) -> tuple[str, ...]:
     return tuple(f"copd:{n}:opd:{d}" for d in ctx.cfg.copd_branches)
 
 
+def _student(stage: str) -> Callable[[_Ctx, dict], dict[str, Any]]:
+    return lambda ctx, a: {"student": stage}
+
+
+def _local_teachers(ctx: _Ctx) -> dict[str, str]:
+    return {d: f"teacher:{d}" for d in ctx.cfg.local_teacher_domains}
+
+
+def _distill_roles(ctx: _Ctx, a: dict) -> dict[str, Any]:
+    return {"student": "sft", "teachers": _local_teachers(ctx), **({"balanced": "difficulty"} if ctx.has("difficulty") else {})}
+
+
+def _round_distill_roles(ctx: _Ctx, a: dict) -> dict[str, Any]:
+    r = int(a["round"])
+    return {"student": MultiRoundParams.student_stage(r - 1),
+            "teachers": {d: f"round_teacher:{r}:{d}" for d in ctx.cfg.round_domains},
+            **({"balanced": "difficulty"} if ctx.has("difficulty") else {})}
+
+
+def _copd_roles(ctx: _Ctx, a: dict) -> dict[str, Any]:
+    student, *partners = _copd_upstream(ctx, a)[1:]
+    return {"student": student, "partners": {p.rsplit(":", 1)[1]: p for p in partners}} if partners \
+        else {"student": student}
+
+
+def _copd_monitor_roles(ctx: _Ctx, a: dict) -> dict[str, Any]:
+    return {"student": "sft", "phases": {s.name.partition(":")[2]: s.name for s in ctx.specs if s.kind == "copd"},
+            "final": {d: name for d, name in zip(ctx.cfg.copd_branches, _copd_last(ctx))}}
+
+
 def _model_stages(ctx: _Ctx) -> list[StageSpec]:
     return [s for s in ctx.specs if s.models]
 
@@ -230,7 +265,8 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/base", upstream=lambda ctx, a: ("data",)),
     StageKind("sft", "tasks.sft", _one, lambda ctx, a: ("seed", "sft"), lambda a: f"{ARTIFACTS}/sft",
               upstream=lambda ctx, a: ("data", "base"), tags=("gpu",),
-              models=lambda ctx, a: (("sft", "model"),)),
+              models=lambda ctx, a: (("sft", "model"),),
+              roles=lambda ctx, a: {"base": "base"}),
     # MOPD 3.1: one GRPO teacher per domain whose teacher is trained here (remote ones are not).
     StageKind("teacher", "tasks.teacher",
               lambda ctx: [{"domain": d} for d in ctx.cfg.local_teacher_domains],
@@ -239,13 +275,15 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",),
               tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),),
-              length_keys=("teacher.*.max_completion_length",)),
+              length_keys=("teacher.*.max_completion_length",),
+              roles=_student("sft")),
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
     StageKind("difficulty", "tasks.difficulty", _one, lambda ctx, a: ("seed", "difficulty"),
               lambda a: f"{ARTIFACTS}/difficulty", upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
-              samples=True, length_keys=("difficulty.max_new_tokens",)),
+              samples=True, length_keys=("difficulty.max_new_tokens",),
+              roles=_student("sft")),
     # MOPD §1-§3 and its variants; the routing table is part of what it reads (new endpoints or
     # model names rerun it).
     StageKind("distill", "tasks.distill", _variants("distill"), _distill_params, _distill_out,
@@ -254,7 +292,8 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
                                        *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=_distill_models,
-              samples=True, data_parallel=True, length_keys=("distill.max_new_tokens",)),
+              samples=True, data_parallel=True, length_keys=("distill.max_new_tokens",),
+              roles=_distill_roles),
     # Multi-round MOPD (MOPD §4.4.3): round r's teachers start from round r-1's student and train
     # with the domain's recipe; then MOPD again over those domains from that student.
     StageKind("round_teacher", "tasks.round_teacher",
@@ -264,20 +303,23 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               per_domain=True, upstream=_round_teacher_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu", "teacher"),
               models=lambda ctx, a: ((f"teacher:{a['domain']}:round{a['round']}", "model"),),
-              listed_as="multiround"),
+              listed_as="multiround",
+              roles=lambda ctx, a: {"student": MultiRoundParams.student_stage(int(a["round"]) - 1)}),
     StageKind("multiround", "tasks.multiround", lambda ctx: [{"round": str(r)} for r in _rounds(ctx)],
               lambda ctx, a: ("seed", "distill", "multiround"),
               lambda a: f"{ARTIFACTS}/rounds/{a['round']}/distill", args=("round",),
               upstream=_round_distill_upstream, pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=lambda ctx, a: ((f"{DEFAULT_DISTILL_METHOD}:round{a['round']}", "model"),),
-              samples=True, data_parallel=True),
+              samples=True, data_parallel=True,
+              roles=_round_distill_roles),
     # Integration baselines (MOPD Table 2, ALGORITHMS §9). Mix-RL: one GRPO run on the pooled
     # prompts, each rewarded by its domain's verifier.
     StageKind("mix_rl", "tasks.mix_rl", _one, lambda ctx, a: ("seed", "mix_rl"),
               lambda a: f"{ARTIFACTS}/baselines/mix_rl", upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
               models=lambda ctx, a: (("mix_rl", "model"),),
-              length_keys=("mix_rl.max_completion_length",)),
+              length_keys=("mix_rl.max_completion_length",),
+              roles=_student("sft")),
     # Cascade RL: GRPO per domain in `cascade_rl.order`, each from the previous step's model.
     StageKind("cascade_rl", "tasks.cascade_rl",
               lambda ctx: [{"domain": d} for d in ctx.cfg.cascade_order[1:]],
@@ -285,57 +327,67 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/cascade_rl/{a['domain']}", args=("domain",),
               per_domain=True, upstream=_cascade_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
-              models=_cascade_models),
+              models=_cascade_models,
+              roles=lambda ctx, a: {"student": _cascade_upstream(ctx, a)[1]}),
     # Off-policy fine-tuning: SFT of the student on its teachers' correct rollouts.
     StageKind("offpolicy_ft", "tasks.offpolicy_ft", _one, lambda ctx, a: ("seed", "offpolicy_ft"),
               lambda a: f"{ARTIFACTS}/baselines/offpolicy_ft",
               upstream=lambda ctx, a: ("data", "sft", *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=lambda ctx, a: (("offpolicy_ft", "model"),),
-              length_keys=("offpolicy_ft.max_new_tokens",)),
+              length_keys=("offpolicy_ft.max_new_tokens",),
+              roles=lambda ctx, a: {"student": "sft", "teachers": _local_teachers(ctx)}),
     # CoPD (ALGORITHMS §6): each branch-cycle-phase is a stage, so a failure in cycle n reruns
     # only cycle n onward; the final branches merged through mergekit are the method `copd`.
     StageKind("copd", "tasks.copd", _copd_expand, _copd_params,
               lambda a: f"{ARTIFACTS}/copd/{a['cycle']}/{a['phase']}/{a['domain']}",
               args=("cycle", "phase", "domain"), per_domain=True, upstream=_copd_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
-              length_keys=("copd.opd.max_new_tokens",)),
+              length_keys=("copd.opd.max_new_tokens",),
+              roles=_copd_roles),
     StageKind("copd_merge", "tasks.copd_merge", _one,
               lambda ctx, a: ("seed", "copd.merge_method", "copd.task_arithmetic_lambda", "copd.density"),
               lambda a: f"{ARTIFACTS}/copd/merge", upstream=lambda ctx, a: ("sft", *_copd_last(ctx)),
-              models=lambda ctx, a: (("copd", "model"),), listed_as="copd"),
+              models=lambda ctx, a: (("copd", "model"),), listed_as="copd",
+              roles=lambda ctx, a: {"base": "sft", "branches": dict(zip(ctx.cfg.copd_branches, _copd_last(ctx)))}),
     # CoPD's monitor (§6): top-k overlap and symmetric KL between exchange partners after every phase.
     StageKind("copd_monitor", "tasks.copd_monitor", _one,
               lambda ctx, a: ("seed", "copd.monitor_prompts", "copd.monitor_topk", "copd.opd.max_new_tokens",
                               "copd.opd.temperature", "weight_shift"),
               lambda a: f"{ARTIFACTS}/analysis/copd_monitor",
-              upstream=lambda ctx, a: ("data", "sft", *ctx.names("copd")), tags=("gpu",), listed_as="copd"),
+              upstream=lambda ctx, a: ("data", "sft", *ctx.names("copd")), tags=("gpu",), listed_as="copd",
+              roles=_copd_monitor_roles),
     # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.
     StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
               lambda a: f"{ARTIFACTS}/merge", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),
-              models=lambda ctx, a: tuple((f"merge:{m}", m) for m in ctx.cfg.params.merge.methods)),
+              models=lambda ctx, a: tuple((f"merge:{m}", m) for m in ctx.cfg.params.merge.methods),
+              roles=lambda ctx, a: {"base": "sft", "teachers": _local_teachers(ctx)}),
     # Analysis (M2RL 3.3): the teachers' changed-weight overlaps against SFT.
     StageKind("weight_shift", "tasks.weight_shift", _one, lambda ctx, a: ("weight_shift",),
-              lambda a: f"{ARTIFACTS}/analysis/weight_shift", upstream=lambda ctx, a: ("sft", *_teachers(ctx))),
+              lambda a: f"{ARTIFACTS}/analysis/weight_shift", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),
+              roles=lambda ctx, a: {"base": "sft", "teachers": _local_teachers(ctx)}),
     # Analysis (§8): every method's reverse KL / top-k overlap to each domain's teacher along its
     # own rollouts; named by its pipeline (it compares that pipeline's models, as the report).
     StageKind("teacher_fit", "tasks.teacher_fit", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("seed", "teacher_fit"), lambda a: f"{ARTIFACTS}/analysis/teacher_fit/{a['pipeline']}",
               args=("pipeline",), upstream=lambda ctx, a: ("data", *(s.name for s in _model_stages(ctx))),
               pipeline_keys=_domain_keys("teacher"), tags=("gpu",),
-              length_keys=("teacher_fit.max_new_tokens",)),
+              length_keys=("teacher_fit.max_new_tokens",),
+              roles=lambda ctx, a: {"models": {s.name: s.name for s in _model_stages(ctx)}}),
     # One evaluation per model stage, shared by every pipeline that has that model ...
     StageKind("evaluate", "tasks.evaluate",
               lambda ctx: [{"model": s.name} for s in _model_stages(ctx)],
               lambda ctx, a: ("seed", "evaluate"), _eval_out, args=("model",),
               upstream=lambda ctx, a: ("data", a["model"]),
               pipeline_keys=_domain_keys("verifier", "benchmarks"), tags=("gpu",),
-              samples=True, length_keys=("evaluate.max_new_tokens",)),
+              samples=True, length_keys=("evaluate.max_new_tokens",),
+              roles=lambda ctx, a: {"model": a["model"]}),
     # ... and the pipeline's comparison table over them (MOPD 4.1 normalised score, §8).
     StageKind("report", "tasks.report", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("evaluate",), lambda a: f"{ARTIFACTS}/report/{a['pipeline']}",
               args=("pipeline",), upstream=_report_upstream,
-              pipeline_keys=_domain_keys("benchmarks", "teacher"), listed_as="evaluate"),
+              pipeline_keys=_domain_keys("benchmarks", "teacher"), listed_as="evaluate",
+              roles=lambda ctx, a: {"evaluations": {n: n for n in ctx.names("evaluate")}}),
 )}
 
 def runtime_keys(kind: str, row: StageKind) -> tuple[str, ...]:
@@ -398,7 +450,8 @@ def build_graph(cfg: "Config") -> list[StageSpec]:
                 args=tuple(a.items()), params_keys=row.params(ctx, a) + runtime_keys(kind, row),
                 pipeline_keys=row.pipeline_keys(ctx, a), upstream=row.upstream(ctx, a),
                 domains=(a["domain"],) if row.per_domain else tuple(cfg.domains),
-                tags=row.tags, models=row.models(ctx, a), data_parallel=row.data_parallel))
+                tags=row.tags, models=row.models(ctx, a), roles=_roles(row, ctx, a),
+                data_parallel=row.data_parallel))
     specs = ctx.specs
     names = {s.name for s in specs}
     for s in specs:
@@ -407,6 +460,11 @@ def build_graph(cfg: "Config") -> list[StageSpec]:
             raise ValueError(f"pipelines.{cfg.pipeline}.stages: stage {s.name!r} needs {missing}, "
                              f"which the pipeline does not run")
     return _topological(specs)
+
+
+def _roles(row: StageKind, ctx: _Ctx, a: dict) -> tuple[tuple[str, Any], ...]:
+    roles = ({"data": "data"} if "data" in row.upstream(ctx, a) else {}) | row.roles(ctx, a)
+    return tuple((role, who if isinstance(who, str) else tuple(who.items())) for role, who in roles.items())
 
 
 def _topological(specs: list[StageSpec]) -> list[StageSpec]:

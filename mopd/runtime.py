@@ -1,6 +1,6 @@
 """Where models run: one device / dtype setting (`runtime` in params.yaml) for every stage.
 
-The stage runner (`tasks.cli.execute`) resolves the setting once per stage and exports it as
+The stage runner (`tasks.runner.execute`) resolves the setting once per stage and exports it as
 ``$MOPD_DEVICE`` / ``$MOPD_DTYPE``, so the stage's own code and every process it starts (local
 teacher servers) read the same values through :func:`current`. Outside a stage (library use,
 unit tests) the default is CPU / float32.

@@ -5,33 +5,29 @@ stage table starts the cascade at the second domain; the last step's model is `c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
-from mopd.artifacts import Result, finalize
-from mopd.checkpoint import stage_checkpoint
+from mopd.artifacts import Result
 from mopd.data import read_split
+from mopd.stage import StageContext
 from mopd.trainers.grpo import train_grpo
 from tasks.plotting import log_curves, reward_quarters
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
+    domain = ctx.args["domain"]
     order = cfg.cascade_order
     i = order.index(domain)
-    prev, = (path for name, path in inputs.items() if name != "data")  # the stage table's previous step
-    records = read_split(inputs["data"], domain, "train")
+    prev = ctx.role("student")  # the previous step of the cascade (the stage table says which)
+    records = read_split(ctx.role("data"), domain, "train")
     history = train_grpo(prev / "model", records, cfg.domain(domain).verifier, out_dir,
                          cfg.params.teacher[domain], cfg.params.seed, tracker,
-                         **stage_checkpoint(cfg.project_dir, f"cascade_rl:{domain}"))
+                         **ctx.checkpoint)
     log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
     metrics = reward_quarters(history)
-    return finalize(f"cascade_rl:{domain}", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("cascade_rl", run))

@@ -7,49 +7,46 @@ only cycle n onward."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
-from mopd.artifacts import Result, finalize
-from mopd.checkpoint import stage_checkpoint
+from mopd.artifacts import Result
 from mopd.data import read_split
+from mopd.stage import StageContext
 from mopd.teachers.ledger import history_totals
 from tasks.plotting import log_curves, reward_quarters
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, cycle: str, phase: str,
-        domain: str) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
+    cycle = ctx.args["cycle"]
+    phase = ctx.args["phase"]
+    domain = ctx.args["domain"]
     n, c = int(cycle), cfg.params.copd
     name = f"copd:{n}:{phase}:{domain}"
-    records = read_split(inputs["data"], domain, "train")
+    records = read_split(ctx.role("data"), domain, "train")
     kind = cfg.domain(domain).verifier
     # a distinct sampling stream per cycle (the same seed would replay cycle 1's prompt order)
     seed = cfg.params.seed + 7919 * (n - 1)
     if phase == "rl":
         from mopd.trainers.grpo import train_grpo
 
-        init = inputs["sft"] if n == 1 else inputs[f"copd:{n - 1}:opd:{domain}"]
+        init = ctx.role("student")  # SFT in cycle 1, else the branch's Phase II of cycle n-1
         recipe = cfg.params.teacher[domain].model_copy(update={"max_steps": c.rl_steps})
         history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker,
-                             **stage_checkpoint(cfg.project_dir, name))
+                             **ctx.checkpoint)
         log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}")
-        return finalize(name, cfg.project_dir, out_dir, reward_quarters(history))
+        return ctx.result(reward_quarters(history))
     if phase != "opd":
         raise ValueError(f"stage {name}: phase must be 'rl' or 'opd', got {phase!r}")
     from mopd.trainers.copd import train_copd_opd
     from mopd.verifiers import verify_batch
 
-    partners = {j: inputs[f"copd:{n}:rl:{j}"] / "model" for k, j in cfg.copd_pairs() if k == domain}
-    prompts = {domain: records} | {j: read_split(inputs["data"], j, "train") for j in partners}
+    partners = {j: path / "model" for j, path in ctx.roles_of("partners").items()}  # their Phase I, cycle n
+    prompts = {domain: records} | {j: read_split(ctx.role("data"), j, "train") for j in partners}
 
     def score(texts, refs):
         return [v.reward for v in verify_batch([kind] * len(texts), texts, refs)]
 
     tracker.log_params({"copd/partners": ",".join(sorted(partners)), "copd/cycle": n})
-    history = train_copd_opd(inputs[f"copd:{n}:rl:{domain}"] / "model", partners, prompts, domain, score,
+    history = train_copd_opd(ctx.role("student") / "model", partners, prompts, domain, score,
                              out_dir, c.opd, c.opd_steps, seed, tracker)
     log_curves(tracker, history, f"CoPD cycle {n} Phase II (mutual OPD): {domain} <- {sorted(partners)}")
     metrics = {}
@@ -59,10 +56,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, cycle: 
         short = key.split("/")[-1]
         metrics |= {f"{short}_first_quarter": sum(vals[:q]) / q, f"{short}_last_quarter": sum(vals[-q:]) / q}
     metrics |= history_totals(history, "copd/trained_tokens")  # scoring by the partners (mopd.teachers.ledger)
-    return finalize(name, cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("copd", run))

@@ -4,28 +4,24 @@ default, any mergekit method of `copd.merge_method`). Its table label is `copd`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
-from mopd.artifacts import Result, finalize
+from mopd.artifacts import Result
 from mopd.merging import merge, method_params
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
+from mopd.stage import StageContext
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     c = cfg.params.copd
-    branches = [inputs[f"copd:{c.cycles}:opd:{d}"] / "model" for d in cfg.copd_branches]
+    branches = [path / "model" for path in ctx.roles_of("branches").values()]  # the last cycle's Phase II
     params = method_params(c.merge_method, task_arithmetic_lambda=c.task_arithmetic_lambda, density=c.density,
                            seed=cfg.params.seed)
-    merge(c.merge_method, base=inputs["sft"] / "model", models=branches, out_dir=out_dir / "model",
+    merge(c.merge_method, base=ctx.role("base") / "model", models=branches, out_dir=out_dir / "model",
           params=params, overwrite=True)
     tracker.log_params({"copd/merge_method": c.merge_method, "copd/branches": ",".join(cfg.copd_branches)})
-    return finalize("copd_merge", cfg.project_dir, out_dir, {"n_branches": float(len(branches))})
+    return ctx.result({"n_branches": float(len(branches))})
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("copd_merge", run))

@@ -8,37 +8,34 @@ random-mask reference, as the `weight_shift` stage does for the teachers."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import random
-from pathlib import Path
 
 import pandas as pd
 
 from mopd.analysis import divergence_along_rollouts
-from mopd.artifacts import Result, finalize
+from mopd.artifacts import Result
 from mopd.data import read_split
-from mopd.models import load_model, load_tokenizer
 from mopd.metrics import weight_shift_pairs
+from mopd.models import load_model, load_tokenizer
 from mopd.plots import phase_lines, weight_shift_chart
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
+from mopd.stage import StageContext
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     c = cfg.params.copd
     rng = random.Random(cfg.params.seed)
     prompts = {}
     for d in cfg.copd_branches:
-        recs = read_split(inputs["data"], d, "train")
+        recs = read_split(ctx.role("data"), d, "train")
         prompts[d] = [r["prompt"] for r in rng.sample(recs, min(c.monitor_prompts, len(recs)))]
-    points = [(0, "SFT", {d: inputs["sft"] for d in cfg.copd_branches})]
+    points = [(0, "SFT", {d: ctx.role("student") for d in cfg.copd_branches})]
     for n in range(1, c.cycles + 1):
         for phase in ("rl", "opd"):
             points.append((len(points), f"{n}:{phase.upper()}",
-                           {d: inputs[f"copd:{n}:{phase}:{d}"] for d in cfg.copd_branches}))
+                           {d: ctx.roles_of("phases")[f"{n}:{phase}:{d}"] for d in cfg.copd_branches}))
     pairs = sorted({tuple(sorted(p)) for p in cfg.copd_pairs()})
-    tokenizer = load_tokenizer(inputs["sft"] / "model")
+    tokenizer = load_tokenizer(ctx.role("student") / "model")
     rows = []
     for point, label, dirs in points:
         models = {d: load_model(dirs[d] / "model") for d in cfg.copd_branches}
@@ -62,8 +59,8 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     fig.savefig(out_dir / "monitor.png", dpi=120)
     tracker.log_figure(fig, "monitor.png")
     tracker.log_artifact(out_dir / "monitor.csv")
-    final = {f"copd:{d}": inputs[f"copd:{c.cycles}:opd:{d}"] / "model" for d in cfg.copd_branches}
-    shift = weight_shift_pairs(inputs["sft"] / "model", final, eta=cfg.params.weight_shift.eta)
+    final = {f"copd:{d}": path / "model" for d, path in ctx.roles_of("final").items()}
+    shift = weight_shift_pairs(ctx.role("student") / "model", final, eta=cfg.params.weight_shift.eta)
     shift.to_csv(out_dir / "weight_shift.csv", index=False)
     fig = weight_shift_chart(shift, f"CoPD branches after cycle {c.cycles}: changed-weight Jaccard vs random reference")
     fig.savefig(out_dir / "weight_shift.png", dpi=120)
@@ -75,10 +72,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     for _, r in shift[shift["group"] == "all"].iterrows():
         pair = f"{r['a'].split(':')[-1]}_{r['b'].split(':')[-1]}"
         metrics |= {f"jaccard/{pair}": float(r["jaccard"]), f"random_reference/{pair}": float(r["random_reference"])}
-    return finalize("copd_monitor", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("copd_monitor", run))

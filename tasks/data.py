@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
-from mopd.artifacts import Result, finalize
-from mopd.settings.model import PretrainedProfile
+from mopd.artifacts import Result
 from mopd.data import domain_records, write_domain
+from mopd.settings.model import PretrainedProfile
+from mopd.stage import StageContext
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+def run(ctx: StageContext) -> Result:
     """Write <out_dir>/<domain>/{train,eval}.parquet for every domain of the pipeline and every
     other domain one of its benchmarks reads (:attr:`Config.data_domains`)."""
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     metrics = {}
     limit = cfg.params.data.max_prompt_length
     count = _token_counter(cfg) if limit is not None else None
@@ -28,10 +24,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
             metrics[f"{name}/{split}_records"] = len(recs)
         metrics[f"{name}/flawed_demos"] = sum(1 for r in records["train"] if r.get("flawed"))
     tracker.log_metrics(metrics)
-    return finalize("data", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
-def _token_counter(cfg: Config):
+def _token_counter(cfg):
     """Prompt length in tokens: the pretrained profile's own tokenizer; for the tiny profile,
     whose tokenizer is trained after this stage, UTF-8 bytes (its byte-level BPE never makes more
     tokens than bytes)."""
@@ -45,6 +41,6 @@ def _token_counter(cfg: Config):
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("data", run))

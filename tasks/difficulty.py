@@ -3,35 +3,32 @@ student, and the balanced (upsampled) prompt set the distillation stage trains o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
 import random
-from pathlib import Path
 
 import pandas as pd
 
-from mopd.artifacts import Result, finalize
+from mopd.artifacts import Result
 from mopd.data import BALANCED_FILE, read_split
 from mopd.difficulty import balance_all, pass_counts
 from mopd.progress import report
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
+from mopd.stage import StageContext
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+def run(ctx: StageContext) -> Result:
     """Per domain: pass counts of N student samples, histogram before/after, balanced prompts."""
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     from mopd.plots import difficulty_histogram
 
     p = cfg.params.difficulty
     metrics: dict[str, float] = {}
     for n_done, d in enumerate(cfg.domains):
         report(n_done, len(cfg.domains), "domains", force=True)
-        records = read_split(inputs["data"], d, "train")
+        records = read_split(ctx.role("data"), d, "train")
         # Score a random subset to estimate the histogram; hand on every prompt (never drop).
         scored = sorted(random.Random(cfg.params.seed).sample(range(len(records)),
                                                               min(p.max_prompts, len(records))))
-        counts = pass_counts(inputs["sft"] / "model", [records[i] for i in scored],
+        counts = pass_counts(ctx.role("student") / "model", [records[i] for i in scored],
                              cfg.domain(d).verifier, p, cfg.params.seed)
         balanced, plan, counts_info = balance_all(records, scored, counts, p, cfg.params.seed)
         (out_dir / d).mkdir(parents=True)
@@ -51,10 +48,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
                     f"{d}/shape_is_U": float(plan.shape == "U"), f"{d}/shape_is_J": float(plan.shape == "J")}
     report(len(cfg.domains), len(cfg.domains), "domains", force=True)
     tracker.log_metrics(metrics)
-    return finalize("difficulty", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("difficulty", run))

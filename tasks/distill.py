@@ -4,34 +4,27 @@ domain's teacher. The plain stage is MOPD (its table label is `mopd`); a variant
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import contextlib
-import os
-from pathlib import Path
 
 from mopd import runtime
-from mopd.artifacts import Result, finalize
-from mopd.checkpoint import KEY_ENV, checkpoint_dir
-from mopd.opd.settings import DistillParams
-from mopd.settings.multiround import MultiRoundParams
+from mopd.artifacts import Result
 from mopd.data import read_balanced, read_split
 from mopd.models import load_tokenizer
+from mopd.opd.settings import DistillParams
 from mopd.rollout import VLLMRollout
+from mopd.stage import StageContext
 from mopd.teachers.ledger import history_totals
 from mopd.teachers.routing import open_teachers
-from mopd.trainers.distill import train_mopd
+from mopd.trainers.distill import train_distill
 from tasks.plotting import log_curves
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
-        variant: str | None = None, round: str | None = None) -> Result:
+def run(ctx: StageContext) -> Result:
     """MOPD from the SFT student with each domain routed to its own teacher (ALGORITHMS §1-§3);
     multi-round MOPD round r >= 2 (MOPD §4.4.3): from round r-1's student, over the round's
-    domains, routed to the round's teachers."""
-    params = cfg.params.stage_params("distill", variant)
+    domains, routed to the round's teachers (the stage table's `student` and `teachers` roles)."""
+    cfg, round = ctx.cfg, ctx.args.get("round")
+    params = cfg.params.stage_params("distill", ctx.args.get("variant"))
     from mopd.verifiers import verify_batch
 
     domains = cfg.round_domains if round else cfg.domains
@@ -44,18 +37,15 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
 
     # Uni-OPD A.1: the difficulty stage's balanced prompt set when the pipeline runs it (and the
     # variant does not turn offline balancing off).
-    if "difficulty" in inputs and params.offline_balance:
-        prompts = {d: read_balanced(inputs["difficulty"], d) for d in domains}
+    if ctx.has("balanced") and params.offline_balance:
+        prompts = {d: read_balanced(ctx.role("balanced"), d) for d in domains}
     else:
-        prompts = {d: read_split(inputs["data"], d, "train") for d in domains}
-    # Routing (MOPD 3.3): local domains use the `teacher:<d>` checkpoint (round r: the
-    # `round_teacher:<r>:<d>` one), in-process or started as prefill servers for this stage only
-    # (`teacher_transport: http`); remote ones their endpoints.
+        prompts = {d: read_split(ctx.role("data"), d, "train") for d in domains}
+    # Routing (MOPD 3.3): local domains use their teacher stage's checkpoint, in-process or started
+    # as prefill servers for this stage only (`teacher_transport: http`); remote ones their endpoints.
     routes = {d: cfg.domain(d).teacher for d in domains}
-    local_dirs = {d: inputs[f"round_teacher:{round}:{d}" if round else f"teacher:{d}"] / "model"
-                  for d in cfg.local_teacher_domains if d in domains}
-    student = inputs[MultiRoundParams.student_stage(int(round) - 1) if round else "sft"] / "model"
-    name = f"multiround:{round}" if round else (f"distill:{variant}" if variant else "distill")
+    local_dirs = {d: path / "model" for d, path in ctx.roles_of("teachers").items() if d in domains}
+    student = ctx.role("student") / "model"
     with contextlib.ExitStack() as stack:
         # one torch thread per local server: several full-size OpenMP teams on a small CPU host
         # oversubscribe it (benchmarks/teacher_overlap.py)
@@ -64,15 +54,14 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *,
         # `runtime.rollout: vllm`: a colocated engine samples, synced to the student after each update
         rollout = (VLLMRollout(student, load_tokenizer(student), dtype=runtime.current().dtype)
                    if runtime.current().rollout == "vllm" else None)
-        history = train_mopd(student, teachers, prompts, out_dir, params, cfg.params.seed, tracker, score_fn=score,
-                             rollout=rollout, checkpoint=checkpoint_dir(cfg.project_dir, name),
-                             key=os.environ.get(KEY_ENV, ""))
-    log_curves(tracker, history, "MOPD distillation" + (f" round {round}" if round else ""))
+        history = train_distill(student, teachers, prompts, ctx.out_dir, params, cfg.params.seed, ctx.tracker,
+                                score_fn=score, rollout=rollout, **ctx.checkpoint)
+    log_curves(ctx.tracker, history, "MOPD distillation" + (f" round {round}" if round else ""))
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]
     metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n,
                **history_totals(history, "distill/trained_tokens")}
-    return finalize(name, cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 def _restrict(params: DistillParams, domains: list[str]) -> DistillParams:
@@ -90,6 +79,6 @@ def _restrict(params: DistillParams, domains: list[str]) -> DistillParams:
     return params.model_copy(update={"domain_weights": shares, "teacher_weights": rows or None})
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("distill", run))

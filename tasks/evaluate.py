@@ -5,32 +5,30 @@ pipeline's `report` stage puts them side by side."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
-from pathlib import Path
 
-from mopd.artifacts import MODELS_FILE, Result, finalize
+from mopd.artifacts import MODELS_FILE, Result
 from mopd.data import read_split
 from mopd.evaluation import evaluate_model
 from mopd.progress import report
+from mopd.stage import StageContext
 from mopd.stats import bootstrap_indices, mean_ci
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
 SCORES_FILE = "scores.json"
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, model: str) -> Result:
+def run(ctx: StageContext) -> Result:
     """Evaluate every model of stage ``model`` (its models.json) on every benchmark of every
     domain (a benchmark is a domain's eval split, checked by that domain's verifier)."""
-    models: dict[str, str] = json.loads((inputs[model] / MODELS_FILE).read_text())
-    problems = {b: (cfg.domain(b).verifier, read_split(inputs["data"], b, "eval"))
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
+    model = ctx.args["model"]
+    models: dict[str, str] = json.loads((ctx.role("model") / MODELS_FILE).read_text())
+    problems = {b: (cfg.domain(b).verifier, read_split(ctx.role("data"), b, "eval"))
                 for d in cfg.domains for b in cfg.benchmarks(d)}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for i, (label, rel) in enumerate(models.items()):
         report(i, len(models), "models", force=True)
-        scores[label] = evaluate_model(inputs[model] / rel, problems, cfg.params.evaluate,
+        scores[label] = evaluate_model(ctx.role("model") / rel, problems, cfg.params.evaluate,
                                        cfg.params.seed)
     report(len(models), len(models), "models", force=True)
     (out_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
@@ -50,10 +48,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, model: 
                       f"avg_at_k_ci_hi/{bench}": hi, f"pass_at_k/{bench}": v["pass@k"]}
         with tracker.child(label, kind="method", method=label, stage=f"evaluate:{model}") as run:
             run.log_metrics(child)
-    return finalize(f"evaluate:{model}", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("evaluate", run))

@@ -4,38 +4,34 @@ domain's verifier, the domains in fixed ratios within every step's batch."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from collections import Counter
-from pathlib import Path
 
-from mopd.artifacts import Result, finalize
-from mopd.checkpoint import stage_checkpoint
+from mopd.artifacts import Result
 from mopd.data import read_split
+from mopd.stage import StageContext
 from mopd.trainers.grpo import mixed_schedule, train_grpo
 from tasks.plotting import log_curves, reward_quarters
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     params = cfg.params.mix_rl
     domains = cfg.domains
     weights = params.domain_weights or {d: 1 / len(domains) for d in domains}
     records = {d: [{**r, "kind": cfg.domain(d).verifier, "domain": d}
-                   for r in read_split(inputs["data"], d, "train")] for d in domains}
+                   for r in read_split(ctx.role("data"), d, "train")] for d in domains}
     per_step = params.batch_size // params.num_generations
     stream = mixed_schedule(records, weights, per_step, params.max_steps, cfg.params.seed)
     counts = Counter(r["domain"] for r in stream)
     tracker.log_params({f"mix_rl/prompts_{d}": counts[d] for d in domains})
-    history = train_grpo(inputs["sft"] / "model", stream, None, out_dir, params, cfg.params.seed,
-                         tracker, ordered=True, **stage_checkpoint(cfg.project_dir, "mix_rl"))
+    history = train_grpo(ctx.role("student") / "model", stream, None, out_dir, params, cfg.params.seed,
+                         tracker, ordered=True, **ctx.checkpoint)
     log_curves(tracker, history, "Mix-RL")
     metrics = {f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
-    return finalize("mix_rl", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("mix_rl", run))

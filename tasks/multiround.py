@@ -4,22 +4,17 @@ is `tasks.distill`'s with the `distill` section; this module gives it its own co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
 from mopd.artifacts import Result
+from mopd.stage import StageContext
 from tasks.distill import run as run_distill
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, round: str) -> Result:
+def run(ctx: StageContext) -> Result:
     """Round ``round`` of MOPD."""
-    return run_distill(cfg, inputs, out_dir, tracker, round=round)
+    return run_distill(ctx)  # its student and teachers are the stage table's roles for the round
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("multiround", run))

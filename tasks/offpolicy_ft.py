@@ -6,26 +6,21 @@ and what was kept are written to `rollouts.jsonl`; kept counts per domain are me
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import contextlib
 import json
 import logging
 import random
-from pathlib import Path
 
-from mopd.artifacts import Result, finalize
-from mopd.checkpoint import stage_checkpoint
-from mopd.settings.offpolicy import OffPolicyFTParams
+from mopd.artifacts import Result
 from mopd.data import read_split
 from mopd.models import load_tokenizer
 from mopd.rollout import encode_prompts
+from mopd.settings.offpolicy import OffPolicyFTParams
+from mopd.stage import StageContext
 from mopd.teachers.ledger import Ledger, stage_totals
 from mopd.teachers.routing import open_teachers
 from mopd.trainers.sft import train_sft
 from tasks.plotting import log_curves
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +48,14 @@ def teacher_rollouts(clients: dict, tokenizer, prompts: dict[str, list[dict]], k
     return rows
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     params = cfg.params.offpolicy_ft
     domains = cfg.domains
-    tokenizer = load_tokenizer(inputs["sft"] / "model")
-    prompts = {d: read_split(inputs["data"], d, "train") for d in domains}
+    tokenizer = load_tokenizer(ctx.role("student") / "model")
+    prompts = {d: read_split(ctx.role("data"), d, "train") for d in domains}
     routes = {d: cfg.domain(d).teacher for d in domains}
-    local_dirs = {d: inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains}
+    local_dirs = {d: path / "model" for d, path in ctx.roles_of("teachers").items()}
     ledger = Ledger()  # what the teachers' rollouts cost (mopd.teachers.ledger)
     with contextlib.ExitStack() as stack:
         clients = ledger.wrap(open_teachers(routes, local_dirs, transport="inprocess", stack=stack,
@@ -86,13 +82,13 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     # the student's tokens here: the completions it is fine-tuned on (one pass over them)
     student_tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in kept)
     metrics |= stage_totals(ledger.totals(), student_tokens)
-    history = train_sft(inputs["sft"] / "model", kept, out_dir, params.sft, cfg.params.seed, tracker,
-                        **stage_checkpoint(cfg.project_dir, "offpolicy_ft"))
+    history = train_sft(ctx.role("student") / "model", kept, out_dir, params.sft, cfg.params.seed, tracker,
+                        **ctx.checkpoint)
     log_curves(tracker, history, "off-policy fine-tuning")
-    return finalize("offpolicy_ft", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("offpolicy_ft", run))

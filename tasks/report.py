@@ -6,20 +6,20 @@ named by its pipeline: comparing that pipeline's methods is what it computes."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import functools
 import json
 import math
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from mopd.artifacts import RESULT_FILE, Result, finalize, load_result
+from mopd.artifacts import RESULT_FILE, Result, load_result
 from mopd.graph import build_graph
-from mopd.teachers.ledger import FIELDS
+from mopd.stage import StageContext
 from mopd.stats import comparison
+from mopd.teachers.ledger import FIELDS
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
+if TYPE_CHECKING:
     from mopd.config import Config
 
 STUDENT = "sft"
@@ -28,11 +28,14 @@ TABLE_FILE = "table.json"
 COST_FIELDS = (*FIELDS, "student_tokens")
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipeline: str) -> Result:
+def run(ctx: StageContext) -> Result:
     """Gather the evaluations of ``pipeline``'s models into its comparison table."""
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
+    pipeline = ctx.args["pipeline"]
+    evaluations = ctx.roles_of("evaluations")
     scores: dict[str, dict[str, dict]] = {}
-    for stage in inputs:  # upstream order: sft, teachers, methods
-        scores |= json.loads((inputs[stage] / SCORES_FILE).read_text())
+    for path in evaluations.values():  # upstream order: sft, teachers, methods
+        scores |= json.loads((path / SCORES_FILE).read_text())
     # Normalised per domain against that domain's own teacher; a domain whose teacher is a remote
     # endpoint has no checkpoint here to evaluate, so it is left out of the normalised table.
     local = [d for d in cfg.local_teacher_domains if f"teacher:{d}" in scores]
@@ -41,7 +44,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
                        teachers={d: f"teacher:{d}" for d in local}, level=p.ci_level,
                        n_boot=p.bootstrap, seed=cfg.params.seed)
     table |= {"pipeline": pipeline, "n": p.n, "k": p.k}
-    costs = teacher_costs(cfg, list(inputs))
+    costs = teacher_costs(cfg, list(evaluations))
     for m, entry in table["methods"].items():
         entry["teacher_cost"] = costs.get(m)
     (out_dir / TABLE_FILE).write_text(json.dumps(table, indent=2) + "\n")
@@ -92,7 +95,7 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
             metrics[f"teacher_gain_significant/{d}"] = float(g["significant"])
     metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
     tracker.log_metrics(metrics)
-    return finalize(f"report:{pipeline}", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, float]]:
@@ -152,6 +155,6 @@ def _normalized_frames(table: dict, domains: list[str]) -> tuple[pd.DataFrame, p
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("report", run))

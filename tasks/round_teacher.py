@@ -4,22 +4,17 @@ recipe. The computation is `tasks.teacher`'s; this module gives it its own comma
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
 from mopd.artifacts import Result
+from mopd.stage import StageContext
 from tasks.teacher import run as run_teacher
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, round: str, domain: str) -> Result:
+def run(ctx: StageContext) -> Result:
     """GRPO of round ``round - 1``'s student on ``domain``'s training prompts."""
-    return run_teacher(cfg, inputs, out_dir, tracker, domain=domain, round=round)
+    return run_teacher(ctx)  # its student (round - 1's) is the `student` role of the stage table
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("round_teacher", run))

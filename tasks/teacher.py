@@ -3,36 +3,26 @@ domain's verifier as reward (MOPD 3.1). Teachers are independent: one failing st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
-from mopd.artifacts import Result, finalize
-from mopd.checkpoint import stage_checkpoint
-from mopd.settings.multiround import MultiRoundParams
+from mopd.artifacts import Result
 from mopd.data import read_split
+from mopd.stage import StageContext
 from mopd.trainers.grpo import train_grpo
 from tasks.plotting import log_curves, reward_quarters
 
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
 
-
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, domain: str,
-        round: str | None = None) -> Result:
+def run(ctx: StageContext) -> Result:
     """GRPO of the SFT model on ``domain``'s training prompts (multi-round MOPD, round r >= 2:
     of round r-1's student instead, MOPD §4.4.3)."""
-    records = read_split(inputs["data"], domain, "train")
+    cfg, domain, round = ctx.cfg, ctx.args["domain"], ctx.args.get("round")
+    records = read_split(ctx.role("data"), domain, "train")
     kind = cfg.domain(domain).verifier
-    init = inputs["sft"] if round is None else inputs[MultiRoundParams.student_stage(int(round) - 1)]
-    name = f"round_teacher:{round}:{domain}" if round else f"teacher:{domain}"
-    history = train_grpo(init / "model", records, kind, out_dir, cfg.params.teacher[domain], cfg.params.seed,
-                         tracker, **stage_checkpoint(cfg.project_dir, name))
-    log_curves(tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
-    metrics = reward_quarters(history)
-    return finalize(name, cfg.project_dir, out_dir, metrics)
+    history = train_grpo(ctx.role("student") / "model", records, kind, ctx.out_dir, cfg.params.teacher[domain],
+                         cfg.params.seed, ctx.tracker, **ctx.checkpoint)
+    log_curves(ctx.tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
+    return ctx.result(reward_quarters(history))
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("teacher", run))

@@ -8,7 +8,6 @@ pipeline's methods."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
 import random
 from pathlib import Path
@@ -16,17 +15,17 @@ from pathlib import Path
 import pandas as pd
 
 from mopd.analysis import divergence_along_rollouts
-from mopd.artifacts import MODELS_FILE, Result, finalize
+from mopd.artifacts import MODELS_FILE, Result
 from mopd.data import read_split
 from mopd.models import load_model, load_tokenizer
 from mopd.plots import score_table_chart
 from mopd.progress import report
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
+from mopd.stage import StageContext
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipeline: str) -> Result:
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
+    pipeline = ctx.args["pipeline"]
     p = cfg.params.teacher_fit
     rng = random.Random(cfg.params.seed)
     domains = cfg.local_teacher_domains
@@ -34,13 +33,12 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
         raise ValueError(f"teacher_fit: pipeline {pipeline!r} trains no teacher to compare against")
     prompts = {}
     for d in domains:
-        recs = read_split(inputs["data"], d, "eval")
+        recs = read_split(ctx.role("data"), d, "eval")
         prompts[d] = [r["prompt"] for r in rng.sample(recs, min(p.prompts, len(recs)))]
     methods: dict[str, Path] = {}
-    for stage, path in inputs.items():
-        if stage != "data":
-            for label, rel in json.loads((path / MODELS_FILE).read_text()).items():
-                methods[label] = path / rel
+    for path in ctx.roles_of("models").values():
+        for label, rel in json.loads((path / MODELS_FILE).read_text()).items():
+            methods[label] = path / rel
     teachers = {d: methods[f"teacher:{d}"] for d in domains}
     tokenizer = load_tokenizer(teachers[domains[0]])
     teacher_models = {d: load_model(t) for d, t in teachers.items()}
@@ -68,10 +66,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker, *, pipelin
         fig = score_table_chart(wide, f"{pipeline}: {what}, along each method's own rollouts")
         fig.savefig(out_dir / f"{key}.png", dpi=120)
         tracker.log_figure(fig, f"{key}.png")
-    return finalize(f"teacher_fit:{pipeline}", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("teacher_fit", run))

@@ -7,24 +7,20 @@ interferes little); far above it, they compete for the same ones. CSV + PNG, log
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-from pathlib import Path
-
-from mopd.artifacts import Result, finalize
+from mopd.artifacts import Result
 from mopd.metrics import weight_shift_pairs
 from mopd.plots import weight_shift_chart
-
-if TYPE_CHECKING:  # the root configuration belongs to the runner (tasks.cli)
-    from mopd.config import Config
+from mopd.stage import StageContext
 
 
-def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
-    teachers = {f"teacher:{d}": inputs[f"teacher:{d}"] / "model" for d in cfg.local_teacher_domains}
+def run(ctx: StageContext) -> Result:
+    cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
+    teachers = {f"teacher:{d}": path / "model" for d, path in ctx.roles_of("teachers").items()}
     if len(teachers) < 2:
         raise ValueError(f"weight_shift compares teachers pairwise: pipeline {cfg.pipeline!r} trains "
                          f"{len(teachers)} ({sorted(teachers)})")
     eta = cfg.params.weight_shift.eta
-    table = weight_shift_pairs(inputs["sft"] / "model", teachers, eta=eta)
+    table = weight_shift_pairs(ctx.role("base") / "model", teachers, eta=eta)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "pairs.csv", index=False)
     fig = weight_shift_chart(table, f"Weight shift against SFT (η = {eta:g}): Jaccard vs random reference")
@@ -39,10 +35,10 @@ def run(cfg: Config, inputs: dict[str, Path], out_dir: Path, tracker) -> Result:
     for name in teachers:  # each teacher's overall change rate (from any pair it is in)
         row = whole[(whole["a"] == name) | (whole["b"] == name)].iloc[0]
         metrics[f"change_rate/{name.split(':')[-1]}"] = float(row["rate_a"] if row["a"] == name else row["rate_b"])
-    return finalize("weight_shift", cfg.project_dir, out_dir, metrics)
+    return ctx.result(metrics)
 
 
 if __name__ == "__main__":
-    from tasks.cli import main
+    from tasks.runner import main
 
     raise SystemExit(main("weight_shift", run))

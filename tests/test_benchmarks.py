@@ -46,6 +46,7 @@ def test_every_benchmark_is_evaluated_and_pooled(tmp_path):
     from mopd.graph import build_graph, key_inputs
     from mopd.models import build_base
     from mopd.tracking import NullTracker
+    from mopd.stage import StageContext
     from tasks import data, evaluate, report
 
     cfg = load_config(_project(tmp_path, _two_math_benchmarks))
@@ -54,14 +55,16 @@ def test_every_benchmark_is_evaluated_and_pooled(tmp_path):
     assert "domains.arith.data" in json.dumps(key_inputs(cfg, graph["data"], {})["config"])
 
     art = tmp_path / "artifacts"
-    data.run(cfg, {}, art / "data", NullTracker())
+    data.run(StageContext("data", "", cfg, art / "data", {}, {}, NullTracker()))
     assert (art / "data" / "arith" / "eval.parquet").is_file()
     build_base(SMALL, corpus(art / "data", ["math", "code"]), art / "m" / "model", seed=0)
     models = {"sft": "model", "teacher:math": "model", "teacher:code": "model"}
     (art / "m" / "models.json").write_text(json.dumps(models))
     out = art / "evaluate" / "m"
     out.mkdir(parents=True)
-    evaluate.run(cfg, {"data": art / "data", "m": art / "m"}, out, NullTracker(), model="m")
+    inputs = {"data": art / "data", "m": art / "m"}
+    evaluate.run(StageContext("evaluate:m", "", cfg, out, inputs, {"data": art / "data", "model": art / "m"},
+                              NullTracker(), {"model": "m"}))
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["sft"]) == {"math", "arith", "code"}
     n_eval = cfg.params.data.n_eval
@@ -69,7 +72,8 @@ def test_every_benchmark_is_evaluated_and_pooled(tmp_path):
 
     rep = art / "report" / "full"
     rep.mkdir(parents=True)
-    report.run(cfg, {"evaluate:m": out}, rep, NullTracker(), pipeline="full")
+    report.run(StageContext("report:full", "", cfg, rep, {"evaluate:m": out}, {"evaluations": {"evaluate:m": out}},
+                            NullTracker(), {"pipeline": "full"}))
     table = json.loads((rep / "table.json").read_text())
     assert set(table["methods"]["sft"]["domains"]) == {"math", "arith", "code"}
     # The gain test pools math's two benchmarks prompt-wise: 2 x n_eval paired prompts.

@@ -136,7 +136,7 @@ def test_method_specs_match_their_losses():
     with pytest.raises(ValueError, match=r"objective_params.beta = 1.5: must be a number in \[0, 1\]"):
         DistillParams(objective="jsd", objective_params={"beta": 1.5})
     with pytest.raises(ValueError, match=r"objective_params.tau = True: must be a number <= 0"):
-        DistillParams(objective="reopold_clip", objective_params={"tau": True})
+        DistillParams(objective="clip_outlier", objective_params={"tau": True})
 
 
 def test_yaml_that_dvc_cannot_read_is_refused(tmp_path):

@@ -90,13 +90,13 @@ def same_origin(tmp_path_factory):
 
 
 # The policy-gradient forms on the same-origin fixture, 60 steps of 4 prompts x 16 rollouts
-# (measured on 2 cores: mopd_pg -78%, reopold_clip -75%, mask_outlier -65%, entropy_opd -62%,
+# (measured on 2 cores: mopd_pg -78%, clip_outlier -75%, mask_outlier -65%, entropy_opd -62%,
 # jsd -66%). tau = -1 makes the outlier rules act on this fixture (at -5 no token is an
 # outlier and both equal mopd_pg). On the far teacher above, PG forms with 16 rollouts a step
 # barely move (mopd_pg -3%) and mask_outlier *raises* the KL (+78%: masking the most negative
 # tokens favours them) — the instability that TrOPD's trust region addresses.
 PG_DROP = 0.35
-PG_OBJECTIVES = {"mopd_pg": {}, "reopold_clip": {"tau": -1.0}, "mask_outlier": {"tau": -1.0},
+PG_OBJECTIVES = {"mopd_pg": {}, "clip_outlier": {"tau": -1.0}, "mask_outlier": {"tau": -1.0},
                  "entropy_opd": {}, "jsd": {}}
 
 

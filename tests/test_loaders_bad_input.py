@@ -166,6 +166,7 @@ def test_data_stage_applies_max_prompt_length_from_params(tmp_path):
 
     from mopd.config import load_config
     from mopd.tracking import NullTracker
+    from mopd.stage import StageContext
     from tasks import data
     from tests.conftest import ROOT, micro_params, write_params
 
@@ -182,6 +183,6 @@ def test_data_stage_applies_max_prompt_length_from_params(tmp_path):
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(tmp_path)
     with pytest.raises(ValueError) as err:
-        data.run(cfg, {}, tmp_path / "artifacts" / "data", NullTracker())
+        data.run(StageContext("data", "", cfg, tmp_path / "artifacts" / "data", {}, {}, NullTracker()))
     msg = str(err.value)
     assert "mine.jsonl" in msg and "row 10" in msg and "'question'" in msg and "67 tokens" in msg, msg  # "[mine] " + 60 bytes

@@ -1,7 +1,7 @@
 """Issue #23: a new on-policy method with its own shaping is one module (here: this test module),
 two YAML entries and the regenerated dvc.yaml — nothing else of mopd is edited. The method is
 registered from here and run end to end on the micro project, every stage through the stage
-runner (`tasks.cli.execute`), as docs/methods.md's recipe says."""
+runner (`tasks.runner.execute`), as docs/methods.md's recipe says."""
 
 from __future__ import annotations
 
@@ -76,11 +76,12 @@ def registered():
 
 @pytest.mark.slow
 def test_a_method_registered_here_runs_end_to_end(registered, micro_project, tmp_path):
+    from tasks.runner import execute
+
     from mopd import dvcgen
     from mopd.artifacts import load_result
     from mopd.config import ConfigError, load_config
     from mopd.graph import build_graph
-    from tasks.cli import execute
 
     # the two YAML entries
     params = micro_params()

@@ -56,7 +56,7 @@ def _naive(name, batch, **p):
             lp_k, lq_k = batch.student_topk_logprobs_BTK[b, t], batch.teacher_topk_logprobs_BTK[b, t]
             if name == "mopd_pg":
                 per[b][t] = -max(-5.0, min(5.0, a)) * ratio
-            elif name == "reopold_clip":
+            elif name == "clip_outlier":
                 per[b][t] = -max(a, p["tau"]) * ratio
             elif name == "mask_outlier":
                 per[b][t] = -(a if a > p["tau"] else 0.0) * ratio
@@ -75,7 +75,7 @@ def _naive(name, batch, **p):
 
 
 @pytest.mark.parametrize("name,params", [
-    ("mopd_pg", {}), ("reopold_clip", {"tau": -1.0}), ("mask_outlier", {"tau": -1.0}),
+    ("mopd_pg", {}), ("clip_outlier", {"tau": -1.0}), ("mask_outlier", {"tau": -1.0}),
     ("mopd_topk", {}), ("topk_fkl", {}), ("jsd", {"beta": 0.3}),
 ])
 def test_objective_matches_naive_value_and_gradient(name, params):
@@ -138,7 +138,7 @@ def test_mopd_pg_uses_given_advantages():
 
 
 def test_registry_errors_and_extension():
-    with pytest.raises(ValueError, match=r"unknown objective 'nope'; valid names: \['entropy_opd', 'jsd'"):
+    with pytest.raises(ValueError, match=r"unknown objective 'nope'; valid names: \['clip_outlier', 'entropy_opd'"):
         get_objective("nope")
     batch, _ = _batch(5)
     bare = DistillBatch(mask_BT=batch.mask_BT, student_logprobs_BT=batch.student_logprobs_BT)
@@ -149,7 +149,7 @@ def test_registry_errors_and_extension():
         get_objective("mopd_pg")(bare)
     assert required_fields("entropy_opd") == ("student_logprobs_BT", "teacher_logprobs_BT", "student_entropy_BT",
                                               "mask_BT")
-    assert {"mopd_pg", "mopd_topk", "tropd", "reopold_clip", "mask_outlier", "entropy_opd", "jsd",
+    assert {"mopd_pg", "mopd_topk", "tropd", "clip_outlier", "mask_outlier", "entropy_opd", "jsd",
             "topk_fkl"} <= set(OBJECTIVES)
     with pytest.raises(ValueError, match="unknown DistillBatch field"):
         register_objective("bad", requires=("no_such_field",))

@@ -27,7 +27,7 @@ TRAINED = {"sft", "teacher", "round_teacher", "distill", "multiround", "mix_rl",
 
 
 def test_every_model_running_stage_gets_the_configured_device_and_dtype(tmp_path: Path, monkeypatch):
-    from tasks.cli import execute
+    from tasks.runner import execute
 
     project = tmp_path / "project"
     project.mkdir()
@@ -84,7 +84,7 @@ def test_runtime_resolution_and_its_errors(monkeypatch):
 
 
 def test_a_device_the_host_lacks_fails_before_the_stage_touches_its_output(micro_project: Path, capsys):
-    from tasks.cli import main
+    from tasks.runner import main
     from tasks.data import run
 
     params = yaml.safe_load((micro_project / "params.yaml").read_text())

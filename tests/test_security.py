@@ -49,7 +49,7 @@ def test_redact_secrets_in_config_sections():
 
 
 def test_stage_params_with_endpoint_credentials_are_redacted(tmp_path):
-    """What tasks/cli.py writes to config.json and logs as MLflow params for the distill stage."""
+    """What tasks/runner.py writes to config.json and logs as MLflow params for the distill stage."""
     from mopd.config import load_config
     from mopd.graph import config_sections, get_spec
     from tests.conftest import ROOT, micro_params, write_params

@@ -79,6 +79,7 @@ def test_report_stage_marks_a_no_gain_teacher_missing(tmp_path):
 
     from mopd.config import load_config
     from mopd.tracking import NullTracker
+    from mopd.stage import StageContext
     from tasks.report import run
 
     write_params(tmp_path, micro_params())
@@ -95,7 +96,8 @@ def test_report_stage_marks_a_no_gain_teacher_missing(tmp_path):
         inputs[f"evaluate:{label}"] = d
     out = tmp_path / "artifacts" / "report" / "full"
     out.mkdir(parents=True)
-    result = run(cfg, inputs, out, NullTracker(), pipeline="full")
+    result = run(StageContext("report:full", "", cfg, out, inputs, {"evaluations": inputs}, NullTracker(),
+                              {"pipeline": "full"}))
     norm = pd.read_csv(out / "normalized.csv", index_col=0)
     assert np.isnan(norm.loc["mopd", "math"])  # missing, not a ratio of noise
     assert "teacher:math's gain over sft on math" in norm.loc["mopd", "note"]

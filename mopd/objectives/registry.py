@@ -27,13 +27,13 @@ from mopd.objectives._common import masked_average
 from mopd.objectives.opd import opd_advantage, pg_per_token, topk_distill_per_token
 from mopd.objectives.tropd import (
     entropy_top_mask,
-    tropd_loss,
     jsd_k1_advantage,
     jsd_topk_per_token,
     mask_outlier_advantage,
     prefix_guidance_loss,
     reopold_clip_advantage,
     topk_fkl_per_token,
+    tropd_loss,
     trust_mask,
 )
 from mopd.opd.methods import METHODS, MethodSpec, NoParams, get_method, register_method
@@ -200,9 +200,10 @@ def _pg_with(batch: DistillBatch, adv_BT: torch.Tensor, mask_BT: torch.Tensor, e
     return loss, {"loss": float(loss.detach()), "advantage_mean": _mean(adv_BT, mask_BT), **_k1_metrics(batch)}
 
 
-def reopold_clip(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
+def clip_outlier(batch: DistillBatch, *, tau: float = -5.0, eps_low: float = 0.2, eps_high: float = 0.2,
                  token_mean: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-    """§5 baseline Clip Outlier (REOPOLD): PG with r = max(u - s, τ)."""
+    """§5 baseline Clip Outlier: PG with REOPOLD's clipped advantage r = max(u - s, τ)
+    (:func:`~mopd.objectives.tropd.reopold_clip_advantage`)."""
     adv_BT = reopold_clip_advantage(batch.teacher_logprobs_BT, _old(batch), tau=tau)
     return _pg_with(batch, adv_BT, batch.mask_BT, eps_low, eps_high, token_mean)
 

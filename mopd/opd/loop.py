@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from mopd import checkpoint as ckpt, runtime
+from mopd import checkpoint as ckpt
+from mopd import runtime
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.progress import report
 from mopd.teachers.ledger import Ledger, step_metrics

@@ -153,7 +153,7 @@ for _spec in (
     MethodSpec("tropd", f"{_R}:tropd", TrOPDParams, _TROPD, takes=("clip", "token_mean", "generator"),
                prefix_loss=True, data_parallel=False,  # its trust mask draws over the whole batch
                summary="§5 TrOPD: K1 PG on trusted tokens, top-k FKL on outliers, β·NLL on prefixes"),
-    MethodSpec("reopold_clip", f"{_R}:reopold_clip", OutlierParams, _K1, k1_mixable=True,
+    MethodSpec("clip_outlier", f"{_R}:clip_outlier", OutlierParams, _K1, k1_mixable=True,
                summary="§5 Clip Outlier (REOPOLD): r = max(u - s, τ)"),
     MethodSpec("mask_outlier", f"{_R}:mask_outlier", OutlierParams, _K1, k1_mixable=True,
                summary="§5 Mask Outlier: r = 1[u - s > τ](u - s)"),

@@ -10,7 +10,15 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mopd.opd.methods import BUILTIN, METHODS, get_method
-from mopd.settings.base import PipelineFacts, PosFloat, PosInt, Prob, Strict, check_shares, plain
+from mopd.settings.base import (
+    PipelineFacts,
+    PosFloat,
+    PosInt,
+    Prob,
+    Strict,
+    check_shares,
+    plain,
+)
 
 
 class UniOPDParams(Strict):

@@ -24,7 +24,11 @@ from typing import ClassVar
 import torch
 
 from mopd.objectives.balancing import online_balance
-from mopd.objectives.calibration import calibrated_token_advantages, margin, margin_calibrate_groups
+from mopd.objectives.calibration import (
+    calibrated_token_advantages,
+    margin,
+    margin_calibrate_groups,
+)
 from mopd.objectives.opd import opd_advantage, response_return
 from mopd.objectives.tropd import cosine_prefix_length
 from mopd.opd.batch import PackedBatch, RolloutBatch

@@ -70,8 +70,8 @@ class ReasoningGymSource(Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-DataSource = Annotated[SyntheticSource | HubSource | LocalSource | HumanEvalSource
-                       | ReasoningGymSource, Field(discriminator="source")]
+DataSourceConfig = Annotated[SyntheticSource | HubSource | LocalSource | HumanEvalSource
+                             | ReasoningGymSource, Field(discriminator="source")]
 
 
 VerifierKind = Literal["math", "code", "if", "mc"]
@@ -99,7 +99,7 @@ TeacherSource = Annotated[LocalTeacher | RemoteTeacher, Field(discriminator="sou
 
 class DomainConfig(Strict):
     verifier: VerifierKind
-    data: DataSource = SyntheticSource()
+    data: DataSourceConfig = SyntheticSource()
     teacher: TeacherSource = LocalTeacher()
     # The domain's evaluation sets, each a column of the comparison table: the domain's own name
     # (its eval split) and/or other declared domains of the same verifier kind, whose eval split

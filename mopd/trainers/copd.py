@@ -31,7 +31,13 @@ from mopd.objectives.routing import copd_advantage, group_advantages
 from mopd.opd.loop import LoopPlan, Student, train_loop
 from mopd.opd.sampler import rollout_and_score
 from mopd.opd.update import student_quantities
-from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts, pack
+from mopd.rollout import (
+    RolloutBackend,
+    Sample,
+    TransformersRollout,
+    encode_prompts,
+    pack,
+)
 from mopd.settings.copd import CoPDOPDParams
 from mopd.teachers import TeacherClient, lay_out
 from mopd.teachers.ledger import Ledger

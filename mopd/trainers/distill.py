@@ -31,10 +31,23 @@ from mopd.opd.batch import RolloutBatch, StepTiming
 from mopd.opd.loop import LoopPlan, Student, one_thread, train_loop
 from mopd.opd.methods import MethodSpec, get_method
 from mopd.opd.sampler import Sampler, chunk_bounds, draw_domains, rollout_and_score
-from mopd.opd.scorers import RoutedScorer, WeightedScorer, collect_scoring, mix_teachers, submit_scoring
+from mopd.opd.scorers import (
+    RoutedScorer,
+    WeightedScorer,
+    collect_scoring,
+    mix_teachers,
+    submit_scoring,
+)
 from mopd.opd.settings import DistillParams
-from mopd.opd.shapers import (MarginCalibration, OnlineBalance, Shaper, TeacherPrefixes, teacher_prefixes,
-                              uniopd_advantages, uniopd_balance)
+from mopd.opd.shapers import (
+    MarginCalibration,
+    OnlineBalance,
+    Shaper,
+    TeacherPrefixes,
+    teacher_prefixes,
+    uniopd_advantages,
+    uniopd_balance,
+)
 from mopd.opd.update import TOPK_FIELDS, Update, student_quantities, update_passes
 from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts
 from mopd.teachers import InProcessTeacher, TeacherClient
@@ -43,7 +56,7 @@ from mopd.teachers.ledger import Ledger
 # The seams' functions, importable from here as before the split (tests, benchmarks, CoPD).
 __all__ = ["StepTiming", "as_clients", "check_data_parallel", "chunk_bounds", "collect_scoring", "draw_domains",
            "mix_teachers", "objective_kwargs", "rollout_and_score", "student_quantities", "submit_scoring",
-           "teacher_prefixes", "train_mopd", "uniopd_advantages", "uniopd_balance", "update_passes"]
+           "teacher_prefixes", "train_distill", "train_mopd", "uniopd_advantages", "uniopd_balance", "update_passes"]
 _one_thread = one_thread
 
 
@@ -192,7 +205,7 @@ def _step_metrics(batch: RolloutBatch, mask_BT: torch.Tensor, step_seconds: floa
 
 # why: 11 parameters: the stage's inputs (student, teachers, prompts, output), its settings, seed
 # and tracker, plus four optional seams a caller may replace (verifier, rollout backend, checkpoint).
-def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
+def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
                out_dir: Path, params: DistillParams, seed: int, tracker, *,
                score_fn=None, rollout: RolloutBackend | None = None, checkpoint: Path | None = None,
                key: str = "") -> dict[str, list[tuple[int, float]]]:
@@ -238,6 +251,9 @@ def train_mopd(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], promp
                     checkpoint=checkpoint, key=key, checkpoint_every=params.checkpoint_every,
                     trained_tokens_key="distill/trained_tokens")
     return train_loop(student, optim, rollout, ledger, tracker, out_dir, plan, step)
+
+
+train_mopd = train_distill  # the name before every variant trained here (tests, benchmarks)
 
 
 def as_clients(teachers: dict[str, "TeacherClient | Path | str"]) -> dict[str, TeacherClient]:

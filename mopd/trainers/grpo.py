@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mopd.settings.grpo import GRPOParams
 from mopd.models import load_model, load_tokenizer
+from mopd.settings.grpo import GRPOParams
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 
 log = logging.getLogger(__name__)

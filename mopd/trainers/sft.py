@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mopd.settings.sft import SFTParams
 from mopd.models import load_model, load_tokenizer
+from mopd.settings.sft import SFTParams
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 
 log = logging.getLogger(__name__)

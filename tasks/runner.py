@@ -1,9 +1,12 @@
-"""The one way a stage is executed, from DVC (`python -m tasks.<stage>`), Prefect or a test.
+"""The stage runner: the one way a stage is executed, from DVC (`python -m tasks.<stage>`), Prefect
+or a test. (The `mopd` command line is :mod:`mopd.cli`; this is what each stage's command runs.)
 
-`execute` resolves the stage in the pipeline graph, checks its upstream results, clears its output
-directory, opens an MLflow run (a child of the pipeline's parent run when one is given), calls the
-stage's `run(cfg, inputs, out_dir, tracker, **args)` (its table arguments: domain, variant, ...), and writes `result.json` (files + sha256
-+ metrics + cache key) last: a directory without `result.json` is not a finished stage.
+`execute` resolves the stage in the pipeline graph, checks its upstream results, computes its cache
+key, clears its output directory, opens an MLflow run (a child of the pipeline's parent run when
+one is given), calls the stage's `run(ctx)` with a :class:`mopd.stage.StageContext` (name, key,
+output folder, upstream outputs by stage and by role, table arguments, tracker), and writes
+`result.json` (files + sha256 + metrics + cache key) once, last: a directory without
+`result.json` is not a finished stage.
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ from typing import Callable
 
 from mopd import runtime
 from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
-from mopd.checkpoint import KEY_ENV
 from mopd.config import Config, ConfigError, load_config
-from mopd.graph import KINDS, build_graph, config_sections, get_spec, hash_inputs, key_inputs
+from mopd.graph import (
+    KINDS,
+    build_graph,
+    config_sections,
+    get_spec,
+    hash_inputs,
+    key_inputs,
+)
 from mopd.security import redact_secrets
+from mopd.stage import StageContext, resolve_roles
 from mopd.tracking import MLflowTracker, NullTracker, default_tracking_uri
 
 log = logging.getLogger("mopd.stage")
@@ -93,10 +103,11 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     tracker.log_params(sections)
     tracker.set_tags({"torch_threads": _set_threads(), "runtime/device": rt.device, "runtime/dtype": rt.dtype,
                       "runtime/processes": runtime.world_size()})
-    os.environ[KEY_ENV] = key  # in-stage checkpoints resume only under the same key (mopd.checkpoint)
+    ctx = StageContext(name=name, key=key, cfg=cfg, out_dir=out_dir, inputs=inputs,
+                       roles=resolve_roles(spec.roles, inputs), tracker=tracker, args=spec.kwargs)
     t0 = time.time()
     try:
-        result = run(cfg, inputs, out_dir, tracker, **spec.kwargs)
+        result = run(ctx)
     except BaseException:
         tracker.end("FAILED")
         raise

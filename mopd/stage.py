@@ -1,0 +1,79 @@
+"""What a stage's ``run(ctx)`` receives: one :class:`StageContext` (STYLE "The shape of the house").
+
+The stage runner (:mod:`tasks.runner`) builds it from the stage table (:mod:`mopd.graph`): the
+stage's name and table arguments, its cache key, its output folder, its upstream outputs — by
+stage name and by *role* (``student``, ``teachers``, ``partners``, ...: the graph says which stage
+plays which part, so no stage rebuilds a stage name from strings) — and its tracker. The stage
+returns :meth:`StageContext.result`; the runner writes ``result.json`` once, last.
+
+Torch-free and config-free at import (the root configuration is only typed here): a stage's code
+identity holds this small module, not the whole configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mopd.artifacts import Result, hash_tree
+from mopd.checkpoint import checkpoint_dir
+
+if TYPE_CHECKING:
+    from mopd.config import Config
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """One stage's run: ``roles`` maps a role to an upstream output folder, or to
+    ``{domain: folder}`` for a role several stages play (teachers, partners, evaluations)."""
+
+    name: str
+    key: str
+    cfg: "Config"
+    out_dir: Path
+    inputs: dict[str, Path]  # upstream stage name -> its output folder
+    roles: dict[str, Any]
+    tracker: Any
+    args: dict[str, str] = field(default_factory=dict)
+
+    def role(self, role: str) -> Path:
+        """The output folder of the stage playing ``role`` (e.g. ``student``)."""
+        try:
+            got = self.roles[role]
+        except KeyError:
+            raise KeyError(f"stage {self.name}: no upstream stage plays {role!r} "
+                           f"(roles: {sorted(self.roles)})") from None
+        if not isinstance(got, Path):
+            raise TypeError(f"stage {self.name}: role {role!r} is played by several stages; use roles_of()")
+        return got
+
+    def roles_of(self, role: str) -> dict[str, Path]:
+        """``{domain or label: output folder}`` of the stages playing ``role`` ({} when none)."""
+        got = self.roles.get(role, {})
+        if isinstance(got, Path):
+            raise TypeError(f"stage {self.name}: role {role!r} is played by one stage; use role()")
+        return dict(got)
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    @property
+    def checkpoint(self) -> dict[str, Any]:
+        """The ``checkpoint`` / ``key`` keyword arguments of a trainer: in-stage checkpoints under
+        ``.mopd/checkpoints/<stage>``, resumed only under this stage's cache key."""
+        return {"checkpoint": checkpoint_dir(self.cfg.project_dir, self.name), "key": self.key}
+
+    def result(self, metrics: dict[str, float]) -> Result:
+        """The stage's Result: its output files with their sha256 and its headline metrics. The
+        runner adds the cache key and what it was made of, and writes result.json."""
+        return Result(stage=self.name, out_dir=str(self.out_dir.resolve().relative_to(self.cfg.project_dir.resolve())),
+                      files=hash_tree(self.out_dir), metrics={k: float(v) for k, v in metrics.items()})
+
+
+def resolve_roles(roles: tuple[tuple[str, Any], ...], inputs: dict[str, Path]) -> dict[str, Any]:
+    """A spec's roles (stage names) as output folders."""
+    out: dict[str, Any] = {}
+    for role, who in roles:
+        out[role] = inputs[who] if isinstance(who, str) else {label: inputs[s] for label, s in who}
+    return out
