@@ -6,7 +6,7 @@ Both sides distil a teacher into a student of the same Qwen3 shape with random w
 vocabulary of a tokenizer trained on mopd's synthetic prompts; ``--shape tiny`` is the CPU smoke
 size. Each step samples ``--prompts`` prompts x ``--samples`` completions of ``--max-new-tokens``
 tokens from the student, scores them with the teacher and takes one optimiser step:
-- mopd: `train_mopd` with an in-process teacher (objective `mopd_pg`, the stage's default),
+- mopd: `train_distill` with an in-process teacher (objective `mopd_pg`, the stage's default),
   rollout chunks scored while the next chunks sample (``overlap``);
 - TRL: `DistillationTrainer` with ``beta=1.0`` (reverse KL, its on-policy setting) and the same
   number of completions per step (``per_device_train_batch_size``), sampling with transformers.
@@ -38,7 +38,7 @@ from mopd.domains import generate
 from mopd.models import build_base, load_tokenizer
 from mopd.teachers import InProcessTeacher
 from mopd.tracking import NullTracker
-from mopd.trainers.distill import train_mopd
+from mopd.trainers.distill import train_distill
 
 SHAPES = {
     "tiny": TinyProfile(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -65,7 +65,7 @@ def run_mopd(student: Path, teacher: Path, prompts: list[str], args) -> dict[str
     client = InProcessTeacher.from_pretrained(teacher, name="teacher")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        history = train_mopd(student, {"math": client}, {"math": [{"prompt": p} for p in prompts]}, Path(out),
+        history = train_distill(student, {"math": client}, {"math": [{"prompt": p} for p in prompts]}, Path(out),
                              params, 0, NullTracker())
     wall = time.perf_counter() - t0
     steps = [v for _, v in history["distill/step_seconds"]][1:]

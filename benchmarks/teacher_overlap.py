@@ -31,7 +31,7 @@ from mopd.models import build_base
 from mopd.teachers import HTTPTeacher, InProcessTeacher, SequenceScores
 from mopd.teachers.launch import start_server, stop_server, wait_healthy
 from mopd.tracking import NullTracker
-from mopd.trainers.distill import train_mopd
+from mopd.trainers.distill import train_distill
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ KEYS = ("step_seconds", "sample_seconds", "teacher_seconds", "teacher_wait_secon
 
 def run_mode(student: Path, teachers: dict, records: dict, params: DistillParams, out: Path) -> dict:
     """Per-step values of KEYS, the first (warm-up) step dropped."""
-    history = train_mopd(student, teachers, records, out, params, seed=0, tracker=NullTracker())
+    history = train_distill(student, teachers, records, out, params, seed=0, tracker=NullTracker())
     return {k: [v for _, v in history[f"distill/{k}"]][1:] for k in KEYS}
 
 

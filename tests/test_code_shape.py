@@ -218,3 +218,16 @@ def test_functions_are_short_or_say_why() -> None:
     assert not offenders, (f"functions over {MAX_LINES} lines or {MAX_PARAMS} parameters without a "
                            "'# why: <reason>' comment above the def or as the body's first line:\n"
                            + "\n".join(offenders))
+
+
+def test_loading_the_configuration_imports_no_torch() -> None:
+    """The Prefect flow process loads the configuration (every section, the method registry and
+    its plugins) and builds the graph: none of it may import torch (flows/ has no torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mopd.config import load_config; from mopd.graph import build_graph; "
+            "cfg = load_config('.', pipeline='full'); build_graph(cfg); import flows.mopd_flow; "
+            "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
