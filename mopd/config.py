@@ -39,6 +39,7 @@ from mopd.settings.base import (
     plain,
     short,
 )
+from mopd.settings.baselines import CascadeRLParams, MixRLParams
 from mopd.settings.copd import CoPDOPDParams, CoPDParams
 from mopd.settings.data import (
     DataParams,
@@ -56,7 +57,7 @@ from mopd.settings.data import (
 )
 from mopd.settings.difficulty import DifficultyParams
 from mopd.settings.evaluate import EvaluateParams
-from mopd.settings.grpo import CascadeRLParams, GRPOParams, MixRLParams
+from mopd.settings.grpo import GRPOParams
 from mopd.settings.merge import MergeMethod, MergeParams
 from mopd.settings.model import PretrainedProfile, Profile, RuntimeParams, TinyProfile
 from mopd.settings.multiround import MultiRoundParams

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mopd.settings.difficulty import DifficultyParams
 from mopd.evaluation import sampled_rewards
 from mopd.models import load_tokenizer
-from mopd.rollout import open_policy
 from mopd.objectives.balancing import UpsamplePlan, upsample_plan
+from mopd.rollout import open_policy
+from mopd.settings.difficulty import DifficultyParams
 
 log = logging.getLogger(__name__)
 

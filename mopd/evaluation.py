@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mopd.settings.evaluate import EvaluateParams
 from mopd.metrics import avg_at_k, pass_at_k
 from mopd.models import load_tokenizer
 from mopd.rollout import open_policy, sample_policy
+
+if TYPE_CHECKING:  # annotations only: difficulty samples through here without the evaluate section
+    from mopd.settings.evaluate import EvaluateParams
 
 log = logging.getLogger(__name__)
 

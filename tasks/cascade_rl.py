@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mopd.artifacts import Result
 from mopd.data import read_split
+from mopd.settings.baselines import CascadeRLParams
 from mopd.stage import StageContext
 from mopd.trainers.grpo import train_grpo
 from tasks.plotting import log_curves, reward_quarters
@@ -15,7 +16,8 @@ from tasks.plotting import log_curves, reward_quarters
 def run(ctx: StageContext) -> Result:
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     domain = ctx.args["domain"]
-    order = cfg.cascade_order
+    section: CascadeRLParams = cfg.params.cascade_rl  # its order (or the local teachers')
+    order = section.order or cfg.local_teacher_domains
     i = order.index(domain)
     prev = ctx.role("student")  # the previous step of the cascade (the stage table says which)
     records = read_split(ctx.role("data"), domain, "train")

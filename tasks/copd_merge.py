@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from mopd.artifacts import Result
 from mopd.merging import merge, method_params
+from mopd.settings.copd import CoPDParams
 from mopd.stage import StageContext
 
 
 def run(ctx: StageContext) -> Result:
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
-    c = cfg.params.copd
+    c: CoPDParams = cfg.params.copd
     branches = [path / "model" for path in ctx.roles_of("branches").values()]  # the last cycle's Phase II
     params = method_params(c.merge_method, task_arithmetic_lambda=c.task_arithmetic_lambda, density=c.density,
                            seed=cfg.params.seed)

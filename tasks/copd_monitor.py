@@ -18,12 +18,13 @@ from mopd.data import read_split
 from mopd.metrics import weight_shift_pairs
 from mopd.models import load_model, load_tokenizer
 from mopd.plots import phase_lines, weight_shift_chart
+from mopd.settings.copd import CoPDParams
 from mopd.stage import StageContext
 
 
 def run(ctx: StageContext) -> Result:
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
-    c = cfg.params.copd
+    c: CoPDParams = cfg.params.copd
     rng = random.Random(cfg.params.seed)
     prompts = {}
     for d in cfg.copd_branches:

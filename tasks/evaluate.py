@@ -11,6 +11,7 @@ from mopd.artifacts import MODELS_FILE, Result
 from mopd.data import read_split
 from mopd.evaluation import evaluate_model
 from mopd.progress import report
+from mopd.settings.evaluate import EvaluateParams
 from mopd.stage import StageContext
 from mopd.stats import bootstrap_indices, mean_ci
 
@@ -38,7 +39,7 @@ def run(ctx: StageContext) -> Result:
     tracker.log_metrics(metrics)
     # One child run per method, with the same metric names for every method (avg_at_k/<bench>,
     # its interval, pass_at_k/<bench>), so MLflow's run comparison lines methods up side by side.
-    ev = cfg.params.evaluate
+    ev: EvaluateParams = cfg.params.evaluate
     for label, per in scores.items():
         child = {}
         for bench, v in per.items():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from mopd.artifacts import Result
 from mopd.merging import merge, method_params
+from mopd.settings.merge import MergeParams
 from mopd.stage import StageContext
 
 
 def run(ctx: StageContext) -> Result:
     """One merged checkpoint per configured method under <out_dir>/<method>/."""
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
-    p = cfg.params.merge
+    p: MergeParams = cfg.params.merge
     # Only checkpoints can be merged: domains routed to remote endpoints take no part.
     teachers = [path / "model" for path in ctx.roles_of("teachers").values()]
     for method in p.methods:

@@ -8,6 +8,7 @@ from collections import Counter
 
 from mopd.artifacts import Result
 from mopd.data import read_split
+from mopd.settings.baselines import MixRLParams
 from mopd.stage import StageContext
 from mopd.trainers.grpo import mixed_schedule, train_grpo
 from tasks.plotting import log_curves, reward_quarters
@@ -15,7 +16,7 @@ from tasks.plotting import log_curves, reward_quarters
 
 def run(ctx: StageContext) -> Result:
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
-    params = cfg.params.mix_rl
+    params: MixRLParams = cfg.params.mix_rl
     domains = cfg.domains
     weights = params.domain_weights or {d: 1 / len(domains) for d in domains}
     records = {d: [{**r, "kind": cfg.domain(d).verifier, "domain": d}

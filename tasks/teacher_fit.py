@@ -20,13 +20,14 @@ from mopd.data import read_split
 from mopd.models import load_model, load_tokenizer
 from mopd.plots import score_table_chart
 from mopd.progress import report
+from mopd.settings.analysis import TeacherFitParams
 from mopd.stage import StageContext
 
 
 def run(ctx: StageContext) -> Result:
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     pipeline = ctx.args["pipeline"]
-    p = cfg.params.teacher_fit
+    p: TeacherFitParams = cfg.params.teacher_fit
     rng = random.Random(cfg.params.seed)
     domains = cfg.local_teacher_domains
     if not domains:

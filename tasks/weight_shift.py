@@ -10,6 +10,7 @@ from __future__ import annotations
 from mopd.artifacts import Result
 from mopd.metrics import weight_shift_pairs
 from mopd.plots import weight_shift_chart
+from mopd.settings.analysis import WeightShiftParams
 from mopd.stage import StageContext
 
 
@@ -19,7 +20,8 @@ def run(ctx: StageContext) -> Result:
     if len(teachers) < 2:
         raise ValueError(f"weight_shift compares teachers pairwise: pipeline {cfg.pipeline!r} trains "
                          f"{len(teachers)} ({sorted(teachers)})")
-    eta = cfg.params.weight_shift.eta
+    section: WeightShiftParams = cfg.params.weight_shift
+    eta = section.eta
     table = weight_shift_pairs(ctx.role("base") / "model", teachers, eta=eta)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "pairs.csv", index=False)

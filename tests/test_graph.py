@@ -248,6 +248,16 @@ def test_sft_and_teacher_identities_hold_no_distillation_module():
         assert not leaked, (kind, leaked)
     assert "mopd/opd/settings.py" in code_files("tasks.distill")
     assert "mopd/settings/sft.py" in code_files("tasks.sft")
+    # each kind holds its own section's model and no other kind's
+    own = {"sft": "sft.py", "teacher": "grpo.py", "mix_rl": "baselines.py", "cascade_rl": "baselines.py",
+           "merge": "merge.py", "evaluate": "evaluate.py", "difficulty": "difficulty.py", "weight_shift": "analysis.py"}
+    for kind, module in own.items():
+        sections = {f.rsplit("/", 1)[1] for f in code_files(KINDS[kind].module) if f.startswith("mopd/settings/")}
+        assert module in sections, (kind, sections)
+        allowed = {module} | ({"grpo.py"} if module == "baselines.py" else set())  # Mix-RL is a GRPO recipe
+        assert not sections & (set(own.values()) - allowed), (kind, sections)
+    assert "mopd/settings/baselines.py" not in code_files("tasks.teacher")
+    assert "mopd/opd/settings.py" not in code_files("tasks.copd")  # CoPD runs the loop, not the distill section
 
 
 def test_editing_the_distill_settings_module_reruns_only_the_distill_family(tmp_path, monkeypatch):

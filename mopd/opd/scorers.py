@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from mopd.objectives.routing import combine_teacher_logprobs, teacher_weights
 from mopd.opd.batch import RolloutBatch, StepTiming
 from mopd.rollout import Sample
-from mopd.teachers import SequenceScores, TeacherClient, TeacherError
+from mopd.teachers import InProcessTeacher, SequenceScores, TeacherClient, TeacherError
 
 
 def _timed_score(client: TeacherClient, prompt_ids, completion_ids, topk):
@@ -140,3 +141,18 @@ def _collect_extra(jobs: list[tuple], timing: StepTiming) -> dict[tuple[str, str
     finally:
         timing.wait += time.perf_counter() - t0
     return extra
+
+
+def as_clients(teachers: dict[str, "TeacherClient | Path | str"]) -> dict[str, TeacherClient]:
+    """Checkpoint paths become in-process teachers (one model per distinct path); clients pass."""
+    loaded: dict[str, InProcessTeacher] = {}
+    out = {}
+    for d, t in teachers.items():
+        if isinstance(t, (str, Path)):
+            key = str(Path(t).resolve())
+            if key not in loaded:
+                loaded[key] = InProcessTeacher.from_pretrained(t, name=d)
+            out[d] = loaded[key]
+        else:
+            out[d] = t
+    return out

@@ -30,6 +30,7 @@ from mopd.objectives.registry import DistillBatch, get_objective
 from mopd.objectives.routing import copd_advantage, group_advantages
 from mopd.opd.loop import LoopPlan, Student, train_loop
 from mopd.opd.sampler import rollout_and_score
+from mopd.opd.scorers import as_clients
 from mopd.opd.update import student_quantities
 from mopd.rollout import (
     RolloutBackend,
@@ -41,7 +42,6 @@ from mopd.rollout import (
 from mopd.settings.copd import CoPDOPDParams
 from mopd.teachers import TeacherClient, lay_out
 from mopd.teachers.ledger import Ledger
-from mopd.trainers.distill import as_clients
 
 
 @dataclass

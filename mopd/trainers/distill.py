@@ -34,6 +34,7 @@ from mopd.opd.sampler import Sampler, chunk_bounds, draw_domains, rollout_and_sc
 from mopd.opd.scorers import (
     RoutedScorer,
     WeightedScorer,
+    as_clients,
     collect_scoring,
     mix_teachers,
     submit_scoring,
@@ -50,7 +51,7 @@ from mopd.opd.shapers import (
 )
 from mopd.opd.update import TOPK_FIELDS, Update, student_quantities, update_passes
 from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts
-from mopd.teachers import InProcessTeacher, TeacherClient
+from mopd.teachers import TeacherClient
 from mopd.teachers.ledger import Ledger
 
 # The seams' functions, importable from here as before the split (tests, benchmarks, CoPD).
@@ -254,18 +255,3 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
 
 
 train_mopd = train_distill  # the name before every variant trained here (tests, benchmarks)
-
-
-def as_clients(teachers: dict[str, "TeacherClient | Path | str"]) -> dict[str, TeacherClient]:
-    """Checkpoint paths become in-process teachers (one model per distinct path); clients pass."""
-    loaded: dict[str, InProcessTeacher] = {}
-    out = {}
-    for d, t in teachers.items():
-        if isinstance(t, (str, Path)):
-            key = str(Path(t).resolve())
-            if key not in loaded:
-                loaded[key] = InProcessTeacher.from_pretrained(t, name=d)
-            out[d] = loaded[key]
-        else:
-            out[d] = t
-    return out
