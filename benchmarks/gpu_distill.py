@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from mopd import runtime
+from mopd.chat import PLAIN
 from mopd.config import DistillParams, TinyProfile
 from mopd.domains import generate
 from mopd.models import build_base, load_tokenizer
@@ -66,7 +67,7 @@ def run_mopd(student: Path, teacher: Path, prompts: list[str], args) -> dict[str
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         history = train_distill(student, {"math": client}, {"math": [{"prompt": p} for p in prompts]}, Path(out),
-                             params, 0, NullTracker())
+                             params, 0, NullTracker(), fmt=PLAIN)
     wall = time.perf_counter() - t0
     steps = [v for _, v in history["distill/step_seconds"]][1:]
     tokens = [v for _, v in history["distill/trained_tokens"]][1:]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mopd.chat import PLAIN
 from mopd.config import DistillParams, TinyProfile
 from mopd.domains import generate
 from mopd.models import build_base
@@ -66,7 +67,7 @@ KEYS = ("step_seconds", "sample_seconds", "teacher_seconds", "teacher_wait_secon
 
 def run_mode(student: Path, teachers: dict, records: dict, params: DistillParams, out: Path) -> dict:
     """Per-step values of KEYS, the first (warm-up) step dropped."""
-    history = train_distill(student, teachers, records, out, params, seed=0, tracker=NullTracker())
+    history = train_distill(student, teachers, records, out, params, seed=0, tracker=NullTracker(), fmt=PLAIN)
     return {k: [v for _, v in history[f"distill/{k}"]][1:] for k in KEYS}
 
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from mopd.chat import PromptFormat
 from mopd.rollout import encode_prompts, pack, sample_ids
 
 
-# why: 10 parameters: the two models, tokenizer and prompts, then keyword-only knobs with defaults:
+# why: 11 parameters: the two models, tokenizer, prompts and their format, then keyword-only knobs:
 # sample_ids's sampling (n, max_new_tokens, temperature, seed) and the measurement's (k, batch);
 # tasks/teacher_fit.py and tasks/copd_monitor.py call it with these names.
 @torch.no_grad()
-def divergence_along_rollouts(policy, other, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int,
+def divergence_along_rollouts(policy, other, tokenizer, prompts: list[str], *, fmt: PromptFormat, n: int = 1,
+                              max_new_tokens: int,
                               temperature: float = 1.0, seed: int = 0, k: int = 10, batch: int = 16
                               ) -> dict[str, float]:
     """{"reverse_kl", "symmetric_kl", "topk_overlap", "tokens"} of ``other`` against ``policy``
@@ -31,7 +33,7 @@ def divergence_along_rollouts(policy, other, tokenizer, prompts: list[str], *, n
     if policy.config.vocab_size != other.config.vocab_size:
         raise ValueError(f"the two models have different vocabularies ({policy.config.vocab_size} vs "
                          f"{other.config.vocab_size})")
-    samples = sample_ids(policy, tokenizer, encode_prompts(tokenizer, prompts), n=n, max_new_tokens=max_new_tokens,
+    samples = sample_ids(policy, tokenizer, encode_prompts(tokenizer, prompts, fmt), n=n, max_new_tokens=max_new_tokens,
                          temperature=temperature, seed=seed)
     samples = [s for s in samples if s.completion_ids]
     sums = {"reverse_kl": 0.0, "symmetric_kl": 0.0, "topk_overlap": 0.0}

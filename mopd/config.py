@@ -49,6 +49,7 @@ from mopd.settings.data import (
     HumanEvalSource,
     LocalSource,
     LocalTeacher,
+    PretrainedTeacher,
     ReasoningGymSource,
     RemoteTeacher,
     SyntheticSource,
@@ -59,7 +60,7 @@ from mopd.settings.difficulty import DifficultyParams
 from mopd.settings.evaluate import EvaluateParams
 from mopd.settings.grpo import GRPOParams
 from mopd.settings.merge import MergeMethod, MergeParams
-from mopd.settings.model import PretrainedProfile, Profile, RuntimeParams, TinyProfile
+from mopd.settings.model import GGUFProfile, PretrainedProfile, Profile, RuntimeParams, TinyProfile
 from mopd.settings.multiround import MultiRoundParams
 from mopd.settings.offpolicy import OffPolicyFTParams
 from mopd.settings.sft import SFTParams
@@ -70,7 +71,8 @@ __all__ = ["CascadeRLParams", "CoPDOPDParams", "CoPDParams", "Config", "ConfigEr
            "DataSourceConfig", "DifficultyParams", "DistillParams", "DomainConfig", "EvaluateParams", "GRPOParams",
            "HubSource", "HumanEvalSource", "LocalSource", "LocalTeacher", "MergeMethod", "MergeParams",
            "MixRLParams", "MultiRoundParams", "OffPolicyFTParams", "Params", "PipelineConfig", "Pipelines",
-           "PretrainedProfile", "Profile", "ReasoningGymSource", "RemoteTeacher", "RuntimeParams", "SFTParams",
+           "GGUFProfile", "PretrainedProfile",
+           "PretrainedTeacher", "Profile", "ReasoningGymSource", "RemoteTeacher", "RuntimeParams", "SFTParams",
            "SyntheticSource", "TeacherFitParams", "TeacherSource", "TinyProfile", "UniOPDParams", "VerifierKind",
            "WeightShiftParams", "load_config", "load_params", "load_pipelines", "validate"]
 
@@ -168,7 +170,7 @@ class Params(Strict):
         return self
 
     @property
-    def model_profile(self) -> TinyProfile | PretrainedProfile:
+    def model_profile(self) -> TinyProfile | PretrainedProfile | GGUFProfile:
         return self.profiles[self.profile]
 
 
@@ -286,6 +288,14 @@ class Config(Strict):
     def local_teacher_domains(self) -> list[str]:
         """Domains whose teacher the pipeline trains (the others name remote endpoints)."""
         return [d for d in self.domains if self.domain(d).teacher.source == "local"]
+
+    def teacher_model(self, domain: str) -> str:
+        """A finished teacher's folder (relative paths: from the project dir) or hub id."""
+        name = self.pipelines.domains[domain].teacher.model
+        path = Path(name)
+        if not path.is_absolute() and (self.project_dir / path).exists():
+            return str(self.project_dir / path)
+        return name
 
     @property
     def cascade_order(self) -> list[str]:

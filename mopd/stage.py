@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mopd.artifacts import Result, hash_tree
+from mopd.chat import PromptFormat, prompt_format
 from mopd.checkpoint import checkpoint_dir
 
 if TYPE_CHECKING:
@@ -57,6 +58,20 @@ class StageContext:
 
     def has(self, role: str) -> bool:
         return role in self.roles
+
+    def teacher_models(self, domains: list[str]) -> dict[str, Any]:
+        """``{domain: checkpoint}`` of the teachers served from a checkpoint: the `teacher:<d>`
+        stage's, or a finished teacher's folder or hub id (`source: pretrained`)."""
+        out: dict[str, Any] = {d: p / "model" for d, p in self.roles_of("teachers").items() if d in domains}
+        for d in domains:
+            if self.cfg.domain(d).teacher.source == "pretrained":
+                out[d] = self.cfg.teacher_model(d)
+        return out
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How this run's models are asked a prompt (the profile's chat template or plain text)."""
+        return prompt_format(self.cfg.params.model_profile)
 
     @property
     def checkpoint(self) -> dict[str, Any]:

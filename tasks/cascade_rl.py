@@ -23,7 +23,7 @@ def run(ctx: StageContext) -> Result:
     records = read_split(ctx.role("data"), domain, "train")
     history = train_grpo(prev / "model", records, cfg.domain(domain).verifier, out_dir,
                          cfg.params.teacher[domain], cfg.params.seed, tracker,
-                         **ctx.checkpoint)
+                         fmt=ctx.prompt_format, **ctx.checkpoint)
     log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
     metrics = reward_quarters(history)
     return ctx.result(metrics)

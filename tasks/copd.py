@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> Result:
         init = ctx.role("student")  # SFT in cycle 1, else the branch's Phase II of cycle n-1
         recipe = cfg.params.teacher[domain].model_copy(update={"max_steps": c.rl_steps})
         history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker,
-                             **ctx.checkpoint)
+                             fmt=ctx.prompt_format, **ctx.checkpoint)
         log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}")
         return ctx.result(reward_quarters(history))
     if phase != "opd":
@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> Result:
 
     tracker.log_params({"copd/partners": ",".join(sorted(partners)), "copd/cycle": n})
     history = train_copd_opd(ctx.role("student") / "model", partners, prompts, domain, score,
-                             out_dir, c.opd, c.opd_steps, seed, tracker)
+                             out_dir, c.opd, c.opd_steps, seed, tracker, fmt=ctx.prompt_format)
     log_curves(tracker, history, f"CoPD cycle {n} Phase II (mutual OPD): {domain} <- {sorted(partners)}")
     metrics = {}
     for key in ("copd/native_reward", *(f"copd/reverse_kl_to_{j}" for j in partners)):

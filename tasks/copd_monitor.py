@@ -41,7 +41,7 @@ def run(ctx: StageContext) -> Result:
     for point, label, dirs in points:
         models = {d: load_model(dirs[d] / "model") for d in cfg.copd_branches}
         for a, b in pairs:
-            both = [divergence_along_rollouts(models[x], models[y], tokenizer, prompts[y],
+            both = [divergence_along_rollouts(models[x], models[y], tokenizer, prompts[y], fmt=ctx.prompt_format,
                                               max_new_tokens=c.opd.max_new_tokens, temperature=c.opd.temperature,
                                               seed=cfg.params.seed + point, k=c.monitor_topk)
                     for x, y in ((a, b), (b, a))]

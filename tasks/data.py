@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mopd.artifacts import Result
 from mopd.data import domain_records, write_domain
-from mopd.settings.model import PretrainedProfile
+from mopd.settings.model import TinyProfile
 from mopd.stage import StageContext
 
 
@@ -28,15 +28,16 @@ def run(ctx: StageContext) -> Result:
 
 
 def _token_counter(cfg):
-    """Prompt length in tokens: the pretrained profile's own tokenizer; for the tiny profile,
-    whose tokenizer is trained after this stage, UTF-8 bytes (its byte-level BPE never makes more
-    tokens than bytes)."""
+    """Prompt length in tokens as the model is asked it: a real profile's own tokenizer over the
+    rendered prompt (chat template included); for the tiny profile, whose tokenizer is trained
+    after this stage, UTF-8 bytes (its byte-level BPE never makes more tokens than bytes)."""
     profile = cfg.params.model_profile
-    if isinstance(profile, PretrainedProfile):
-        from mopd.models import load_tokenizer
+    if not isinstance(profile, TinyProfile):
+        from mopd.chat import prompt_format, render_prompt
+        from mopd.models import profile_tokenizer
 
-        tok = load_tokenizer(profile.model, revision=profile.revision)
-        return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+        tok, fmt = profile_tokenizer(profile), prompt_format(profile)
+        return lambda text: len(render_prompt(tok, text, fmt))
     return lambda text: len(text.encode("utf-8"))
 
 

@@ -29,7 +29,7 @@ def run(ctx: StageContext) -> Result:
         scored = sorted(random.Random(cfg.params.seed).sample(range(len(records)),
                                                               min(p.max_prompts, len(records))))
         counts = pass_counts(ctx.role("student") / "model", [records[i] for i in scored],
-                             cfg.domain(d).verifier, p, cfg.params.seed)
+                             cfg.domain(d).verifier, p, cfg.params.seed, ctx.prompt_format)
         balanced, plan, counts_info = balance_all(records, scored, counts, p, cfg.params.seed)
         (out_dir / d).mkdir(parents=True)
         pd.DataFrame(balanced).astype({"pass_count": "int64"}).to_parquet(out_dir / d / BALANCED_FILE, index=False)

@@ -44,7 +44,7 @@ def run(ctx: StageContext) -> Result:
     # Routing (MOPD 3.3): local domains use their teacher stage's checkpoint, in-process or started
     # as prefill servers for this stage only (`teacher_transport: http`); remote ones their endpoints.
     routes = {d: cfg.domain(d).teacher for d in domains}
-    local_dirs = {d: path / "model" for d, path in ctx.roles_of("teachers").items() if d in domains}
+    local_dirs = ctx.teacher_models(domains)
     student = ctx.role("student") / "model"
     with contextlib.ExitStack() as stack:
         # one torch thread per local server: several full-size OpenMP teams on a small CPU host
@@ -52,10 +52,10 @@ def run(ctx: StageContext) -> Result:
         teachers = open_teachers(routes, local_dirs, transport=params.teacher_transport,
                                  stack=stack, server_threads=1)
         # `runtime.rollout: vllm`: a colocated engine samples, synced to the student after each update
-        rollout = (VLLMRollout(student, load_tokenizer(student), dtype=runtime.current().dtype)
+        rollout = (VLLMRollout(student, load_tokenizer(student), fmt=ctx.prompt_format, dtype=runtime.current().dtype)
                    if runtime.current().rollout == "vllm" else None)
         history = train_distill(student, teachers, prompts, ctx.out_dir, params, cfg.params.seed, ctx.tracker,
-                                score_fn=score, rollout=rollout, **ctx.checkpoint)
+                                fmt=ctx.prompt_format, score_fn=score, rollout=rollout, **ctx.checkpoint)
     log_curves(ctx.tracker, history, "MOPD distillation" + (f" round {round}" if round else ""))
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]

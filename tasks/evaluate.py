@@ -30,7 +30,7 @@ def run(ctx: StageContext) -> Result:
     for i, (label, rel) in enumerate(models.items()):
         report(i, len(models), "models", force=True)
         scores[label] = evaluate_model(ctx.role("model") / rel, problems, cfg.params.evaluate,
-                                       cfg.params.seed)
+                                       cfg.params.seed, ctx.prompt_format)
     report(len(models), len(models), "models", force=True)
     (out_dir / SCORES_FILE).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
     metrics = {f"{stat}/{label}/{bench}": float(v[stat2])

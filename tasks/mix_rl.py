@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> Result:
     counts = Counter(r["domain"] for r in stream)
     tracker.log_params({f"mix_rl/prompts_{d}": counts[d] for d in domains})
     history = train_grpo(ctx.role("student") / "model", stream, None, out_dir, params, cfg.params.seed,
-                         tracker, ordered=True, **ctx.checkpoint)
+                         tracker, fmt=ctx.prompt_format, ordered=True, **ctx.checkpoint)
     log_curves(tracker, history, "Mix-RL")
     metrics = {f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
     return ctx.result(metrics)

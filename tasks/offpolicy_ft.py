@@ -12,6 +12,7 @@ import logging
 import random
 
 from mopd.artifacts import Result
+from mopd.chat import PromptFormat
 from mopd.data import read_split
 from mopd.models import load_tokenizer
 from mopd.rollout import encode_prompts
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def teacher_rollouts(clients: dict, tokenizer, prompts: dict[str, list[dict]], kinds: dict[str, str],
-                     params: OffPolicyFTParams, seed: int) -> list[dict]:
+                     params: OffPolicyFTParams, seed: int, fmt: PromptFormat) -> list[dict]:
     """Every domain's teacher answers ``samples_per_prompt`` times to up to ``max_prompts`` of
     its prompts (a seeded subset); each row: domain, prompt, completion (text), reward, kept."""
     from mopd.verifiers import verify_batch
@@ -36,7 +37,7 @@ def teacher_rollouts(clients: dict, tokenizer, prompts: dict[str, list[dict]], k
         rng = random.Random(seed * 1_000_003 + i)
         subset = rng.sample(recs, min(params.max_prompts, len(recs)))
         asked = [r for r in subset for _ in range(params.samples_per_prompt)]
-        ids = encode_prompts(tokenizer, [r["prompt"] for r in asked])
+        ids = encode_prompts(tokenizer, [r["prompt"] for r in asked], fmt)
         outs = clients[d].generate(ids, max_new_tokens=params.max_new_tokens,
                                    temperature=params.temperature, seed=seed * 1_000_003 + i)
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
@@ -55,13 +56,13 @@ def run(ctx: StageContext) -> Result:
     tokenizer = load_tokenizer(ctx.role("student") / "model")
     prompts = {d: read_split(ctx.role("data"), d, "train") for d in domains}
     routes = {d: cfg.domain(d).teacher for d in domains}
-    local_dirs = {d: path / "model" for d, path in ctx.roles_of("teachers").items()}
+    local_dirs = ctx.teacher_models(domains)
     ledger = Ledger()  # what the teachers' rollouts cost (mopd.teachers.ledger)
     with contextlib.ExitStack() as stack:
         clients = ledger.wrap(open_teachers(routes, local_dirs, transport="inprocess", stack=stack,
                                             pad_id=tokenizer.pad_token_id or 0))
         rows = teacher_rollouts(clients, tokenizer, prompts, {d: cfg.domain(d).verifier for d in domains},
-                                params, cfg.params.seed)
+                                params, cfg.params.seed, ctx.prompt_format)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "rollouts.jsonl", "w") as f:
         for r in rows:
@@ -83,7 +84,7 @@ def run(ctx: StageContext) -> Result:
     student_tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in kept)
     metrics |= stage_totals(ledger.totals(), student_tokens)
     history = train_sft(ctx.role("student") / "model", kept, out_dir, params.sft, cfg.params.seed, tracker,
-                        **ctx.checkpoint)
+                        fmt=ctx.prompt_format, **ctx.checkpoint)
     log_curves(tracker, history, "off-policy fine-tuning")
     return ctx.result(metrics)
 

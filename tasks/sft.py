@@ -17,7 +17,7 @@ def run(ctx: StageContext) -> Result:
     records = [r for d in cfg.domains for r in read_split(ctx.role("data"), d, "train")]
     random.Random(cfg.params.seed).shuffle(records)
     history = train_sft(ctx.role("base") / "model", records, out_dir, cfg.params.sft,
-                        cfg.params.seed, tracker, **ctx.checkpoint)
+                        cfg.params.seed, tracker, fmt=ctx.prompt_format, **ctx.checkpoint)
     log_curves(tracker, history, "SFT")
     metrics = {"final_loss": history["train/loss"][-1][1]} if history.get("train/loss") else {}
     return ctx.result(metrics)

@@ -17,7 +17,7 @@ def run(ctx: StageContext) -> Result:
     records = read_split(ctx.role("data"), domain, "train")
     kind = cfg.domain(domain).verifier
     history = train_grpo(ctx.role("student") / "model", records, kind, ctx.out_dir, cfg.params.teacher[domain],
-                         cfg.params.seed, ctx.tracker, **ctx.checkpoint)
+                         cfg.params.seed, ctx.tracker, fmt=ctx.prompt_format, **ctx.checkpoint)
     log_curves(ctx.tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
     return ctx.result(reward_quarters(history))
 

@@ -49,7 +49,8 @@ def run(ctx: StageContext) -> Result:
         report(i, len(todo), "methods", force=True)
         model = load_model(methods[label])
         for d in domains:
-            got = divergence_along_rollouts(model, teacher_models[d], tokenizer, prompts[d], n=p.samples,
+            got = divergence_along_rollouts(model, teacher_models[d], tokenizer, prompts[d],
+                                            fmt=ctx.prompt_format, n=p.samples,
                                             max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                                             seed=cfg.params.seed, k=p.topk)
             rows.append({"method": label, "domain": d, **got})

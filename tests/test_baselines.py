@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from mopd.chat import PLAIN
 from mopd.config import ConfigError, OffPolicyFTParams, load_config
 from mopd.domains import generate
 from mopd.graph import build_graph
@@ -79,14 +80,14 @@ def test_offpolicy_ft_keeps_only_correct_teacher_rollouts(tmp_path):
     # each prompt is asked twice: the first answer right for prompt 0 only, the second always wrong
     teacher = ReplayTeacher(tok, [recs[0]["completion"], "\\boxed{-999999}"])
     params = OffPolicyFTParams(samples_per_prompt=2, max_prompts=6, max_new_tokens=64)
-    rows = teacher_rollouts({"math": teacher}, tok, {"math": recs}, {"math": "math"}, params, seed=0)
+    rows = teacher_rollouts({"math": teacher}, tok, {"math": recs}, {"math": "math"}, params, seed=0, fmt=PLAIN)
     assert teacher.asked == 12 and len(rows) == 12
     for r in rows:
         right = r["completion"] == recs[0]["completion"] and r["reference"] == recs[0]["reference"]
         assert r["kept"] == (r["reward"] >= 1.0) == right, r
     assert sum(r["kept"] for r in rows) == 1
     everything = teacher_rollouts({"math": teacher}, tok, {"math": recs}, {"math": "math"},
-                                  params.model_copy(update={"correct_only": False}), seed=0)
+                                  params.model_copy(update={"correct_only": False}), seed=0, fmt=PLAIN)
     assert all(r["kept"] for r in everything)
 
 

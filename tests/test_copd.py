@@ -6,16 +6,20 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import random
+
 import pytest
 import torch
 
 from mopd.analysis import divergence_along_rollouts
+from mopd.chat import PLAIN
 from mopd.config import CoPDOPDParams, ConfigError, load_config
 from mopd.graph import build_graph
 from mopd.models import build_base, load_model, load_tokenizer
 from mopd.objectives import group_advantages
 from mopd.rollout import TransformersRollout, encode_prompts, pack, sample_ids
 from mopd.teachers import InProcessTeacher
+from mopd.opd.loop import Student
 from mopd.trainers.copd import phase2_batch
 from mopd.trainers.distill import student_quantities
 from tests.conftest import micro_params
@@ -101,7 +105,7 @@ def _batch(student, tok, partner_dir, seed=3):
         return [next(rewards) for _ in texts]
 
     with ThreadPoolExecutor(2) as pool:
-        return phase2_batch(student, tok, TransformersRollout(student, tok),
+        return phase2_batch(student, Student(student, tok, random.Random(0), PLAIN), TransformersRollout(student, tok, fmt=PLAIN),
                             {"code": InProcessTeacher(load_model(partner_dir).eval())}, pool, native, cross,
                             score, params, seed), params
 
@@ -137,11 +141,11 @@ def test_divergence_along_rollouts_against_itself_and_another(three_models):
     tok = load_tokenizer(k)
     a, b = load_model(k), load_model(j1)
     prompts = ["[math] 1+2=", "[math] 3+3="]
-    same = divergence_along_rollouts(a, a, tok, prompts, n=2, max_new_tokens=5, seed=0, k=5)
+    same = divergence_along_rollouts(a, a, tok, prompts, fmt=PLAIN, n=2, max_new_tokens=5, seed=0, k=5)
     assert same["reverse_kl"] == pytest.approx(0, abs=1e-9) and same["topk_overlap"] == 1.0
-    got = divergence_along_rollouts(a, b, tok, prompts, n=2, max_new_tokens=5, seed=0, k=5)
+    got = divergence_along_rollouts(a, b, tok, prompts, fmt=PLAIN, n=2, max_new_tokens=5, seed=0, k=5)
     # a naive reference on the same rollouts (same sampler, same seed): full softmax per position
-    samples = sample_ids(a, tok, encode_prompts(tok, prompts), n=2, max_new_tokens=5, temperature=1.0, seed=0)
+    samples = sample_ids(a, tok, encode_prompts(tok, prompts, PLAIN), n=2, max_new_tokens=5, temperature=1.0, seed=0)
     ids_BT, attn_BT, mask_BT = pack(samples, tok.pad_token_id)
     with torch.no_grad():
         _, la_BTV = full_logits_reference(a, ids_BT, attn_BT)

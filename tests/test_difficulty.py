@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mopd.chat import PLAIN
 from mopd.config import DifficultyParams, TinyProfile
 from mopd.difficulty import balance, balance_all, pass_counts
 from mopd.models import build_base
@@ -28,13 +29,13 @@ def test_pass_counts_verify_real_samples(tmp_path):
     build_base(SMALL, texts, tmp_path / "m", seed=0)
     records = [{"prompt": "[math] 1+1=", "reference": "2"}, {"prompt": "[math] 2+3=", "reference": "5"}]
     params = DifficultyParams(n_samples=3, max_new_tokens=4)
-    counts = pass_counts(tmp_path / "m", records, "math", params, seed=0)
+    counts = pass_counts(tmp_path / "m", records, "math", params, seed=0, fmt=PLAIN)
     assert counts.shape == (2,) and counts.dtype == np.int64
     assert ((0 <= counts) & (counts <= 3)).all()
     # a random-init model essentially never writes \boxed{2}: the verifier, not a stub, decides
     assert counts.sum() == 0
     params_lenient = DifficultyParams(n_samples=3, max_new_tokens=4, success_threshold=0.0)
-    assert pass_counts(tmp_path / "m", records, "math", params_lenient, seed=0).tolist() == [3, 3]
+    assert pass_counts(tmp_path / "m", records, "math", params_lenient, seed=0, fmt=PLAIN).tolist() == [3, 3]
 
 
 def test_balance_all_keeps_every_prompt_and_scales_the_scored_bins():

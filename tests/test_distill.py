@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from mopd.chat import PLAIN
 from mopd.config import DistillParams, TinyProfile
 from mopd.models import build_base, load_model, load_tokenizer
 from mopd.objectives import OBJECTIVES
@@ -53,7 +54,7 @@ def test_teacher_scores_route_each_row_to_its_domain(two_models):
     a, b = two_models
     tok = load_tokenizer(a)
     ta, tb = load_model(a).eval(), load_model(b).eval()
-    samples = sample(ta, tok, ["[math] 1+2=", "[math] 3+4="], n=2, max_new_tokens=5, temperature=1.0, seed=0)
+    samples = sample(ta, tok, ["[math] 1+2=", "[math] 3+4="], fmt=PLAIN, n=2, max_new_tokens=5, temperature=1.0, seed=0)
     ids, attn, mask = pack(samples, tok.pad_token_id)
     clients = {"x": InProcessTeacher(ta), "y": InProcessTeacher(tb)}
     with ThreadPoolExecutor(2) as pool:
@@ -76,7 +77,7 @@ def test_teacher_scores_route_each_row_to_its_domain(two_models):
 def test_student_quantities_match_full_logits(two_models):
     a, _ = two_models
     model, tok = load_model(a), load_tokenizer(a)
-    samples = sample(model, tok, ["[math] 1+2=", "[math] 13+4="], n=2, max_new_tokens=5, temperature=1.0, seed=1)
+    samples = sample(model, tok, ["[math] 1+2=", "[math] 13+4="], fmt=PLAIN, n=2, max_new_tokens=5, temperature=1.0, seed=1)
     ids, attn, mask = pack(samples, tok.pad_token_id)
     top_ids = torch.randint(0, model.config.vocab_size, (*ids.shape, 3))
     s, s_top, ent = student_quantities(model, ids, attn, topk_ids_BTK=top_ids, entropy=True, chunk=7)
@@ -200,7 +201,7 @@ def test_killing_a_teacher_replica_mid_step_fails_over_or_names_the_endpoint(two
     (u1, srv1), (u2, srv2) = s1, s2
     client = HTTPTeacher("x", [u1, u2])
     student = load_model(a)
-    rollout = _StopReplicaMidStep(TransformersRollout(student, load_tokenizer(a)), [(srv1, u1)])
+    rollout = _StopReplicaMidStep(TransformersRollout(student, load_tokenizer(a), fmt=PLAIN), [(srv1, u1)])
     history = train_mopd(a, {"x": client, "y": client}, PROMPTS, tmp_path / "fo", params, seed=0,
                          tracker=NullTracker(), rollout=rollout)
     assert client.failovers >= 1
@@ -208,7 +209,7 @@ def test_killing_a_teacher_replica_mid_step_fails_over_or_names_the_endpoint(two
     want = [v for _, v in reference["distill/reverse_kl"]]
     assert got == pytest.approx(want, abs=1e-4)  # same scores as in-process: no zeros slipped in
     # every replica down mid-step: a clear error naming the domain and both endpoints
-    rollout = _StopReplicaMidStep(TransformersRollout(load_model(a), load_tokenizer(a)), [(srv2, u2)])
+    rollout = _StopReplicaMidStep(TransformersRollout(load_model(a), load_tokenizer(a), fmt=PLAIN), [(srv2, u2)])
     with pytest.raises(TeacherError, match=rf"domain 'x'.*{u1}.*{u2}|domain 'x'.*{u2}.*{u1}"):
         train_mopd(a, {"x": client, "y": client}, PROMPTS, tmp_path / "dead", params, seed=0,
                    tracker=NullTracker(), rollout=rollout)
@@ -279,7 +280,7 @@ def test_weighted_teachers_combine_log_probs_uni_opd_eq4(two_models, tmp_path):
 
     ta, tb = InProcessTeacher.from_pretrained(a, name="x"), InProcessTeacher.from_pretrained(b, name="y")
     tok = load_tokenizer(a)
-    samples = sample(load_model(a), tok, ["[math] 1+1=", "[math] 2+2="], n=2, max_new_tokens=5,
+    samples = sample(load_model(a), tok, ["[math] 1+1=", "[math] 2+2="], fmt=PLAIN, n=2, max_new_tokens=5,
                      temperature=1.0, seed=0)
     p, c = [s.prompt_ids for s in samples], [s.completion_ids for s in samples]
     ua, ub = ta.score(p, c), tb.score(p, c)

@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from mopd.chat import PLAIN
 from mopd.config import DistillParams
 from mopd.models import build_base, load_model, load_tokenizer, save_checkpoint
 from mopd.objectives import DistillBatch, get_objective
@@ -55,7 +56,7 @@ def reverse_kl(student_dir, teacher_dir, seed: int = 123) -> float:
     student, teacher = load_model(student_dir).eval(), load_model(teacher_dir).eval()
     tok = load_tokenizer(student_dir)
     with torch.no_grad():
-        samples = sample(student, tok, PROMPTS, n=4, max_new_tokens=6, temperature=1.0, seed=seed)
+        samples = sample(student, tok, PROMPTS, fmt=PLAIN, n=4, max_new_tokens=6, temperature=1.0, seed=seed)
         ids, attn, mask = pack(samples, tok.pad_token_id)
         _, logp_s = full_logits_reference(student, ids, attn)
         _, logp_t = full_logits_reference(teacher, ids, attn)
@@ -159,7 +160,7 @@ def test_several_updates_per_batch_move_the_ratio(student_and_teacher, tmp_path)
 def test_log_probs_are_taken_at_the_sampling_temperature(student_and_teacher):
     s_dir, _ = student_and_teacher
     model, tok = load_model(s_dir), load_tokenizer(s_dir)
-    samples = sample(model, tok, PROMPTS[:2], n=2, max_new_tokens=5, temperature=0.7, seed=3)
+    samples = sample(model, tok, PROMPTS[:2], fmt=PLAIN, n=2, max_new_tokens=5, temperature=0.7, seed=3)
     ids, attn, mask = pack(samples, tok.pad_token_id)
     s_T, _, _ = student_quantities(model, ids, attn, temperature=0.7)
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].double() / 0.7

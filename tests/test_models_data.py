@@ -8,6 +8,7 @@ import json
 import pytest
 
 from mopd.artifacts import hash_tree
+from mopd.chat import PLAIN
 from mopd.config import DataParams, DomainConfig, LocalSource, PretrainedProfile, TinyProfile
 from mopd.data import domain_records, read_split, write_domain
 from mopd.models import build_base, load_model, load_tokenizer
@@ -32,12 +33,16 @@ def test_tiny_base_is_deterministic_and_roundtrips(tmp_path):
 
 def test_pretrained_profile_loads_local_directory(tmp_path):
     build_base(SMALL, TEXTS, tmp_path / "hub_like", seed=0)
-    profile = PretrainedProfile(source="pretrained", model=str(tmp_path / "hub_like"), dtype="float32")
+    profile = PretrainedProfile(source="pretrained", model=str(tmp_path / "hub_like"), dtype="float32",
+                                chat_template=False)  # a base model: no template to ask it through
     metrics = build_base(profile, [], tmp_path / "base", seed=0)
     assert metrics["vocab_size"] == 300
     a = load_model(tmp_path / "hub_like").state_dict()
     b = load_model(tmp_path / "base").state_dict()
     assert all((a[k] == b[k]).all() for k in a)
+    asked = profile.model_copy(update={"chat_template": True})
+    with pytest.raises(ValueError, match="has no chat template, but the profile asks for one"):
+        build_base(asked, [], tmp_path / "refused", seed=0)
 
 
 def test_load_model_errors(tmp_path):
@@ -99,7 +104,7 @@ def test_sft_tokenizes_prompt_and_completion_apart(tmp_path):
     joint = [tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] for r in records]
     alone = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in records]
     assert any(j[:len(p)] != p for j, p in zip(joint, alone))  # the hazard is real here
-    batch = tokenize_pairs(tok, records)
+    batch = tokenize_pairs(tok, records, PLAIN)
     for ids, mask, p, r in zip(batch["input_ids"], batch["completion_mask"], alone, records):
         assert ids[:len(p)] == p and mask[:len(p)] == [0] * len(p)
         completion = [i for i, m in zip(ids, mask) if m]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mopd.trainers.distill as distill_mod
+from mopd.chat import PLAIN
 from mopd.config import DistillParams
 from mopd.models import load_model, load_tokenizer
 from mopd.objectives.tropd import cosine_prefix_length
@@ -27,7 +28,7 @@ def test_prefixes_come_from_the_teacher_and_the_student_continues(student_and_te
     tok = load_tokenizer(s_dir)
     teacher = InProcessTeacher.from_pretrained(t_dir, name="math")
     clients = {"math": teacher}
-    ids = encode_prompts(tok, PROMPTS)
+    ids = encode_prompts(tok, PROMPTS, PLAIN)
     doms = ["math"] * len(PROMPTS)
     pre = teacher_prefixes(clients, ids, doms, share=1.0, l_max=3, temperature=1.0, rng=random.Random(0), seed=5)
     assert all(1 <= len(p) <= 3 for p in pre)
@@ -39,7 +40,7 @@ def test_prefixes_come_from_the_teacher_and_the_student_continues(student_and_te
     student = load_model(s_dir)
     with ThreadPoolExecutor(2) as pool:
         samples, scores, _, lens = rollout_and_score(
-            TransformersRollout(student, tok), clients, ids, doms, pool, n=2, max_new_tokens=6, temperature=1.0,
+            TransformersRollout(student, tok, fmt=PLAIN), clients, ids, doms, pool, n=2, max_new_tokens=6, temperature=1.0,
             seed=1, chunks=2, overlap=False, topk=None, prefixes=pre,
             decode=lambda x: tok.decode(x, skip_special_tokens=True), eos_id=tok.eos_token_id)
     for s, n_pre in zip(samples, lens):

@@ -71,7 +71,7 @@ def test_math_table(response, reference, expected):
 def test_math_extraction_and_reasons():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert last_boxed("\\boxed{unclosed") is None
-    assert normalize("\u2212 5 is \u22125, 2.5e3 or 2.5 \\times 10^{3}.") == "- 5 is -5, 2500 or 2500"
+    assert normalize("\u2212 5 is \u22125, 2.5e3 or 2.5 \\times 10^{3}.") == "-5 is -5, 2500 or 2500"
     assert normalize("**42** and 2**3**4 and -\\boxed{3}") == "42 and 2**3**4 and \\boxed{-3}"
     assert verify("math", "", "5").reason == "no answer found"
     assert verify("math", "\\boxed{4}", "5").reason == "wrong answer '4'"

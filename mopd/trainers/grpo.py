@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mopd.chat import PromptFormat
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.grpo import GRPOParams
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
@@ -20,11 +21,25 @@ def verifier_reward(kind: str | None = None):
 
     def reward(prompts, completions, reference, **kwargs) -> list[float]:
         kinds = [kind] * len(completions) if kind is not None else list(kwargs["kind"])
-        verdicts = verify_batch(kinds, list(completions), list(reference))
+        verdicts = verify_batch(kinds, [_text(c) for c in completions], list(reference))
         return [v.reward for v in verdicts]
 
     reward.__name__ = f"{kind}_verifier" if kind else "per_row_verifier"
     return reward
+
+
+def _text(completion) -> str:
+    """A completion's text: TRL gives a string, or a conversational ``[{"role": "assistant",
+    "content": ...}]`` when the prompts are conversations (chat-template profiles)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m["content"] for m in completion if m.get("role") == "assistant")
+
+
+def grpo_prompts(records: list[dict], fmt: PromptFormat) -> list:
+    """TRL's prompt column: a conversation (TRL renders it with the tokenizer's chat template and
+    the generation prompt, exactly as mopd.chat.render_prompt does) or the plain text."""
+    return [fmt.messages(r["prompt"]) if fmt.template else r["prompt"] for r in records]
 
 
 def mixed_schedule(records: dict[str, list[dict]], weights: dict[str, float], prompts_per_step: int,
@@ -65,10 +80,11 @@ def mixed_schedule(records: dict[str, list[dict]], weights: dict[str, float], pr
     return out
 
 
-# why: 10 parameters: the stage's inputs (init, records, verifier kind, output), its recipe, seed
-# and tracker, plus the prompt order (Cascade RL) and the in-stage checkpoint folder and key.
+# why: 11 parameters: the stage's inputs (init, records, verifier kind, output), its recipe, seed
+# and tracker, plus the prompt format, the prompt order (Cascade RL) and the in-stage checkpoint
+# folder and key.
 def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Path, params: GRPOParams,
-               seed: int, tracker, *, ordered: bool = False, checkpoint: Path | None = None,
+               seed: int, tracker, *, fmt: PromptFormat, ordered: bool = False, checkpoint: Path | None = None,
                key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Train a policy from ``sft_dir`` on ``records`` (prompt + reference, and ``kind`` per row
     when ``kind`` is None); save to ``out_dir``. ``ordered``: take the prompts in the given order
@@ -80,7 +96,8 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
 
     tokenizer = load_tokenizer(sft_dir)
     model = load_model(sft_dir, trained=True, record=False)  # fit_and_save records it
-    columns = {"prompt": [r["prompt"] for r in records], "reference": [r["reference"] for r in records]}
+    fmt.check(tokenizer, f"{sft_dir}'s tokenizer")
+    columns = {"prompt": grpo_prompts(records, fmt), "reference": [r["reference"] for r in records]}
     if kind is None:
         columns["kind"] = [r["kind"] for r in records]
     dataset = Dataset.from_dict(columns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mopd.chat import PromptFormat, completion_ids, render_prompt
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.sft import SFTParams
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
@@ -12,8 +13,11 @@ from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
 log = logging.getLogger(__name__)
 
 
-def tokenize_pairs(tokenizer, records: list[dict]) -> dict[str, list[list[int]]]:
-    """``input_ids`` = ids(prompt) + ids(completion) + [EOS], ``completion_mask`` over the latter.
+def tokenize_pairs(tokenizer, records: list[dict], fmt: PromptFormat) -> dict[str, list[list[int]]]:
+    """``input_ids`` = the rendered prompt (mopd.chat.render_prompt: the chat template with its
+    generation prompt, or the text) + ids(completion) + [end of turn], ``completion_mask`` over the
+    latter: TRL's prompt-completion format with completion-only loss, tokenized here so that the
+    prompt ids are exactly those every rollout is sampled from.
 
     The prompt and the completion are tokenized *apart*, because that is what the model sees at
     inference: every rollout (GRPO, distillation, evaluation) tokenizes the prompt alone and
@@ -23,20 +27,19 @@ def tokenize_pairs(tokenizer, records: list[dict]) -> dict[str, list[list[int]]]
     inference, repeats the prompt's tail or drops the completion's head (TRL warns of this
     mismatch and trains on the merged context; measured here: the tiny SFT model then answered
     ``"=\\boxed{..}"`` to math and ``" f(l):"`` to code, scoring 0 on those items)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token: SFT completions could never end")
     input_ids, masks = [], []
     for r in records:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        p = render_prompt(tokenizer, r["prompt"], fmt)
+        c = completion_ids(tokenizer, r["completion"], fmt)
         input_ids.append(p + c)
         masks.append([0] * len(p) + [1] * len(c))
     return {"input_ids": input_ids, "completion_mask": masks}
 
 
+# why: 9 parameters: the stage's inputs (init, records, output), its recipe, seed and tracker, the
+# prompt format, and the in-stage checkpoint folder and key.
 def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTParams, seed: int,
-              tracker, *, checkpoint: Path | None = None, key: str = "") -> dict[str, list[tuple[int, float]]]:
+              tracker, *, fmt: PromptFormat, checkpoint: Path | None = None, key: str = "") -> dict[str, list[tuple[int, float]]]:
     """Fine-tune ``base_dir`` on prompt/completion ``records``; save the model to ``out_dir``.
 
     Loss on completion tokens only. Returns the metric history."""
@@ -45,7 +48,7 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
 
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, trained=True, record=False)  # fit_and_save records it
-    dataset = Dataset.from_dict(tokenize_pairs(tokenizer, records))
+    dataset = Dataset.from_dict(tokenize_pairs(tokenizer, records, fmt))
     args = SFTConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
                       checkpoint_every=params.checkpoint_every),
