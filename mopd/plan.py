@@ -66,6 +66,10 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     for u in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
         if old.get("upstream", {}).get(u) != new["upstream"].get(u):
             reasons.append(f"upstream {u} changed")
+    finished_old, finished_new = old.get("pretrained_teachers", {}), new.get("pretrained_teachers", {})
+    for d in sorted(set(finished_old) | set(finished_new)):
+        if finished_old.get(d) != finished_new.get(d):
+            reasons.append(f"pretrained teacher of {d} changed (its folder's content)")
     code_old, code_new = old.get("code", {}), new["code"]
     for path in sorted(set(code_old) | set(code_new)):
         if path not in code_old:

@@ -36,6 +36,7 @@ def run(ctx: StageContext) -> Result:
         return ctx.result(reward_quarters(history))
     if phase != "opd":
         raise ValueError(f"stage {name}: phase must be 'rl' or 'opd', got {phase!r}")
+    from mopd.opd.fidelity import fidelity_gate
     from mopd.trainers.copd import train_copd_opd
     from mopd.verifiers import verify_batch
 
@@ -46,6 +47,8 @@ def run(ctx: StageContext) -> Result:
         return [v.reward for v in verify_batch([kind] * len(texts), texts, refs)]
 
     tracker.log_params({"copd/partners": ",".join(sorted(partners)), "copd/cycle": n})
+    fidelity_gate(ctx.role("student") / "model", dict(partners), ctx.prompt_format,
+                  [prompts[d][0]["prompt"] for d in sorted(prompts)], tracker, seed=seed)
     history = train_copd_opd(ctx.role("student") / "model", partners, prompts, domain, score,
                              out_dir, c.opd, c.opd_steps, seed, tracker, fmt=ctx.prompt_format)
     log_curves(tracker, history, f"CoPD cycle {n} Phase II (mutual OPD): {domain} <- {sorted(partners)}")

@@ -10,6 +10,7 @@ from mopd import runtime
 from mopd.artifacts import Result
 from mopd.data import read_balanced, read_split
 from mopd.models import load_tokenizer
+from mopd.opd.fidelity import fidelity_gate
 from mopd.opd.settings import DistillParams
 from mopd.rollout import VLLMRollout
 from mopd.stage import StageContext
@@ -46,6 +47,10 @@ def run(ctx: StageContext) -> Result:
     routes = {d: cfg.domain(d).teacher for d in domains}
     local_dirs = ctx.teacher_models(domains)
     student = ctx.role("student") / "model"
+    # before any step: every teacher asks the prompts as the student does, and the scoring path
+    # gives 0 advantage to a teacher that is the student (mopd.opd.fidelity)
+    fidelity_gate(student, {d: local_dirs.get(d) for d in domains}, ctx.prompt_format,
+                  [prompts[d][0]["prompt"] for d in domains], ctx.tracker, seed=cfg.params.seed)
     with contextlib.ExitStack() as stack:
         # one torch thread per local server: several full-size OpenMP teams on a small CPU host
         # oversubscribe it (benchmarks/teacher_overlap.py)
