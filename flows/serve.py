@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from flows.mopd_flow import mopd
-from mopd.config import load_config
+from mopd.config import PIPELINES_FILE, load_config, load_pipelines
 
 GPU_TAG = "gpu"
 
@@ -25,9 +25,12 @@ def ensure_gpu_limit(slots: int) -> None:
 
 
 def deployments(project: Path) -> list:
-    """One deployment per pipeline (the configuration is validated first: a broken file fails
-    here, not in the first run)."""
-    cfg = load_config(project)
+    """One deployment per pipeline of the project's pipelines.yaml (each pipeline's configuration
+    is validated first: a broken file fails here, not in the first run)."""
+    names = list(load_pipelines(project / PIPELINES_FILE).pipelines)
+    cfg = None
+    for name in names:
+        cfg = load_config(project, pipeline=name)
     out = []
     for name, pipe in cfg.pipelines.pipelines.items():
         out.append(mopd.to_deployment(
