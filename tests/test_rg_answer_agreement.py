@@ -301,3 +301,33 @@ def test_known_disagreements():
     ds, e = _first("chain_sum", lambda a: int(a) >= 1000)
     # math-verify reads "01,234" with a decimal comma (1.234); update the docstring if this changes
     assert _rg_and_ours(ds, e, f"0{_thousands(e['answer'])}") == (1.0, 0.0)
+
+
+def test_a_misscored_task_is_refused_at_load():
+    """The tasks pinned above cannot be a domain's data: their rewards would be wrong."""
+    from mopd.settings.data import RG_MISSCORED, ReasoningGymSource
+
+    with pytest.raises(ValueError, match="'bitwise_arithmetic' is not scored alike .* a wrong hexadecimal"):
+        ReasoningGymSource(source="reasoning_gym", task="bitwise_arithmetic")
+    assert {"decimal_arithmetic", "power_function", "number_format", "prime_factorization", "time_intervals",
+            "calendar_arithmetic", "bitwise_arithmetic"} == set(RG_MISSCORED)
+    ReasoningGymSource(source="reasoning_gym", task="basic_arithmetic", answer_format="answer_tag")
+
+
+def test_answer_tag_records_carry_reasoning_gyms_instruction_and_verify():
+    """`answer_format: answer_tag` (the real pipeline's arithmetic): reasoning-gym's own `direct`
+    instruction in the prompt, and a gold completion the math verifier and reasoning-gym both pass."""
+    import reasoning_gym
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    from mopd.domains.sources import reasoning_gym_records
+    from mopd.verifiers import verify_batch
+
+    config = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    recs = reasoning_gym_records("math", "basic_arithmetic", 50, 0, config, "train", "answer_tag")
+    entries = list(reasoning_gym.create_dataset("basic_arithmetic", size=50, seed=0, **config))
+    assert all(r["prompt"].endswith(SYSTEM_PROMPTS["direct"]) for r in recs)
+    assert [v.reward for v in verify_batch(["math"] * 50, [r["completion"] for r in recs],
+                                           [r["reference"] for r in recs])] == [1.0] * 50
+    ds = reasoning_gym.create_dataset("basic_arithmetic", size=50, seed=0, **config)
+    assert all(ds.score_answer(answer=extract_answer(r["completion"]), entry=e) == 1.0 for r, e in zip(recs, entries))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mopd.settings.base import PosInt, Prob, Strict
 
@@ -71,6 +71,27 @@ class ReasoningGymSource(Strict):
     # boxed: gold answers as \boxed{..}; answer_tag: reasoning-gym's own format, its `direct`
     # prompt appended to each question and gold answers as <answer>..</answer>
     answer_format: Literal["boxed", "answer_tag"] = "boxed"
+
+    @field_validator("task")
+    @classmethod
+    def _scored_alike(cls, task: str) -> str:
+        if task in RG_MISSCORED:
+            raise ValueError(f"reasoning-gym task {task!r} is not scored alike by its own scorer and mopd's math "
+                             f"verifier: {RG_MISSCORED[task]} (tests/test_rg_answer_agreement.py)")
+        return task
+
+
+# reasoning-gym tasks whose own scoring and the math verifier's disagree, measured on one item each
+# (tests/test_rg_answer_agreement.py::test_known_disagreements): rewards there would be wrong
+RG_MISSCORED = {
+    "decimal_arithmetic": "reasoning-gym accepts answers within 1e-3",
+    "power_function": "reasoning-gym compares 3 significant figures",
+    "number_format": "reasoning-gym accepts answers within 0.01",
+    "prime_factorization": "the answer is a list of factors, not a number",
+    "time_intervals": "the answer is a duration, not a number",
+    "calendar_arithmetic": "the answer is a weekday or a date",
+    "bitwise_arithmetic": "a wrong hexadecimal answer passes the math verifier",
+}
 
 
 DataSourceConfig = Annotated[SyntheticSource | HubSource | LocalSource | HumanEvalSource
