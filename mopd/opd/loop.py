@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from mopd import checkpoint as ckpt
 from mopd import runtime
 from mopd.chat import PromptFormat
+from mopd.settings.base import LoraParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.rollout import encode_prompts
 from mopd.progress import report
@@ -44,13 +45,18 @@ class Student:
     fmt: PromptFormat
 
     @classmethod
-    def load(cls, init_dir: Path, seed: int, fmt: PromptFormat) -> "Student":
-        """Seed torch and a Python stream with ``seed``, then load the trainable student."""
+    def load(cls, init_dir: Path, seed: int, fmt: PromptFormat, lora: LoraParams | None = None) -> "Student":
+        """Seed torch and a Python stream with ``seed``, then load the trainable student (with LoRA
+        adapters injected when ``lora`` is set: only they train; mopd.lora)."""
         torch.manual_seed(seed)
         rng = random.Random(seed)
         tokenizer = load_tokenizer(init_dir)
         fmt.check(tokenizer, f"the student {init_dir}'s tokenizer")
         model = load_model(init_dir, trained=True)
+        if lora is not None:
+            from mopd.lora import add_lora
+
+            model = add_lora(model, lora)
         model.train()
         return cls(model, tokenizer, rng, fmt)
 
@@ -118,7 +124,9 @@ def train_loop(student: Student, optim, rollout, ledger: Ledger, tracker, out_di
                 ckpt.save(plan.checkpoint, key=plan.key, step=step, model=student.model,
                           tokenizer=student.tokenizer, optim=optim, py_rng=student.rng, history=history)
     if runtime.is_main():
-        save_checkpoint(student.model, student.tokenizer, out_dir / "model")
+        from mopd.lora import plain_model
+
+        save_checkpoint(plain_model(student.model), student.tokenizer, out_dir / "model")  # LoRA: merged
         if plan.checkpoint:
             ckpt.remove(plan.checkpoint)
     runtime.barrier()  # the other processes return once the model is on disk

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mopd.opd.methods import BUILTIN, METHODS, get_method
 from mopd.settings.base import (
+    LoraOption,
     PipelineFacts,
     PosFloat,
     PosInt,
@@ -45,7 +46,7 @@ class UniOPDParams(Strict):
         return self.online_balance or self.calibration != "off"
 
 
-class DistillParams(Strict):
+class DistillParams(LoraOption):
     """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
 
     # A registered method (mopd.opd.methods.METHODS; the Literal lists the built-in ones, a method

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from mopd.security import redact_secrets
 
@@ -76,3 +76,29 @@ def check_shares(key: str, weights: dict[str, float] | None, facts: PipelineFact
                          f"pipeline {facts.pipeline!r} {list(facts.domains)}")
     if not math.isclose(sum(weights.values()), 1.0, rel_tol=1e-6):
         raise ValueError(f"{key}.domain_weights = {weights}: must sum to 1")
+
+
+class LoraParams(Strict):
+    """LoRA adapters (`peft`) instead of full fine-tuning: rank ``r``, scale ``alpha / r``, on
+    ``target_modules`` (``all-linear``: every linear layer but the LM head). The stage trains the
+    adapters and saves the *merged* weights, so every later stage and mergekit read a plain
+    checkpoint (mopd.lora)."""
+
+    r: PosInt = 16
+    alpha: PosFloat = 32.0
+    dropout: Prob = 0.0
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class LoraOption(Strict):
+    """A section that may train through LoRA (`lora: {r: ..}`; null: full fine-tuning). Left out
+    of the section's dump while null, so adding the option changed no existing cache key."""
+
+    lora: LoraParams | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_lora(self, handler):
+        out = handler(self)
+        if isinstance(out, dict) and out.get("lora") is None:
+            out.pop("lora", None)
+        return out

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from mopd.settings.base import PosFloat, PosInt, Strict
+from mopd.settings.base import LoraOption, PosFloat, PosInt, Strict
 
 
-class GRPOParams(Strict):
+class GRPOParams(LoraOption):
     """One teacher's GRPO recipe (TRL GRPOTrainer). Each domain may have its own."""
 
     max_steps: PosInt = 60

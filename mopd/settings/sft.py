@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field  # noqa: F401
 
-from mopd.settings.base import PosFloat, PosInt, Prob, Strict
+from mopd.settings.base import LoraOption, PosFloat, PosInt, Prob
 
 
-class SFTParams(Strict):
+class SFTParams(LoraOption):
     max_steps: PosInt = 300
     learning_rate: PosFloat = 3e-3
     batch_size: PosInt = 32

@@ -114,7 +114,9 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
         callback.tracker.set_tags({"resumed_from_step": step})
     trainer.train(resume_from_checkpoint=last)
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
-    save_checkpoint(trainer.model, tokenizer, out_dir / "model")
+    from mopd.lora import plain_model
+
+    save_checkpoint(plain_model(trainer.model), tokenizer, out_dir / "model")  # LoRA: merged weights
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return callback.history

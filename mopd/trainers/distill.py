@@ -235,11 +235,15 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
     part = (runtime.rank(), runtime.world_size())
     if part[1] > 1:
         check_data_parallel(params, part[1])
-    student = Student.load(sft_dir, seed, fmt)
+    student = Student.load(sft_dir, seed, fmt, params.lora)
+    if params.lora is not None and getattr(rollout, "name", "") == "vllm":
+        raise ValueError("distill.lora: a colocated vLLM engine is synced by parameter name, which LoRA "
+                         "adapters change; use runtime.rollout: transformers with LoRA")
     ledger = Ledger()  # what each teacher costs, per step (mopd.teachers.ledger)
     clients = ledger.wrap(as_clients(teachers))
     rollout = rollout or TransformersRollout(student.model, student.tokenizer, fmt=fmt)
-    optim = torch.optim.AdamW(student.model.parameters(), lr=params.learning_rate, weight_decay=0.0)
+    optim = torch.optim.AdamW([p for p in student.model.parameters() if p.requires_grad], lr=params.learning_rate,
+                              weight_decay=0.0)
     spec = get_method(params.objective)
     kwargs = objective_kwargs(params.objective, params)
     tok = student.tokenizer

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from mopd.chat import PromptFormat
+from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.grpo import GRPOParams
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
@@ -116,5 +117,6 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
     )
     callback = TrackerCallback(tracker)
     trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[callback],
+                          peft_config=peft_config(params.lora) if params.lora else None)
     return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key)

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from mopd.chat import PromptFormat, completion_ids, render_prompt
+from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.sft import SFTParams
 from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
@@ -60,6 +61,6 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
         dataset_num_proc=None,
     )
     callback = TrackerCallback(tracker)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[callback], peft_config=peft_config(params.lora) if params.lora else None)
     return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key)
