@@ -190,12 +190,33 @@ def test_every_stage_asks_through_the_chat_template(smol, expected, tmp_path):
 
 
 def test_fidelity_gate_passes_the_student_as_its_own_teacher(smol):
-    from mopd.opd.fidelity import SELF_K1_TOLERANCE, fidelity_gate
+    from mopd.opd.fidelity import fidelity_gate
 
     got = fidelity_gate(smol, {"math": smol, "code": None}, prompt_format(PROFILE),
                         [r["prompt"] for r in RECORDS], NullTracker(), max_new_tokens=8)
     assert got["fidelity/teachers_checked"] == 1 and got["fidelity/teachers_unchecked"] == 1
-    assert got["fidelity/probe_tokens"] > 0 and got["fidelity/self_k1_max_abs"] <= SELF_K1_TOLERANCE
+    assert got["fidelity/probe_tokens"] > 0 and got["fidelity/self_k1_max_abs"] <= 1e-5  # measured 9.5e-7
+
+
+def test_the_self_scoring_probe_sees_a_one_token_misalignment(smol, monkeypatch):
+    """The probe guards the scoring path: teacher scores laid out one position late give large
+    advantages, and the gate refuses."""
+    import mopd.teachers.base as base
+    from mopd.models import load_model, load_tokenizer
+    from mopd.opd.fidelity import FidelityError, fidelity_gate, self_k1
+
+    right = base.lay_out
+
+    def late(scores, prompt_lens, T, topk):
+        return right(scores, [p + 1 for p in prompt_lens], T + 1, topk)[0][:, :T], None, None
+
+    monkeypatch.setattr(base, "lay_out", late)
+    worst, _ = self_k1(load_model(smol), load_tokenizer(smol), prompt_format(PROFILE),
+                       [r["prompt"] for r in RECORDS], max_new_tokens=8, temperature=1.0, seed=0)
+    assert worst > 0.1
+    with pytest.raises(FidelityError, match=r"K1 advantages up to .* \(must be 0, to 0.001 in this dtype\)"):
+        fidelity_gate(smol, {}, prompt_format(PROFILE), [r["prompt"] for r in RECORDS], NullTracker(),
+                      max_new_tokens=8)
 
 
 def test_fidelity_gate_refuses_another_template_or_tokenizer(smol, tmp_path):
