@@ -40,7 +40,7 @@ def build(cfg: Config) -> dict:
     out: dict[str, dict] = {}
     for name, (pipeline, spec) in stages.items():
         code = [p.relative_to(root).as_posix() for p in import_closure(spec.module, root)]
-        deps = code + [stages[u][1].out_dir for u in spec.upstream]
+        deps = code + [stages[u][1].out_dir for u in spec.upstream] + _finished_teachers(cfg, spec)
         params: list = list(spec.params_keys)
         if spec.pipeline_keys:
             params.append({PIPELINES_FILE: list(spec.pipeline_keys)})
@@ -54,6 +54,19 @@ def build(cfg: Config) -> dict:
         entry["outs"] = [spec.out_dir]
         out[dvc_name(name)] = entry
     return {"stages": out}
+
+
+def _finished_teachers(cfg: Config, spec) -> list[str]:
+    """The folders of the finished teachers (`teacher: {source: pretrained}`) a stage reads: DVC
+    reruns it when their files change, as the cache key does (mopd.graph.pretrained_teachers)."""
+    out = []
+    for d in {k.split(".")[1] for k in spec.pipeline_keys if k.startswith("domains.") and k.endswith(".teacher")}:
+        if d in cfg.pipelines.domains and cfg.pipelines.domains[d].teacher.source == "pretrained":
+            path = Path(cfg.teacher_model(d))
+            if path.is_dir():
+                out.append(path.relative_to(cfg.project_dir).as_posix()
+                           if path.is_relative_to(cfg.project_dir) else str(path))
+    return sorted(out)
 
 
 def render(cfg: Config) -> str:

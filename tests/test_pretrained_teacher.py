@@ -37,6 +37,9 @@ def test_a_finished_teacher_folder_is_distilled_from_and_its_weights_key_the_sta
     result = load_result(micro_project / build_graph(cfg)[3].out_dir)
     assert result.metrics["reverse_kl_first_quarter"] == pytest.approx(0.0, abs=1e-5)  # teacher = student
     assert {d.stage: d.action for d in plan(cfg)} == {s: "cached" for s in names}
+    from mopd import dvcgen
+
+    assert "finished/math" in dvcgen.build(cfg)["stages"]["distill"]["deps"]  # `dvc repro` reruns it too
 
     weights = load_file(str(teacher / "model.safetensors"))
     first = sorted(weights)[0]
