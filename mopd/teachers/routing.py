@@ -35,7 +35,7 @@ def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher | PretrainedTea
     local = {d: r for d, r in routes.items() if r.source in ("local", "pretrained")}
     missing = sorted(d for d in local if d not in local_dirs)
     if missing:
-        raise ValueError(f"no teacher checkpoint for local or pretrained domain(s) {missing}")
+        raise ValueError(f"no teacher checkpoint for local domain(s) {missing}")
     if transport == "http" and local:
         urls = stack.enter_context(local_teacher_servers({d: local_dirs[d] for d in local},
                                                          threads=server_threads))
