@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from mopd.settings.base import LoraOption, PosFloat, PosInt, Strict
+from mopd.settings.base import LoraOption, PosFloat, PosInt
 
 
 class GRPOParams(LoraOption):
