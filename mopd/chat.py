@@ -86,12 +86,6 @@ def _eos(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def completion_ids(tokenizer, completion: str, fmt: PromptFormat) -> list[int]:
-    """A demonstration's ids, tokenized apart from its prompt (what the model generates after the
-    rendered prompt), ended by the end-of-turn token."""
-    return list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [end_of_turn(tokenizer, fmt)]
-
-
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token (the shorter length when one is a prefix), or None."""
     for i, (x, y) in enumerate(zip(a, b)):

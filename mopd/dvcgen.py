@@ -18,7 +18,7 @@ import yaml
 
 from mopd.codedeps import import_closure, project_root
 from mopd.config import PIPELINES_FILE, Config
-from mopd.graph import all_stages
+from mopd.graph import all_stages, finished_teachers
 
 DVC_FILE = "dvc.yaml"
 HEADER = """\
@@ -59,14 +59,9 @@ def build(cfg: Config) -> dict:
 def _finished_teachers(cfg: Config, spec) -> list[str]:
     """The folders of the finished teachers (`teacher: {source: pretrained}`) a stage reads: DVC
     reruns it when their files change, as the cache key does (mopd.graph.pretrained_teachers)."""
-    out = []
-    for d in {k.split(".")[1] for k in spec.pipeline_keys if k.startswith("domains.") and k.endswith(".teacher")}:
-        if d in cfg.pipelines.domains and cfg.pipelines.domains[d].teacher.source == "pretrained":
-            path = Path(cfg.teacher_model(d))
-            if path.is_dir():
-                out.append(path.relative_to(cfg.project_dir).as_posix()
-                           if path.is_relative_to(cfg.project_dir) else str(path))
-    return sorted(out)
+    paths = [Path(m) for m in finished_teachers(cfg, spec).values() if Path(m).is_dir()]
+    return sorted(p.relative_to(cfg.project_dir).as_posix() if p.is_relative_to(cfg.project_dir) else str(p)
+                  for p in paths)
 
 
 def render(cfg: Config) -> str:

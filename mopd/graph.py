@@ -19,13 +19,13 @@ which the same stage name would mean two different computations.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from mopd.artifacts import hash_tree
 from mopd.codedeps import code_files
 from mopd.security import redact_secrets
 from mopd.settings.multiround import MultiRoundParams
@@ -563,37 +563,23 @@ def static_key_inputs(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
     return out
 
 
-def pretrained_teachers(cfg: "Config", spec: StageSpec) -> dict[str, str]:
-    """``{domain: content hash}`` of the finished teachers (`teacher: {source: pretrained}`) a
-    stage reads: a local folder's files hashed (new weights rerun the stage), a hub id by name."""
+def finished_teachers(cfg: "Config", spec: StageSpec) -> dict[str, str]:
+    """``{domain: folder or hub id}`` of the finished teachers (`teacher: {source: pretrained}`)
+    whose `domains.<d>.teacher` key a stage reads (its cache key and its DVC deps follow them)."""
     out = {}
     for key in spec.pipeline_keys:
         parts = key.split(".")
-        if parts[0] != "domains" or parts[-1] != "teacher" or parts[1] not in cfg.pipelines.domains:
-            continue
-        if cfg.pipelines.domains[parts[1]].teacher.source == "pretrained":
-            model = cfg.teacher_model(parts[1])
-            out[parts[1]] = folder_hash(Path(model)) if Path(model).is_dir() else model
+        if parts[0] == "domains" and parts[-1] == "teacher" and parts[1] in cfg.pipelines.domains \
+                and cfg.pipelines.domains[parts[1]].teacher.source == "pretrained":
+            out[parts[1]] = cfg.teacher_model(parts[1])
     return out
 
 
-def folder_hash(path: Path) -> str:
-    """sha256 over a folder's files (names and contents), memoised per (file, size, mtime)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(path)}\0{_file_sha(str(p), st.st_size, st.st_mtime_ns)}\0".encode())
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=4096)
-def _file_sha(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def pretrained_teachers(cfg: "Config", spec: StageSpec) -> dict[str, str]:
+    """``{domain: content hash}`` of the finished teachers a stage reads: a local folder's files
+    hashed (new weights rerun the stage), a hub id by name."""
+    return {d: hash_inputs(hash_tree(Path(m))) if Path(m).is_dir() else m
+            for d, m in finished_teachers(cfg, spec).items()}
 
 
 def with_upstream(static: dict[str, Any], spec: StageSpec, upstream_hashes: dict[str, str]

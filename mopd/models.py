@@ -99,10 +99,10 @@ def gguf_path(profile: GGUFProfile) -> Path:
 def load_gguf(profile: GGUFProfile):
     """(model, tokenizer) from a GGUF file: transformers dequantizes the weights; the model is
     rebuilt from its config (without the quantization entry) so it saves as plain safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = gguf_path(profile)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = profile_tokenizer(profile)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                   dtype=_DTYPES[profile.dtype])
     config = loaded.config
@@ -116,7 +116,7 @@ def load_gguf(profile: GGUFProfile):
 
 def profile_tokenizer(profile: PretrainedProfile | GGUFProfile):
     """A real profile's tokenizer before the base stage has saved it (the data stage counts prompt
-    lengths with it), with the EOS the base stage gives it."""
+    lengths with it; the base stage then makes the template's end of turn its EOS)."""
     if isinstance(profile, GGUFProfile):
         from transformers import AutoTokenizer
 

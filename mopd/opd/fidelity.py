@@ -96,16 +96,13 @@ def self_k1(model, tokenizer, fmt: PromptFormat, prompts: list[str], *, max_new_
     return float(adv.abs().max()), int(mask_BT.sum())
 
 
-# why: 9 parameters: the student (its folder and format), every teacher's folder (None: remote),
-# the probe prompts and its sampling length, plus the tracker the figures are logged to.
 def fidelity_gate(student_dir: Path, teachers: dict[str, Path | str | None], fmt: PromptFormat,
-                  prompts: list[str], tracker, *, max_new_tokens: int = 16, seed: int = 0,
-                  model=None, tokenizer=None) -> dict[str, float]:
-    """Run both checks (module docstring); raise :class:`FidelityError` on a failure; log and return
-    ``fidelity/*`` figures. ``model``/``tokenizer``: the student already loaded (else loaded here)."""
+                  prompts: list[str], tracker, *, max_new_tokens: int = 16, seed: int = 0) -> dict[str, float]:
+    """Run both checks (module docstring) on the student at ``student_dir`` and every teacher's
+    folder (None: remote); raise :class:`FidelityError` on a failure; log and return ``fidelity/*``."""
     from mopd.models import load_model, load_tokenizer
 
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(student_dir)
+    tokenizer = load_tokenizer(student_dir)
     checked = 0
     for d, path in sorted(teachers.items()):
         if path is None:
@@ -113,7 +110,7 @@ def fidelity_gate(student_dir: Path, teachers: dict[str, Path | str | None], fmt
         check_rendering(tokenizer, load_tokenizer(path), fmt, prompts, student=str(student_dir),
                         teacher=f"{d!r} ({path})")
         checked += 1
-    model = model if model is not None else load_model(student_dir)
+    model = load_model(student_dir)
     worst, tokens = self_k1(model, tokenizer, fmt, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
                             seed=seed)
     tolerance = SELF_K1_TOLERANCE.get(str(next(model.parameters()).dtype).removeprefix("torch."), 5e-2)

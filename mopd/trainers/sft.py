@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mopd.chat import PromptFormat, completion_ids, render_prompt
+from mopd.chat import PromptFormat, end_of_turn, render_prompt
 from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.sft import SFTParams
@@ -28,10 +28,11 @@ def tokenize_pairs(tokenizer, records: list[dict], fmt: PromptFormat) -> dict[st
     inference, repeats the prompt's tail or drops the completion's head (TRL warns of this
     mismatch and trains on the merged context; measured here: the tiny SFT model then answered
     ``"=\\boxed{..}"`` to math and ``" f(l):"`` to code, scoring 0 on those items)."""
+    eot = end_of_turn(tokenizer, fmt)  # the demonstration ends the turn
     input_ids, masks = [], []
     for r in records:
         p = render_prompt(tokenizer, r["prompt"], fmt)
-        c = completion_ids(tokenizer, r["completion"], fmt)
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [eot]
         input_ids.append(p + c)
         masks.append([0] * len(p) + [1] * len(c))
     return {"input_ids": input_ids, "completion_mask": masks}
