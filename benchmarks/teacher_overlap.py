@@ -42,7 +42,7 @@ class NoTeacher:
 
     name = "none"
 
-    def score(self, prompt_ids, completion_ids, *, topk=None):
+    def score(self, prompt_ids, completion_ids, *, topk=None, temperature=1.0):
         k = topk or 0
         return [SequenceScores(torch.zeros(len(c)), torch.arange(k).expand(len(c), k) if k else None,
                                torch.zeros(len(c), k) if k else None) for c in completion_ids]

@@ -114,20 +114,24 @@ def _results(args: argparse.Namespace) -> int:
             m: {"domains": {b: {"avg": c["avg"], "ci": c["ci"], "pass": c["pass"],
                                 "pass_ci": c["pass_ci"]} for b, c in e["domains"].items()},
                 "normalized": e["normalized"], "normalized_ci": e["normalized_ci"],
-                "normalized_note": e["normalized_note"], "teacher_cost": e.get("teacher_cost")}
+                "normalized_note": e["normalized_note"], "teacher_cost": e.get("teacher_cost"),
+                "budget": e.get("budget")}
             for m, e in table["methods"].items()}}
         print(json.dumps(out, indent=2))
         return 0
     benches = list(dict.fromkeys(b for e in table["methods"].values() for b in e["domains"]))
     width = max(len(m) for m in table["methods"])
-    print(f"{'method':<{width}}  " + "  ".join(f"{b:<22}" for b in benches) + "  normalized  teacher ms/token")
+    print(f"{'method':<{width}}  " + "  ".join(f"{b:<22}" for b in benches)
+          + "  normalized  teacher ms/token  rollouts (integration / with teachers)")
     for m, e in table["methods"].items():
         cells = [f"{e['domains'][b]['avg']:.3f} [{e['domains'][b]['ci'][0]:.3f}, {e['domains'][b]['ci'][1]:.3f}]"
                  if b in e["domains"] else "—" for b in benches]
         norm = "—" if e["normalized"] is None else f"{e['normalized']:.3f}"
         per_tok = (e.get("teacher_cost") or {}).get("seconds_per_student_token")
         cost = "—" if per_tok is None else f"{1000 * per_tok:.3f}"
-        print(f"{m:<{width}}  " + "  ".join(f"{c:<22}" for c in cells) + f"  {norm:<10}  {cost}")
+        b = e.get("budget")
+        spent = "—" if not b else f"{b['integration_rollouts']:,.0f} / {b['total_rollouts']:,.0f}"
+        print(f"{m:<{width}}  " + "  ".join(f"{c:<22}" for c in cells) + f"  {norm:<10}  {cost:<16}  {spent}")
     notes = {n for e in table["methods"].values() for n in [e.get("normalized_note")] if n}
     for d, g in table["teacher_gain"].items():
         if g.get("gain") is not None:

@@ -321,7 +321,8 @@ class Config(Strict):
     def facts(self, kind: str, variant: str | None = None) -> PipelineFacts:
         """What the `kind` section (or its variant) is checked against in this pipeline."""
         return PipelineFacts(key=f"variants.{kind}.{variant}" if variant else kind, pipeline=self.pipeline,
-                             domains=tuple(self.domains), local_teachers=tuple(self.local_teacher_domains))
+                             domains=tuple(self.domains), local_teachers=tuple(self.local_teacher_domains),
+                             remote_teachers=tuple(d for d in self.domains if self.domain(d).teacher.source == "remote"))
 
     def domain(self, name: str) -> DomainConfig:
         return self.pipelines.domains[name]

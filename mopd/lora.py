@@ -36,12 +36,17 @@ def has_lora(model) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def plain_model(model):
+def plain_model(model, copy: bool = False):
     """``model`` with every adapter merged into its base weights and removed (a ``PeftModel``
-    from TRL, or adapters injected in place); a model without adapters is returned as it is."""
+    from TRL, or adapters injected in place); a model without adapters is returned as it is.
+    ``copy``: merge a copy and leave ``model`` (still training) as it is."""
+    import copy as _copy
+
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if copy and (isinstance(model, PeftModel) or has_lora(model)):
+        model = _copy.deepcopy(model)
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     if not has_lora(model):

@@ -9,7 +9,7 @@ from mopd.artifacts import Result
 from mopd.data import read_split
 from mopd.settings.baselines import CascadeRLParams
 from mopd.stage import StageContext
-from mopd.trainers.grpo import train_grpo
+from mopd.trainers.grpo import rollout_budget, train_grpo
 from tasks.plotting import log_curves, reward_quarters
 
 
@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> Result:
                          cfg.params.teacher[domain], cfg.params.seed, tracker,
                          fmt=ctx.prompt_format, **ctx.checkpoint)
     log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
-    metrics = reward_quarters(history)
+    metrics = reward_quarters(history) | rollout_budget(history, cfg.params.teacher[domain].batch_size)
     return ctx.result(metrics)
 
 

@@ -26,14 +26,14 @@ def run(ctx: StageContext) -> Result:
     # a distinct sampling stream per cycle (the same seed would replay cycle 1's prompt order)
     seed = cfg.params.seed + 7919 * (n - 1)
     if phase == "rl":
-        from mopd.trainers.grpo import train_grpo
+        from mopd.trainers.grpo import rollout_budget, train_grpo
 
         init = ctx.role("student")  # SFT in cycle 1, else the branch's Phase II of cycle n-1
         recipe = cfg.params.teacher[domain].model_copy(update={"max_steps": c.rl_steps})
         history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker,
                              fmt=ctx.prompt_format, **ctx.checkpoint)
         log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}")
-        return ctx.result(reward_quarters(history))
+        return ctx.result(reward_quarters(history) | rollout_budget(history, recipe.batch_size))
     if phase != "opd":
         raise ValueError(f"stage {name}: phase must be 'rl' or 'opd', got {phase!r}")
     from mopd.opd.fidelity import fidelity_gate
@@ -59,6 +59,9 @@ def run(ctx: StageContext) -> Result:
         short = key.split("/")[-1]
         metrics |= {f"{short}_first_quarter": sum(vals[:q]) / q, f"{short}_last_quarter": sum(vals[-q:]) / q}
     metrics |= history_totals(history, "copd/trained_tokens")  # scoring by the partners (mopd.teachers.ledger)
+    per_step = c.opd.native_prompts * c.opd.group_size + len(partners) * c.opd.cross_prompts * c.opd.cross_samples
+    metrics |= {"budget/student_rollouts": float(per_step * len(history["copd/trained_tokens"])),
+                "budget/student_tokens": float(sum(v for _, v in history["copd/trained_tokens"]))}
     return ctx.result(metrics)
 
 

@@ -65,7 +65,10 @@ def run(ctx: StageContext) -> Result:
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]
     metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n,
-               **history_totals(history, "distill/trained_tokens")}
+               **history_totals(history, "distill/trained_tokens"),
+               # the comparison's budget (ALGORITHMS §9): what the student sampled and trained on
+               "budget/student_rollouts": float(len(kl) * params.prompts_per_step * params.samples_per_prompt),
+               "budget/student_tokens": float(sum(v for _, v in history["distill/trained_tokens"]))}
     return ctx.result(metrics)
 
 

@@ -10,7 +10,7 @@ from mopd.artifacts import Result
 from mopd.data import read_split
 from mopd.settings.baselines import MixRLParams
 from mopd.stage import StageContext
-from mopd.trainers.grpo import mixed_schedule, train_grpo
+from mopd.trainers.grpo import mixed_schedule, rollout_budget, train_grpo
 from tasks.plotting import log_curves, reward_quarters
 
 
@@ -28,7 +28,8 @@ def run(ctx: StageContext) -> Result:
     history = train_grpo(ctx.role("student") / "model", stream, None, out_dir, params, cfg.params.seed,
                          tracker, fmt=ctx.prompt_format, ordered=True, **ctx.checkpoint)
     log_curves(tracker, history, "Mix-RL")
-    metrics = {f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
+    metrics = ({f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
+               | rollout_budget(history, params.batch_size))
     return ctx.result(metrics)
 
 

@@ -26,6 +26,7 @@ STUDENT = "sft"
 SCORES_FILE = "scores.json"  # written by tasks.evaluate
 TABLE_FILE = "table.json"
 COST_FIELDS = (*FIELDS, "student_tokens")
+BUDGET_FIELDS = ("integration_rollouts", "integration_tokens", "total_rollouts", "total_tokens")
 
 
 def run(ctx: StageContext) -> Result:
@@ -44,9 +45,10 @@ def run(ctx: StageContext) -> Result:
                        teachers={d: f"teacher:{d}" for d in local}, level=p.ci_level,
                        n_boot=p.bootstrap, seed=cfg.params.seed)
     table |= {"pipeline": pipeline, "n": p.n, "k": p.k}
-    costs = teacher_costs(cfg, list(evaluations))
+    costs, budget = teacher_costs(cfg, list(evaluations)), budgets(cfg, list(evaluations))
     for m, entry in table["methods"].items():
         entry["teacher_cost"] = costs.get(m)
+        entry["budget"] = budget.get(m)
     (out_dir / TABLE_FILE).write_text(json.dumps(table, indent=2) + "\n")
 
     avg, lo, hi, long_rows = {}, {}, {}, []
@@ -89,6 +91,8 @@ def run(ctx: StageContext) -> Result:
             metrics[f"normalized/{m}/score"] = entry["normalized"]
         for k, v in (entry["teacher_cost"] or {}).items():
             metrics[f"teacher_cost/{m}/{k}"] = v
+        for k, v in (entry["budget"] or {}).items():
+            metrics[f"budget/{m}/{k}"] = v
     for d, g in table["teacher_gain"].items():
         if g.get("gain") is not None:
             metrics[f"teacher_gain/{d}"] = g["gain"]
@@ -98,39 +102,71 @@ def run(ctx: StageContext) -> Result:
     return ctx.result(metrics)
 
 
-def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, float]]:
-    """Method label -> what querying teachers cost to make that model (mopd.teachers.ledger): the
-    ledger totals of its stage and of every stage upstream of it (CoPD: all its Phase II stages;
-    multi-round MOPD: every round), summed. Methods that never query a teacher are absent."""
+def _method_stages(cfg: Config, evaluations: list[str]):
+    """(method labels, the stages that made their model: its stage and every stage upstream,
+    each once) per evaluation, and a memoised reader of a stage's result metrics."""
     graph = {s.name: s for s in build_graph(cfg)}
-    out: dict[str, dict[str, float]] = {}
 
     @functools.cache
-    def ledger(name: str) -> dict[str, float]:  # each stage's result read once, not once per method
+    def metrics_of(name: str) -> dict[str, float]:  # each stage's result read once, not once per method
         out_dir = cfg.project_dir / graph[name].out_dir
         if not (out_dir / RESULT_FILE).is_file():  # not a declared input: a report fed bare
-            return {}                                # evaluations (tests) finds no ledger there
+            return {}                                # evaluations (tests) finds no record there
         return load_result(out_dir).metrics
 
+    out = []
     for ev in evaluations:
         model_stage = graph[ev].kwargs.get("model") if ev in graph else None
         if model_stage is None:
             continue
-        seen, todo, total = set(), [model_stage], dict.fromkeys(COST_FIELDS, 0.0)
+        seen, todo = [], [model_stage]
         while todo:
             name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            todo += list(graph[name].upstream)
-            metrics = ledger(name)
+            if name not in seen:
+                seen.append(name)
+                todo += list(graph[name].upstream)
+        out.append(([label for label, _ in graph[model_stage].models], [graph[n] for n in seen]))
+    return out, metrics_of
+
+
+def teacher_costs(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, float]]:
+    """Method label -> what querying teachers cost to make that model (mopd.teachers.ledger): the
+    ledger totals of its stage and of every stage upstream of it (CoPD: all its Phase II stages;
+    multi-round MOPD: every round), summed. Methods that never query a teacher are absent."""
+    out: dict[str, dict[str, float]] = {}
+    methods, metrics_of = _method_stages(cfg, evaluations)
+    for labels, stages in methods:
+        total = dict.fromkeys(COST_FIELDS, 0.0)
+        for spec in stages:
+            metrics = metrics_of(spec.name)
             for k in COST_FIELDS:
                 total[k] += metrics.get(f"teacher_cost/all/{k}", 0.0)
         if total["requests"] or total["seconds"]:
             tokens = total["student_tokens"]
             total["seconds_per_student_token"] = total["seconds"] / tokens if tokens else None
-            for label, _ in graph[model_stage].models:
+            for label in labels:
                 out[label] = total
+    return out
+
+
+def budgets(cfg: Config, evaluations: list[str]) -> dict[str, dict[str, float]]:
+    """Method label -> its student budget (ALGORITHMS §9): the rollouts (and their tokens) sampled
+    from a policy being trained, in the stages that integrate the teachers (``integration``:
+    every stage that made the model but SFT and the `teacher:*` stages) and with the teachers'
+    own GRPO rollouts (``total``). SFT itself samples nothing; a merge integrates for 0."""
+    out: dict[str, dict[str, float]] = {}
+    methods, metrics_of = _method_stages(cfg, evaluations)
+    for labels, stages in methods:
+        b = dict.fromkeys(BUDGET_FIELDS, 0.0)
+        for spec in stages:
+            m = metrics_of(spec.name)
+            for what in ("rollouts", "tokens"):
+                v = m.get(f"budget/student_{what}", 0.0)
+                b[f"total_{what}"] += v
+                if spec.kind != "teacher":
+                    b[f"integration_{what}"] += v
+        for label in labels:
+            out[label] = b
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from mopd.artifacts import Result
 from mopd.data import read_split
 from mopd.stage import StageContext
-from mopd.trainers.grpo import train_grpo
+from mopd.trainers.grpo import rollout_budget, train_grpo
 from tasks.plotting import log_curves, reward_quarters
 
 
@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> Result:
     history = train_grpo(ctx.role("student") / "model", records, kind, ctx.out_dir, cfg.params.teacher[domain],
                          cfg.params.seed, ctx.tracker, fmt=ctx.prompt_format, **ctx.checkpoint)
     log_curves(ctx.tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
-    return ctx.result(reward_quarters(history))
+    return ctx.result(reward_quarters(history) | rollout_budget(history, cfg.params.teacher[domain].batch_size))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class RecordingTeacher:
     def __init__(self, inner):
         self.inner, self.name, self.prompts = inner, inner.name, []
 
-    def score(self, prompt_ids, completion_ids, *, topk=None):
+    def score(self, prompt_ids, completion_ids, *, topk=None, temperature=1.0):
         self.prompts += [list(p) for p in prompt_ids]
         return self.inner.score(prompt_ids, completion_ids, topk=topk)
 

@@ -47,7 +47,7 @@ def test_a_client_that_cannot_generate_stays_so_behind_the_ledger():
     class ScoreOnly:
         name = "s"
 
-        def score(self, prompt_ids, completion_ids, *, topk=None):
+        def score(self, prompt_ids, completion_ids, *, topk=None, temperature=1.0):
             return []
 
         def close(self):

@@ -49,6 +49,7 @@ class RolloutBatch:
     prefix_lens: list[int] = field(default_factory=list)
     rewards: list[float] | None = None
     keep: list[int] | None = None
+    all_scores: dict[str, list[SequenceScores]] | None = None  # every teacher's, when a shaper needs them
     timing: StepTiming = field(default_factory=StepTiming)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -90,7 +91,9 @@ class PackedBatch:
     """The kept rows laid out for the update: B rows × T positions (response positions marked by
     ``mask_BT``), K teacher top-k entries. ``old_logprobs_BT``: the rollout policy's log-probs
     (set when a shaper or several update passes need them); ``advantages_BT``: replaces ``u - s``
-    in the policy-gradient losses when a shaper sets it (Uni-OPD calibration)."""
+    in the policy-gradient losses when a shaper sets it (Uni-OPD calibration); ``weight_BT``:
+    multiplies the K1 advantage ``clip(u - s)`` (Open-MOPD's domain and conflict weights), which
+    ``refresh`` rebuilds from the student at every update pass."""
 
     ids_BT: torch.Tensor
     attn_BT: torch.Tensor
@@ -103,6 +106,8 @@ class PackedBatch:
     groups_B: list[int]
     old_logprobs_BT: torch.Tensor | None = None
     advantages_BT: torch.Tensor | None = None
+    weight_BT: torch.Tensor | None = None  # multiplies the K1 advantage (Open-MOPD shapers)
+    refresh: bool = False  # rebuild the K1 advantage from the student at each update pass
 
     @property
     def rows(self) -> int:

@@ -69,7 +69,8 @@ class Student:
 class LoopPlan:
     """How long and where: ``steps`` optimiser steps (numbered from 1) shown as ``desc``;
     checkpoints every ``checkpoint_every`` steps under ``checkpoint`` made under ``key`` (none
-    when either is None); ``workers`` scoring threads named ``thread_prefix``; the ledger's
+    when either is None); the model saved every ``snapshot_every`` steps (the budget curve's
+    points, ALGORITHMS §9) to ``out_dir/snapshots/step-N``; ``workers`` scoring threads named ``thread_prefix``; the ledger's
     per-step costs summed over data-parallel processes with ``trained_tokens_key`` (the metric
     the step reports its trained tokens under; None: one process, costs as they are)."""
 
@@ -81,6 +82,37 @@ class LoopPlan:
     key: str = ""
     checkpoint_every: int | None = None
     trained_tokens_key: str | None = None
+    snapshot_every: int | None = None
+
+
+SNAPSHOTS = "snapshots"  # out_dir/snapshots/step-NNNNNN: the model every `snapshot_every` steps
+
+
+def snapshot_dir(root: Path, step: int) -> Path:
+    return root / SNAPSHOTS / f"step-{step:06d}"
+
+
+def snapshot_staging(checkpoint: Path | None, out_dir: Path) -> Path:
+    """Where a run writes its snapshots until it finishes: beside its in-stage checkpoint when it has
+    one (they survive a kill there: the stage's output folder is emptied when it starts again, and
+    the checkpoint folder is replaced at each save), else the output folder itself."""
+    return out_dir if checkpoint is None else checkpoint.parent / f"{checkpoint.name}.snapshots"
+
+
+def keep_snapshots(staging: Path, out_dir: Path) -> None:
+    """Move the staged snapshots into ``out_dir/snapshots`` and remove the staging folder."""
+    import shutil
+
+    if staging == out_dir:
+        return
+    src = staging / SNAPSHOTS
+    if src.is_dir():
+        dst = out_dir / SNAPSHOTS
+        dst.mkdir(parents=True, exist_ok=True)
+        for d in sorted(src.iterdir()):
+            shutil.rmtree(dst / d.name, ignore_errors=True)
+            shutil.move(str(d), dst / d.name)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def one_thread() -> None:
@@ -99,12 +131,19 @@ def train_loop(student: Student, optim, rollout, ledger: Ledger, tracker, out_di
     start = 1
     resumed = (ckpt.load(plan.checkpoint, key=plan.key, model=student.model, optim=optim, py_rng=student.rng)
                if plan.checkpoint else None)
+    staging = snapshot_staging(plan.checkpoint, out_dir)
+    if resumed is None and staging != out_dir:  # a fresh run: no snapshot of another run is kept
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
     if resumed is not None:
         start, history = resumed.step + 1, resumed.history
         rollout.update_weights(student.model)
         log.warning("resumed from step %d (checkpoint %s)", resumed.step, plan.checkpoint)
         print(f"resumed from step {resumed.step}", flush=True)
         tracker.set_tags({"resumed_from_step": resumed.step})
+        if hasattr(step_fn, "restore"):  # state a step carries across steps (Open-MOPD's anchors)
+            step_fn.restore(history)
     with ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix=plan.thread_prefix,
                             initializer=one_thread) as pool:
         for step in tqdm(range(start, plan.steps + 1), desc=plan.desc, mininterval=5, initial=start - 1,
@@ -119,6 +158,10 @@ def train_loop(student: Student, optim, rollout, ledger: Ledger, tracker, out_di
             report(step, plan.steps, "steps")
             for k, v in metrics.items():
                 history.setdefault(k, []).append((step, v))
+            if plan.snapshot_every and step % plan.snapshot_every == 0 and step < plan.steps and runtime.is_main():
+                from mopd.lora import plain_model  # staged with the checkpoints: a resumed run keeps them
+
+                save_checkpoint(plain_model(student.model, copy=True), student.tokenizer, snapshot_dir(staging, step))
             if plan.checkpoint and plan.checkpoint_every and step % plan.checkpoint_every == 0 \
                     and step < plan.steps and runtime.is_main():  # the replicas are identical
                 ckpt.save(plan.checkpoint, key=plan.key, step=step, model=student.model,
@@ -127,6 +170,7 @@ def train_loop(student: Student, optim, rollout, ledger: Ledger, tracker, out_di
         from mopd.lora import plain_model
 
         save_checkpoint(plain_model(student.model), student.tokenizer, out_dir / "model")  # LoRA: merged
+        keep_snapshots(staging, out_dir)
         if plan.checkpoint:
             ckpt.remove(plan.checkpoint)
     runtime.barrier()  # the other processes return once the model is on disk

@@ -22,13 +22,17 @@ from mopd.rollout import RolloutBackend, Sample
 
 
 def draw_domains(domains: list[str], weights: dict[str, float] | None, n: int,
-                 rng: random.Random) -> list[str]:
+                 rng: random.Random, step: int = 0) -> list[str]:
     """Per-batch domain shares (MOPD: fixed ratios per batch): largest-remainder allocation of
-    ``n`` prompts to domains by weight (uniform when None), so every batch has the same mix."""
+    ``n`` prompts to domains by weight (uniform when None), so every batch has the same mix. Ties
+    between equal remainders rotate with ``step`` (16 prompts over 3 domains: 6/5/5, then 5/6/5,
+    then 5/5/6), so over steps each domain gets its share, not the first domain every leftover."""
     w = weights or {d: 1.0 / len(domains) for d in domains}
     exact = {d: n * w[d] for d in domains}
     counts = {d: int(exact[d]) for d in domains}
-    for d in sorted(domains, key=lambda d: exact[d] - counts[d], reverse=True)[: n - sum(counts.values())]:
+    pos = {d: (i - step) % len(domains) for i, d in enumerate(domains)}
+    order = sorted(domains, key=lambda d: (-round(exact[d] - counts[d], 9), pos[d]))
+    for d in order[: n - sum(counts.values())]:
         counts[d] += 1
     out = [d for d in domains for _ in range(counts[d])]
     rng.shuffle(out)
@@ -112,7 +116,7 @@ def rollout_and_score(rollout: RolloutBackend, clients, prompt_ids: list[list[in
     :class:`Sampler`). Returns (samples, scores per sample, StepTiming, prefix length per sample)."""
     batch = RolloutBatch(step=0, seed=seed, domains=domains, records=[], prompt_ids=prompt_ids, prefixes=prefixes)
     Sampler(rollout, n, max_new_tokens, temperature, chunks, overlap, decode, eos_id, part)(
-        batch, RoutedScorer(clients, pool, topk))
+        batch, RoutedScorer(clients, pool, topk, temperature))
     return batch.samples, batch.scores, batch.timing, batch.prefix_lens
 
 

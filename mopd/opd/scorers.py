@@ -20,16 +20,18 @@ from mopd.rollout import Sample
 from mopd.teachers import InProcessTeacher, SequenceScores, TeacherClient, TeacherError
 
 
-def _timed_score(client: TeacherClient, prompt_ids, completion_ids, topk):
+def _timed_score(client: TeacherClient, prompt_ids, completion_ids, topk, temperature: float = 1.0):
     t0 = time.perf_counter()
-    return client.score(prompt_ids, completion_ids, topk=topk), time.perf_counter() - t0
+    return client.score(prompt_ids, completion_ids, topk=topk, temperature=temperature), time.perf_counter() - t0
 
 
 def submit_scoring(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
-                   rows: list[int], row_domain: list[str], topk: int | None) -> list[tuple]:
+                   rows: list[int], row_domain: list[str], topk: int | None,
+                   temperature: float = 1.0) -> list[tuple]:
     """Send ``samples[rows]`` to their domains' teachers: one request per distinct client (domains
     routed to the same teacher share it: fewer, larger requests); returns the pending jobs
-    ``(domains, rows, future)``."""
+    ``(domains, rows, future)``. ``temperature``: the student's sampling temperature, at which
+    the teacher's log-probs are taken (ALGORITHMS §1: the reward is the reverse KL at T)."""
     by_client: dict[int, tuple[list[str], list[int]]] = {}
     for b in rows:
         doms, rs = by_client.setdefault(id(clients[row_domain[b]]), ([], []))
@@ -37,7 +39,7 @@ def submit_scoring(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], 
         if row_domain[b] not in doms:
             doms.append(row_domain[b])
     return [(doms, rs, pool.submit(_timed_score, clients[doms[0]], [samples[b].prompt_ids for b in rs],
-                                   [samples[b].completion_ids for b in rs], topk))
+                                   [samples[b].completion_ids for b in rs], topk, temperature))
             for doms, rs in by_client.values()]
 
 
@@ -70,13 +72,14 @@ def collect_scoring(jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[
 
 class RoutedScorer:
     """Each rollout scored by its own domain's teacher (``clients[domain]``), with the teacher's
-    top-``topk`` per position when ``topk`` is set (§2)."""
+    top-``topk`` per position when ``topk`` is set (§2), at the student's sampling ``temperature``."""
 
-    def __init__(self, clients: dict[str, TeacherClient], pool: ThreadPoolExecutor, topk: int | None = None):
-        self.clients, self.pool, self.topk = clients, pool, topk
+    def __init__(self, clients: dict[str, TeacherClient], pool: ThreadPoolExecutor, topk: int | None = None,
+                 temperature: float = 1.0):
+        self.clients, self.pool, self.topk, self.temperature = clients, pool, topk, temperature
 
     def submit(self, samples: list[Sample], rows: list[int], row_domain: list[str]) -> list[tuple]:
-        return submit_scoring(self.pool, self.clients, samples, rows, row_domain, self.topk)
+        return submit_scoring(self.pool, self.clients, samples, rows, row_domain, self.topk, self.temperature)
 
     def collect(self, jobs: list[tuple], n_rows: int, timing: StepTiming) -> list[SequenceScores]:
         return collect_scoring(jobs, n_rows, timing)
@@ -92,18 +95,47 @@ class WeightedScorer(RoutedScorer):
     reused for that teacher's share. Needs a K1-mixable method (checked by the configuration)."""
 
     def __init__(self, clients: dict[str, TeacherClient], pool: ThreadPoolExecutor,
-                 weights: dict[str, dict[str, float]], topk: int | None = None):
-        super().__init__(clients, pool, topk)
+                 weights: dict[str, dict[str, float]], topk: int | None = None, temperature: float = 1.0):
+        super().__init__(clients, pool, topk, temperature)
         self.weights = weights
 
     def finish(self, batch: RolloutBatch) -> None:
         batch.scores = mix_teachers(self.pool, self.clients, batch.samples, batch.row_domains, batch.scores,
-                                    self.weights, batch.timing)
+                                    self.weights, batch.timing, self.temperature)
+
+
+class AllTeachersScorer(RoutedScorer):
+    """Routed scoring (the update's target), and every other teacher's scores of every rollout in
+    ``batch.all_scores`` (teacher -> one SequenceScores per row): what Open-MOPD's teacher-conflict
+    policy compares. The routed teacher's scores are reused for its own rows."""
+
+    def finish(self, batch: RolloutBatch) -> None:
+        rows_all = list(range(len(batch.samples)))
+        row_domain = batch.row_domains
+        jobs = []
+        for t in sorted(self.clients):
+            rows = [b for b in rows_all if self.clients[row_domain[b]] is not self.clients[t]]
+            if rows:
+                jobs.append((t, t, rows, self.pool.submit(
+                    _timed_score, self.clients[t], [batch.samples[b].prompt_ids for b in rows],
+                    [batch.samples[b].completion_ids for b in rows], None, self.temperature)))
+        extra = _collect_extra(jobs, batch.timing)
+        out: dict[str, list[SequenceScores]] = {}
+        for t, _, rows, _ in jobs:
+            scores = list(batch.scores)  # routed scores where t is the row's own teacher
+            for b, sc in zip(rows, extra[(t, t)]):
+                scores[b] = sc
+            out[t] = scores
+        for t in self.clients:
+            out.setdefault(t, list(batch.scores))
+        out = dict(sorted(out.items()))
+        batch.all_scores = out
 
 
 def mix_teachers(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], samples: list[Sample],
                  row_domain: list[str], scores: list[SequenceScores],
-                 weights: dict[str, dict[str, float]], timing: StepTiming) -> list[SequenceScores]:
+                 weights: dict[str, dict[str, float]], timing: StepTiming,
+                 temperature: float = 1.0) -> list[SequenceScores]:
     """:class:`WeightedScorer`'s step: ``scores`` hold the routed teacher's; returns the combined."""
     out = list(scores)
     mixed = {d: rows for d, row in weights.items() if row != {d: 1.0}
@@ -113,7 +145,8 @@ def mix_teachers(pool: ThreadPoolExecutor, clients: dict[str, TeacherClient], sa
         for t, w in weights[d].items():
             if w > 0 and t != d:
                 jobs.append((d, t, rows, pool.submit(_timed_score, clients[t], [samples[b].prompt_ids for b in rows],
-                                                     [samples[b].completion_ids for b in rows], None)))
+                                                     [samples[b].completion_ids for b in rows], None,
+                                                     temperature)))
     extra = _collect_extra(jobs, timing)
     for d, rows in mixed.items():
         teachers = [t for t, w in weights[d].items() if w > 0]

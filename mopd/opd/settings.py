@@ -46,6 +46,33 @@ class UniOPDParams(Strict):
         return self.online_balance or self.calibration != "off"
 
 
+class OpenMOPDParams(Strict):
+    """Open-MOPD's balancing (github.com/fwyc0573/Open-MOPD, `mt_opd.py`), each a shaper of
+    :mod:`mopd.opd.shapers` on the K1 advantage: target gradient shares (M1), reward-scale
+    normalisation (M2), a teacher-conflict policy (M3) and advantage refresh (M4)."""
+
+    # M1: scale each domain's loss so its share of the gradient (of the loss's averaging units:
+    # tokens with token_mean, else sequences) is `target_shares` (null = equal), total preserved.
+    gradient_shares: bool = False
+    target_shares: dict[str, PosFloat] | None = None
+    # M2: times (gap_d / gap_d at its first step)^alpha (`multiply`, clipped to [0.05, 20]), or
+    # 1 / gap_d^alpha (`divide`, measured harmful by Open-MOPD); gap = mean |u - s| per token.
+    reward_scale: Literal["off", "multiply", "divide"] = "off"
+    alpha: Annotated[float, Field(ge=0, le=2)] = 1.0
+    # M3: every teacher scores every rollout; where their log-probs of a token spread by more than
+    # `conflict_nats` (or its `conflict_quantile` over the batch's tokens), `mask` drops it and
+    # `consensus` keeps the routed teacher (their mean elsewhere).
+    conflict: Literal["off", "mask", "consensus"] = "off"
+    conflict_nats: PosFloat = 1.0
+    conflict_quantile: Annotated[float, Field(gt=0, lt=1)] | None = None
+    # M4: with epochs x minibatches > 1, each pass rebuilds u - s from the student as it is then.
+    refresh_advantage: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.gradient_shares or self.reward_scale != "off" or self.conflict != "off" or self.refresh_advantage
+
+
 class DistillParams(LoraOption):
     """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
 
@@ -55,6 +82,11 @@ class DistillParams(LoraOption):
     objective_params: dict[str, float | int | bool | None] = Field(default_factory=dict)
     max_steps: PosInt = 60
     learning_rate: PosFloat = 5e-4
+    # Learning-rate schedule over max_steps: linear warm-up over the first `warmup_ratio` of the
+    # steps, then `constant` or `cosine` decay to 0.1 x learning_rate. Stateless in the step, so a
+    # resumed run follows the same schedule.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # Optimiser steps per rollout batch (ALGORITHMS §1): `epochs` passes, each over `minibatches`
     # shuffled minibatches, with the PPO clipped ratio against the rollout policy (eps_low /
     # eps_high in objective_params, default 0.2). 1 x 1 = one plain step (ratio = 1).
@@ -76,6 +108,9 @@ class DistillParams(LoraOption):
     # Checkpoint inside the stage every this many steps (model, optimiser, RNG streams, step),
     # under .mopd/checkpoints/; a killed run resumes from the last one. null = never.
     checkpoint_every: PosInt | None = 50
+    # Save the model every this many steps (out_dir/snapshots/step-N): the points of the budget
+    # curve (stage `budget_curve`, ALGORITHMS §9). null = none.
+    snapshot_every: PosInt | None = None
     # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
     # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
     # duration and scores through the same HTTP client used for remote endpoints.
@@ -89,6 +124,8 @@ class DistillParams(LoraOption):
     offline_balance: bool = True
     # Uni-OPD (ALGORITHMS §4): online balancing and margin calibration; null = off (plain MOPD).
     uniopd: UniOPDParams | None = None
+    # Open-MOPD's balancing (shapers on the K1 advantage); null = off (plain MOPD).
+    openmopd: OpenMOPDParams | None = None
     # TrOPD off-policy guidance (ALGORITHMS §5, TrOPD §4.3): each step a `prefix_share` of the
     # prompts gets a prefix sampled from its domain's teacher, of length uniform in
     # [1, l_max(step)], l_max annealed by a cosine from max_new_tokens to 0 over max_steps; the
@@ -160,9 +197,42 @@ class DistillParams(LoraOption):
                              f"must be >= 2 (got {self.samples_per_prompt})")
         return self
 
+    @model_validator(mode="after")
+    def _openmopd_fits(self) -> "DistillParams":
+        o = self.openmopd
+        if o is None or not o.active:
+            return self
+        if not get_method(self.objective).calibratable:
+            takes = [n for n, s in METHODS.items() if s.calibratable]
+            raise ValueError(f"openmopd weights the K1 advantage of the policy-gradient objective: set objective: "
+                             f"{' | '.join(takes)} (got {self.objective!r})")
+        if self.uniopd is not None and self.uniopd.calibration != "off":
+            raise ValueError("openmopd and uniopd.calibration both set the advantages: use one of them")
+        if o.refresh_advantage and self.epochs * self.minibatches == 1:
+            raise ValueError("openmopd.refresh_advantage rebuilds the advantage between update passes: it needs "
+                             f"epochs x minibatches > 1 (got epochs {self.epochs}, minibatches {self.minibatches})")
+        if o.conflict != "off" and self.teacher_weights:
+            raise ValueError("openmopd.conflict scores every rollout by every teacher itself: leave teacher_weights "
+                             "unset")
+        return self
+
     def check(self, facts: PipelineFacts) -> None:
         """Cross-section checks against the pipeline that runs this section (base or variant)."""
         check_shares(facts.key, self.domain_weights, facts)
+        shares = self.openmopd.target_shares if self.openmopd else None
+        if shares is not None and set(shares) != set(facts.domains):
+            raise ValueError(f"{facts.key}.openmopd.target_shares: keys {sorted(shares)} must be exactly the domains "
+                             f"of pipeline {facts.pipeline!r} {list(facts.domains)}")
+        if self.openmopd and self.openmopd.conflict != "off" and len(facts.domains) < 2:
+            raise ValueError(f"{facts.key}.openmopd.conflict compares teachers: pipeline {facts.pipeline!r} has one")
+        remote = sorted(facts.remote_teachers)
+        if self.temperature != 1.0 and (self.teacher_transport == "http" or remote):
+            why = ("teacher_transport: http" if self.teacher_transport == "http"
+                   else f"the remote teacher(s) of {remote}")
+            raise ValueError(f"{facts.key}.temperature = {self.temperature}: the teachers' log-probs must be taken at "
+                             f"the student's sampling temperature (else the reward is not the reverse KL at it), and "
+                             f"{why} return log-probs at temperature 1 only (served prompt log-probs are unscaled); "
+                             f"use temperature 1.0 or in-process local teachers")
         for d, row in (self.teacher_weights or {}).items():
             bad = sorted({d, *row} - set(facts.domains))
             if bad:

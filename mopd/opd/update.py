@@ -18,6 +18,7 @@ import torch
 
 from mopd import runtime
 from mopd.logits import chunked_gather_logprobs, chunked_token_logprobs
+from mopd.objectives.opd import opd_advantage
 from mopd.objectives.registry import DistillBatch
 from mopd.opd.batch import PackedBatch
 
@@ -96,6 +97,7 @@ class Update:
     eps: tuple[float, float] = (0.2, 0.2)
     world: int = 1
     metric_prefix: str = "distill/"
+    clip: float | None = None  # the K1 advantage's two-sided clip, when a shaper weights it
 
     def __call__(self, student, optim, packed: PackedBatch, passes: list[list[int]], kwargs: dict) -> dict[str, float]:
         """Every pass's optimiser step; returns the metrics averaged over the passes."""
@@ -106,6 +108,18 @@ class Update:
                 sums[k] = sums.get(k, 0.0) + v / len(passes)
         return sums
 
+    def _advantages(self, p: PackedBatch, rows: list[int], s_BT: torch.Tensor, u_BT: torch.Tensor):
+        """The advantages a shaper set, or — when shapers weight it or ask for a refresh — the K1
+        advantage ``w · clip(u - s_ref)`` with ``s_ref`` the rollout policy's log-probs, or with
+        ``refresh`` the student's at this pass (detached; Open-MOPD M4)."""
+        adv = _rows(p.advantages_BT, rows)
+        if not p.refresh and p.weight_BT is None:
+            return adv
+        if p.refresh or adv is None:
+            ref = s_BT if p.refresh or p.old_logprobs_BT is None else p.old_logprobs_BT[rows]
+            adv = opd_advantage(u_BT, ref.detach(), clip=self.clip)
+        return adv if p.weight_BT is None else adv * p.weight_BT[rows]
+
     def _step(self, student, optim, p: PackedBatch, rows: list[int], kwargs: dict, several: bool) -> dict[str, float]:
         with runtime.current().autocast():
             s_BT, s_topk_BTK, ent_BT = student_quantities(
@@ -114,7 +128,7 @@ class Update:
         m_BT, u_BT = p.mask_BT[rows], p.teacher_logprobs_BT[rows]
         batch = DistillBatch(mask_BT=m_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT,
                              old_student_logprobs_BT=_rows(p.old_logprobs_BT, rows),
-                             advantages_BT=_rows(p.advantages_BT, rows),
+                             advantages_BT=self._advantages(p, rows, s_BT, u_BT),
                              teacher_topk_ids_BTK=_rows(p.teacher_topk_ids_BTK, rows),
                              teacher_topk_logprobs_BTK=_rows(p.teacher_topk_logprobs_BTK, rows),
                              student_topk_logprobs_BTK=s_topk_BTK, student_entropy_BT=ent_BT,

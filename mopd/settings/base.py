@@ -64,6 +64,7 @@ class PipelineFacts:
     pipeline: str
     domains: tuple[str, ...]
     local_teachers: tuple[str, ...]
+    remote_teachers: tuple[str, ...] = ()  # domains scored through a served endpoint
 
 
 def check_shares(key: str, weights: dict[str, float] | None, facts: PipelineFacts) -> None:

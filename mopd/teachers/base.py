@@ -42,11 +42,23 @@ class TeacherClient(Protocol):
     name: str
 
     def score(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *,
-              topk: int | None = None) -> list[SequenceScores]:
-        """Scores of each (prompt, completion) pair, in order. Raises TeacherError on failure."""
+              topk: int | None = None, temperature: float = 1.0) -> list[SequenceScores]:
+        """Scores of each (prompt, completion) pair, in order, under the teacher's distribution at
+        ``temperature`` (softmax(logits / T): the distribution the student samples from, so that
+        the K1 reward ``u - s`` is the reverse KL at that temperature, ALGORITHMS §1). Raises
+        TeacherError on failure; a backend that cannot scale (prompt log-probs of a served
+        ``/v1/completions`` are the unscaled distribution's) raises ValueError for T != 1."""
         ...
 
     def close(self) -> None: ...
+
+
+def unscaled_only(temperature: float, who: str) -> None:
+    """A backend whose log-probs are the unscaled distribution's refuses any other temperature."""
+    if temperature != 1.0:
+        raise ValueError(f"{who} returns log-probs at temperature 1 only (prompt log-probs of /v1/completions "
+                         f"are not scaled); asked for temperature {temperature}: use temperature 1 or the "
+                         "in-process transport (distill.teacher_transport: inprocess, a local teacher)")
 
 
 def validate_request(prompt_ids, completion_ids, topk: int | None) -> None:

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
     from json import loads as _loads
 
 from mopd.security import redact_text, redact_url
-from mopd.teachers.base import SequenceScores, TeacherError, check_scores, validate_request
+from mopd.teachers.base import SequenceScores, TeacherError, check_scores, unscaled_only, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,9 @@ class HTTPTeacher:
         self.retries = 0  # POSTs that failed (connection error or 5xx)
         self.failovers = 0  # requests that had to move to another replica
 
-    def score(self, prompt_ids, completion_ids, *, topk: int | None = None) -> list[SequenceScores]:
+    def score(self, prompt_ids, completion_ids, *, topk: int | None = None,
+              temperature: float = 1.0) -> list[SequenceScores]:
+        unscaled_only(temperature, f"HTTP teacher {self.name!r}")
         validate_request(prompt_ids, completion_ids, topk)
         out: list[SequenceScores] = []
         for s in range(0, len(prompt_ids), self.max_batch):

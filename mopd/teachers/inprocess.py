@@ -31,11 +31,14 @@ class Prefill:
 
 @torch.no_grad()
 def prefill(model, seqs: Sequence[Sequence[int]], *, topk: int = 0, ranks: bool = False,
-            pad_id: int = 0, max_batch_tokens: int = 16384) -> list[Prefill]:
+            pad_id: int = 0, max_batch_tokens: int = 16384, temperature: float = 1.0) -> list[Prefill]:
     """One teacher forward pass per micro-batch of right-padded sequences (each >= 1 token).
 
     Log-softmax in float32 of the logits at positions 0..L-2 (they predict tokens 1..L-1), as the
-    trainer did before the client interface existed; micro-batches bound the B×T×V buffer."""
+    trainer did before the client interface existed; micro-batches bound the B×T×V buffer.
+    ``temperature``: log-softmax(logits / T), the distribution a sampler at T draws from."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     out: list[Prefill | None] = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths pad less
     start = 0
@@ -52,7 +55,8 @@ def prefill(model, seqs: Sequence[Sequence[int]], *, topk: int = 0, ranks: bool 
             attn_BT[b, : len(seqs[i])] = 1
         dev = next(model.parameters()).device
         logits = model(input_ids=ids_BT.to(dev), attention_mask=attn_BT.to(dev)).logits
-        logp_BTV = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+        logits = logits[:, :-1].float()
+        logp_BTV = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1).cpu()
         tok_BT = logp_BTV.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)
         rank_BT = (logp_BTV > tok_BT[..., None]).sum(-1) + 1 if ranks else None
         if topk:
@@ -86,12 +90,13 @@ class InProcessTeacher:
 
         return cls(load_model(path, dtype=dtype), name=name or str(path), **kwargs)
 
-    def score(self, prompt_ids, completion_ids, *, topk: int | None = None) -> list[SequenceScores]:
+    def score(self, prompt_ids, completion_ids, *, topk: int | None = None,
+              temperature: float = 1.0) -> list[SequenceScores]:
         validate_request(prompt_ids, completion_ids, topk)
         seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         with self._lock:
             pre = prefill(self.model, seqs, topk=topk or 0, pad_id=self.pad_id,
-                          max_batch_tokens=self.max_batch_tokens)
+                          max_batch_tokens=self.max_batch_tokens, temperature=temperature)
         scores = []
         for p, c, r in zip(prompt_ids, completion_ids, pre):
             sl = slice(len(p) - 1, len(p) - 1 + len(c))  # entry j predicts token j+1

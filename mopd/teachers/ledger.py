@@ -46,10 +46,10 @@ class MeteredTeacher:
         self._ledger = ledger
         self.name = inner.name
 
-    def score(self, prompt_ids, completion_ids, *, topk: int | None = None):
+    def score(self, prompt_ids, completion_ids, *, topk: int | None = None, temperature: float = 1.0):
         t0 = time.perf_counter()
         try:
-            return self._inner.score(prompt_ids, completion_ids, topk=topk)
+            return self._inner.score(prompt_ids, completion_ids, topk=topk, temperature=temperature)
         finally:
             self._ledger._charge(self._teacher, self._inner, t0, sequences=len(prompt_ids),
                                  prefill_tokens=sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)))

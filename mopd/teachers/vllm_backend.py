@@ -4,7 +4,7 @@ same quantities `vllm serve` returns over HTTP. Not exercised by the CPU test su
 
 from __future__ import annotations
 
-from mopd.teachers.base import SequenceScores, TeacherError, check_scores, validate_request
+from mopd.teachers.base import SequenceScores, TeacherError, check_scores, unscaled_only, validate_request
 from mopd.teachers.http import parse_prompt_logprobs
 
 
@@ -18,9 +18,11 @@ class VLLMTeacher:
         self.name = name or model
         self.llm = LLM(model=model, dtype=dtype, **engine_kwargs)
 
-    def score(self, prompt_ids, completion_ids, *, topk: int | None = None) -> list[SequenceScores]:
+    def score(self, prompt_ids, completion_ids, *, topk: int | None = None,
+              temperature: float = 1.0) -> list[SequenceScores]:
         from vllm import SamplingParams, TokensPrompt
 
+        unscaled_only(temperature, f"vLLM teacher {self.name!r}")
         validate_request(prompt_ids, completion_ids, topk)
         seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         params = SamplingParams(max_tokens=1, prompt_logprobs=topk or 0, temperature=1.0)

@@ -19,6 +19,7 @@ too); sampling is synchronous within a chunk (no continuous batching on the CPU 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from mopd.opd.loop import LoopPlan, Student, one_thread, train_loop
 from mopd.opd.methods import MethodSpec, get_method
 from mopd.opd.sampler import Sampler, chunk_bounds, draw_domains, rollout_and_score
 from mopd.opd.scorers import (
+    AllTeachersScorer,
     RoutedScorer,
     WeightedScorer,
     as_clients,
@@ -43,7 +45,10 @@ from mopd.opd.scorers import (
 )
 from mopd.opd.settings import DistillParams
 from mopd.opd.shapers import (
+    AdvantageRefresh,
+    DomainBalance,
     MarginCalibration,
+    TeacherConflict,
     OnlineBalance,
     Shaper,
     TeacherPrefixes,
@@ -73,6 +78,14 @@ def build_shapers(params: DistillParams) -> list[Shaper]:
         out.append(OnlineBalance(uni))  # records the correct share; balances with online_balance
         if uni.calibration != "off":
             out.append(MarginCalibration(uni, params.clip))
+    o = params.openmopd
+    if o is not None and o.conflict != "off":
+        out.append(TeacherConflict(o.conflict, o.conflict_nats, o.conflict_quantile))
+    if o is not None and (o.gradient_shares or o.reward_scale != "off"):
+        out.append(DomainBalance(o.gradient_shares, o.target_shares, o.reward_scale, o.alpha, params.clip,
+                                 params.token_mean))
+    if o is not None and o.refresh_advantage:
+        out.append(AdvantageRefresh())
     spec = get_method(params.objective)
     factory = spec.shaper_factory()
     if factory is not None:
@@ -114,6 +127,18 @@ def check_data_parallel(params: DistillParams, world: int) -> None:
                          f"supported with {where}")
 
 
+def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str, floor: float = 0.1) -> float:
+    """The multiplier of the base learning rate at ``step`` (1-based) of ``steps``: linear warm-up
+    over ``ceil(warmup_ratio * steps)`` steps, then 1 (`constant`) or a cosine from 1 to ``floor``."""
+    warm = math.ceil(warmup_ratio * steps)
+    if step <= warm:
+        return step / warm
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, steps - warm)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _verify(score_fn, samples: list[Sample], recs: list[dict], batch_domains: list[str]) -> list[float]:
     """Outcome reward of every rollout, by its domain's verifier (one call per domain)."""
     row_domain = [batch_domains[s.prompt_index] for s in samples]
@@ -150,14 +175,22 @@ class DistillStep:
         return self.params.topk if self.update.needs & TOPK_FIELDS else None
 
     def scorer(self, pool: ThreadPoolExecutor) -> RoutedScorer:
+        t = self.params.temperature  # the teachers' log-probs at the student's sampling temperature
+        if any("all_teachers" in sh.needs for sh in self.shapers):
+            return AllTeachersScorer(self.clients, pool, self.topk, t)
         if self.params.teacher_weights:
-            return WeightedScorer(self.clients, pool, self.params.teacher_weights, self.topk)
-        return RoutedScorer(self.clients, pool, self.topk)
+            return WeightedScorer(self.clients, pool, self.params.teacher_weights, self.topk, t)
+        return RoutedScorer(self.clients, pool, self.topk, t)
+
+    def restore(self, history) -> None:
+        """A resumed run: the shapers take back the state they carry across steps."""
+        for sh in self.shapers:
+            sh.restore(history)
 
     def __call__(self, step: int, pool: ThreadPoolExecutor) -> dict[str, float]:
         t0 = time.perf_counter()
         p, model, tok, rng = self.params, self.student.model, self.student.tokenizer, self.student.rng
-        domains = draw_domains(sorted(self.clients), p.domain_weights, p.prompts_per_step, rng)
+        domains = draw_domains(sorted(self.clients), p.domain_weights, p.prompts_per_step, rng, step)
         recs = [rng.choice(self.prompts[d]) for d in domains]
         batch = RolloutBatch(step, self.seed * 100_003 + step, domains, recs,
                              self.student.render(recs))
@@ -179,12 +212,16 @@ class DistillStep:
                                                             temperature=p.temperature)[0]
         for sh in self.shapers:
             sh.shape(packed, batch)
+        lr = p.learning_rate * lr_factor(step, p.max_steps, p.warmup_ratio, p.lr_schedule)
+        for group in self.optim.param_groups:
+            group["lr"] = lr
         kwargs = dict(self.kwargs)
         if "generator" in self.spec.takes:  # e.g. TrOPD's trust mask: its own seeded stream
             kwargs["generator"] = torch.Generator().manual_seed(batch.seed + 2)
         sums = self.update(model, self.optim, packed, passes, kwargs)
         self.rollout.update_weights(model)
-        return sums | batch.metrics | _step_metrics(batch, packed.mask_BT, time.perf_counter() - t0)
+        return sums | batch.metrics | _step_metrics(batch, packed.mask_BT, time.perf_counter() - t0) | {
+            "distill/learning_rate": lr}
 
 
 def _step_metrics(batch: RolloutBatch, mask_BT: torch.Tensor, step_seconds: float) -> dict[str, float]:
@@ -253,11 +290,11 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
                 params.overlap, lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token_id, part),
         build_shapers(params),
         Update(get_objective(params.objective), frozenset(spec.requires), params.temperature, params.token_mean,
-               (kwargs.get("eps_low", 0.2), kwargs.get("eps_high", 0.2)), part[1]),
+               (kwargs.get("eps_low", 0.2), kwargs.get("eps_high", 0.2)), part[1], clip=params.clip),
         kwargs, seed, score_fn)
     plan = LoopPlan("mopd distill", params.max_steps, workers=max(2, 2 * len(clients)), thread_prefix="teacher",
                     checkpoint=checkpoint, key=key, checkpoint_every=params.checkpoint_every,
-                    trained_tokens_key="distill/trained_tokens")
+                    trained_tokens_key="distill/trained_tokens", snapshot_every=params.snapshot_every)
     return train_loop(student, optim, rollout, ledger, tracker, out_dir, plan, step)
 
 
