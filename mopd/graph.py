@@ -251,6 +251,18 @@ def _eval_out(a: dict) -> str:
     return f"{ARTIFACTS}/evaluate/{a['model'].replace(':', '-')}"
 
 
+CURVE_KINDS = ("distill", "mix_rl")  # the methods whose budget curve the pipeline draws
+
+
+def _curve_stages(ctx: _Ctx) -> list[str]:
+    return [s.name for s in ctx.specs if s.kind in CURVE_KINDS]
+
+
+def _curve_references(ctx: _Ctx) -> list[str]:
+    """The evaluations a normalised score needs: SFT's and each local teacher's."""
+    return [n for n in ctx.names("evaluate") if n in ("evaluate:sft", *(f"evaluate:{t}" for t in _teachers(ctx)))]
+
+
 def _report_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
     return tuple(ctx.names("evaluate"))
 
@@ -383,6 +395,14 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               pipeline_keys=_domain_keys("verifier", "benchmarks"), tags=("gpu",),
               samples=True, length_keys=("evaluate.max_new_tokens",),
               roles=lambda ctx, a: {"model": a["model"]}),
+    # The budget curve (ALGORITHMS §9): each curve method's normalised score at its snapshots, against
+    # the student rollouts it had sampled by then; named by its pipeline, like the report.
+    StageKind("budget_curve", "tasks.budget_curve", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
+              lambda ctx, a: ("seed", "evaluate"), lambda a: f"{ARTIFACTS}/analysis/budget_curve/{a['pipeline']}",
+              args=("pipeline",), upstream=lambda ctx, a: ("data", *_curve_stages(ctx), *_curve_references(ctx)),
+              pipeline_keys=_domain_keys("verifier", "benchmarks", "teacher"), tags=("gpu",), samples=True,
+              roles=lambda ctx, a: {"curves": {n: n for n in _curve_stages(ctx)},
+                                    "evaluations": {n: n for n in _curve_references(ctx)}}),
     # ... and the pipeline's comparison table over them (MOPD 4.1 normalised score, §8).
     StageKind("report", "tasks.report", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("evaluate",), lambda a: f"{ARTIFACTS}/report/{a['pipeline']}",

@@ -209,3 +209,24 @@ def phase_lines(table, metrics: Sequence[str], title: str) -> Figure:
     axes[-1].set_xticks([p for p, _ in labels], [lab for _, lab in labels], rotation=30)
     fig.suptitle(title)
     return fig
+
+
+def budget_curve_chart(table, title: str, *, value: str = "normalized", lo: str = "ci_lo", hi: str = "ci_hi",
+                       x: str = "student_rollouts") -> Figure:
+    """Score against budget: one line per ``method`` (x = ``x``, y = ``value``) with its interval
+    (``lo``..``hi``) shaded: the efficiency plot of an integration method against the others."""
+    if table is None or len(table) == 0:
+        raise ValueError("budget_curve_chart: the table is empty")
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for method, rows in table.groupby("method", sort=False):
+        rows = rows.sort_values(x)
+        line, = ax.plot(rows[x], rows[value], marker="o", label=method)
+        if lo in rows and hi in rows:
+            ax.fill_between(rows[x], rows[lo], rows[hi], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(value.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    return fig

@@ -68,6 +68,7 @@ def run(ctx: StageContext) -> Result:
                **history_totals(history, "distill/trained_tokens"),
                # the comparison's budget (ALGORITHMS §9): what the student sampled and trained on
                "budget/student_rollouts": float(len(kl) * params.prompts_per_step * params.samples_per_prompt),
+               "budget/rollouts_per_step": float(params.prompts_per_step * params.samples_per_prompt),
                "budget/student_tokens": float(sum(v for _, v in history["distill/trained_tokens"]))}
     return ctx.result(metrics)
 

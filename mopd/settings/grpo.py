@@ -22,6 +22,7 @@ class GRPOParams(LoraOption):
     beta: Annotated[float, Field(ge=0)] = 0.0  # KL coefficient to the reference (0 = none, as DAPO)
     epsilon: PosFloat = 0.2  # PPO clip
     checkpoint_every: PosInt | None = None  # in-stage checkpoints (transformers'); null = none
+    snapshot_every: PosInt | None = None  # the model every this many steps (budget curve); null = none
 
     @model_validator(mode="after")
     def _divisible(self) -> "GRPOParams":

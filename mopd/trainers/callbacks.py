@@ -55,6 +55,22 @@ def common_args(out_dir, max_steps: int, learning_rate: float, seed: int, *, che
     )
 
 
+class SnapshotCallback(TrainerCallback):
+    """Save the model every ``every`` steps before the last to ``root/snapshots/step-N`` (the budget
+    curve's points; :func:`mopd.opd.loop.snapshot_staging` says where ``root`` is)."""
+
+    def __init__(self, every: int, root, tokenizer):
+        self.every, self.root, self.tokenizer = every, root, tokenizer
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps and state.is_world_process_zero:
+            from mopd.lora import plain_model
+            from mopd.models import save_checkpoint
+            from mopd.opd.loop import snapshot_dir
+
+            save_checkpoint(plain_model(model, copy=True), self.tokenizer, snapshot_dir(self.root, state.global_step))
+
+
 class QuietProgressCallback(ProgressCallback):
     """transformers' progress bar without printing every step's metrics dict to stdout: the
     metrics go to the tracker (TrackerCallback), and the stage log stays readable."""
@@ -74,11 +90,13 @@ class QuietProgressCallback(ProgressCallback):
 
 
 def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, checkpoint=None,
-                 key: str = "") -> dict[str, list[tuple[int, float]]]:
+                 key: str = "", snapshot_every: int | None = None) -> dict[str, list[tuple[int, float]]]:
     """Train quietly, drop the trainer's scratch directory, save one safetensors checkpoint to
     ``out_dir/model``; return the metric history. With ``checkpoint`` (the trainer's checkpoint
     directory): resume from its last checkpoint when one was made under the same ``key`` (the
-    stage's cache key; another key raises CheckpointMismatch), and remove it once finished."""
+    stage's cache key; another key raises CheckpointMismatch), and remove it once finished.
+    ``snapshot_every``: the model every that many steps in ``out_dir/snapshots`` (kept across a
+    resume: staged beside the checkpoint until the end)."""
     import json
     import shutil
     from pathlib import Path
@@ -104,6 +122,13 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
         checkpoint.mkdir(parents=True, exist_ok=True)
         mark.write_text(json.dumps({"key": key}))
         last = _last_complete(checkpoint)
+    from mopd.opd.loop import keep_snapshots, snapshot_staging
+
+    staging = snapshot_staging(None if checkpoint is None else Path(checkpoint), Path(out_dir))
+    if last is None and staging != Path(out_dir):  # a fresh run keeps no snapshot of another
+        shutil.rmtree(staging, ignore_errors=True)
+    if snapshot_every:
+        trainer.add_callback(SnapshotCallback(snapshot_every, staging, tokenizer))
     if last is not None:
         state = json.loads((Path(last) / "trainer_state.json").read_text())
         step = int(state["global_step"])
@@ -117,6 +142,7 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
     from mopd.lora import plain_model
 
     save_checkpoint(plain_model(trainer.model), tokenizer, out_dir / "model")  # LoRA: merged weights
+    keep_snapshots(staging, Path(out_dir))
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     return callback.history

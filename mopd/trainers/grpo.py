@@ -89,8 +89,8 @@ def rollout_budget(history: dict[str, list[tuple[int, float]]], batch_size: int)
     ``budget/student_rollouts`` = steps x `batch_size` completions, ``budget/student_tokens`` =
     the completion tokens (TRL's per-step mean completion length x `batch_size`)."""
     steps = len(history.get("train/reward", []))
-    lengths = [v for _, v in history.get("train/completions/mean_length", [])]
-    return {"budget/student_rollouts": float(steps * batch_size),
+    lengths = [v for _, v in history.get("train/completions_mean_length", [])]
+    return {"budget/student_rollouts": float(steps * batch_size), "budget/rollouts_per_step": float(batch_size),
             "budget/student_tokens": float(sum(lengths) * batch_size)}
 
 
@@ -129,4 +129,5 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
     trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,
                           train_dataset=dataset, processing_class=tokenizer, callbacks=[callback],
                           peft_config=peft_config(params.lora) if params.lora else None)
-    return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key)
+    return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key,
+                        snapshot_every=params.snapshot_every)
