@@ -32,8 +32,9 @@ def _value(text: str):
     return yaml.safe_load(text)
 
 
-def run_one(project: Path, name: str, overrides: dict, out_root: Path) -> dict:
+def run_one(project: Path, name: str, overrides: dict, out_root: Path, pipeline: str = "full") -> dict:
     from mopd.analysis import divergence_along_rollouts
+    from mopd.chat import prompt_format
     from mopd.config import load_config
     from mopd.data import read_balanced, read_split
     from mopd.evaluation import evaluate_model
@@ -43,7 +44,8 @@ def run_one(project: Path, name: str, overrides: dict, out_root: Path) -> dict:
     from mopd.trainers.distill import train_distill
     from mopd.verifiers import verify_batch
 
-    cfg = load_config(project)
+    cfg = load_config(project, pipeline=pipeline)
+    fmt = prompt_format(cfg.params.model_profile)
     seed, art = cfg.params.seed, project / "artifacts"
     params = cfg.params.distill.model_copy(update=overrides)
     params = type(params).model_validate(params.model_dump())  # the validators see the overrides
@@ -54,7 +56,7 @@ def run_one(project: Path, name: str, overrides: dict, out_root: Path) -> dict:
     out = out_root / f"seed{seed}" / name
     t0 = time.time()
     history = train_distill(art / "sft" / "model", {d: art / "teachers" / d / "model" for d in domains}, prompts,
-                            out, params, seed, NullTracker(), fmt=cfg.prompt_format,
+                            out, params, seed, NullTracker(), fmt=fmt,
                             score_fn=lambda d, texts, refs: [v.reward for v in
                                                              verify_batch([kinds[d]] * len(texts), texts, refs)])
     train_s = time.time() - t0
@@ -64,7 +66,7 @@ def run_one(project: Path, name: str, overrides: dict, out_root: Path) -> dict:
     for d in domains:
         scores[f"teacher:{d}"] = json.loads((art / "evaluate" / f"teacher-{d}" / "scores.json").read_text())[
             f"teacher:{d}"]
-    scores[name] = evaluate_model(out / "model", problems, cfg.params.evaluate, seed, cfg.prompt_format)
+    scores[name] = evaluate_model(out / "model", problems, cfg.params.evaluate, seed, fmt)
     p = cfg.params.evaluate
     table = comparison(scores, {d: cfg.benchmarks(d) for d in domains}, student="sft",
                        teachers={d: f"teacher:{d}" for d in domains}, level=p.ci_level, n_boot=p.bootstrap, seed=seed)
@@ -72,7 +74,7 @@ def run_one(project: Path, name: str, overrides: dict, out_root: Path) -> dict:
     fit = cfg.params.teacher_fit
     math_prompts = [r["prompt"] for r in read_split(art / "data", "math", "eval")[: fit.prompts]]
     teacher = load_model(art / "teachers" / "math" / "model")
-    kl = {who: divergence_along_rollouts(load_model(path), teacher, tok, math_prompts, fmt=cfg.prompt_format,
+    kl = {who: divergence_along_rollouts(load_model(path), teacher, tok, math_prompts, fmt=fmt,
                                          n=fit.samples, max_new_tokens=fit.max_new_tokens,
                                          temperature=fit.temperature, seed=seed, k=fit.topk)["reverse_kl"]
           for who, path in (("sft", art / "sft" / "model"), (name, out / "model"))}
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="+", action="append", required=True, metavar="NAME KEY=VALUE",
                         help="a setting: its name, then distill overrides")
     parser.add_argument("--out", type=Path, default=ROOT / ".mopd" / "sweep")
+    parser.add_argument("--pipeline", default="full", help="the pipeline whose domains and teachers to use")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "sweep.jsonl"
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, *kvs in args.set:
         overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in kvs)}
         for proj in args.projects:
-            row = run_one(proj.resolve(), name, overrides, args.out)
+            row = run_one(proj.resolve(), name, overrides, args.out, args.pipeline)
             rows.append(row)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")

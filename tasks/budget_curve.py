@@ -70,9 +70,15 @@ def run(ctx: StageContext) -> Result:
                      **{f"avg_{b}": c["avg"] for b, c in entry["domains"].items()}})
     frame = pd.DataFrame(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
+    frame["avg_mean"] = frame[[c for c in frame if c.startswith("avg_")]].mean(axis=1)
+    if frame["normalized"].notna().any():
+        fig = budget_curve_chart(frame.dropna(subset=["normalized"]), f"{pipeline}: normalised score against the "
+                                 f"student rollouts sampled ({p.ci_level:.0%} bootstrap CI over prompts)")
+    else:  # no teacher gain is significant: there is no normalised score to draw
+        fig = budget_curve_chart(frame, f"{pipeline}: mean avg@{p.k} over benchmarks against the student rollouts "
+                                 "sampled (no normalised score: no teacher gain is significant)", value="avg_mean",
+                                 lo="-", hi="-")
     frame.to_csv(out_dir / "budget_curve.csv", index=False)
-    fig = budget_curve_chart(frame.dropna(subset=["normalized"]), f"{pipeline}: normalised score against the student "
-                             f"rollouts sampled ({p.ci_level:.0%} bootstrap CI over prompts)")
     fig.savefig(out_dir / "budget_curve.png", dpi=120)
     tracker.log_figure(fig, "budget_curve.png")
     tracker.log_artifact(out_dir / "budget_curve.csv")

@@ -21,9 +21,9 @@ def micro_params() -> dict:
     for recipe in p["teacher"].values():
         recipe.update(max_steps=2, batch_size=4, num_generations=2, max_completion_length=6)
     p["difficulty"].update(n_samples=2, max_prompts=4, max_new_tokens=6)
-    p["distill"].update(max_steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=6)
+    p["distill"].update(max_steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=6, snapshot_every=1)
     p["evaluate"].update(n=2, k=2, max_new_tokens=6, bootstrap=200)
-    p["mix_rl"].update(max_steps=2, batch_size=6, num_generations=2, max_completion_length=6)
+    p["mix_rl"].update(max_steps=2, batch_size=6, num_generations=2, max_completion_length=6, snapshot_every=1)
     p["offpolicy_ft"].update(samples_per_prompt=2, max_prompts=3, max_new_tokens=6, correct_only=False)
     p["offpolicy_ft"]["sft"].update(max_steps=2, batch_size=4)
     p["teacher_fit"].update(prompts=2, max_new_tokens=6)

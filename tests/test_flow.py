@@ -171,7 +171,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     pipes["pipelines"]["alt"] = {"domains": ["math", "code", "if"],
                                  "stages": ["data", "base", "sft", "teacher", "distill:fast", "distill:tg",
                                             "distill:uo", "mix_rl", "cascade_rl", "offpolicy_ft",
-                                            "weight_shift", "evaluate"]}
+                                            "weight_shift", "evaluate", "budget_curve"]}
     (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
     params = micro_params()
     params["variants"]["distill"] |= {
@@ -187,14 +187,31 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     state, status = _run(project, pipeline="alt")
     assert state.is_completed(), state.message
     assert _by(status, "computed") == {"distill:fast", "evaluate:distill:fast", "report:alt", "evaluate:sft",
-                                       "distill:tg", "evaluate:distill:tg", "distill:uo", "evaluate:distill:uo"} \
-        | BASELINES
+                                       "distill:tg", "evaluate:distill:tg", "distill:uo", "evaluate:distill:uo",
+                                       "budget_curve:alt"} | BASELINES
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert (project / "artifacts" / "distill" / "fast" / "model" / "model.safetensors").is_file()
     table = (project / "artifacts" / "report" / "alt" / "avg_at_k.csv").read_text()
     assert "distill:fast" in table and "teacher:math" in table
     for method in ("mix_rl", "cascade_rl", "offpolicy_ft"):
         assert method in table
+    # Each method's budget (issue 25): student rollouts of the integrating stages, and with the
+    # teachers' GRPO rollouts (micro: distill 2 steps x 3 prompts x 2, Mix-RL and teachers 2 x 6 / 2 x 4).
+    budget = {m: e["budget"] for m, e in
+              json.loads((project / "artifacts/report/alt/table.json").read_text())["methods"].items()}
+    assert budget["distill:fast"]["integration_rollouts"] == 12 and budget["distill:fast"]["total_rollouts"] == 36
+    assert budget["mix_rl"]["integration_rollouts"] == budget["mix_rl"]["total_rollouts"] == 12
+    assert budget["cascade_rl"]["integration_rollouts"] == 16 and budget["cascade_rl"]["total_rollouts"] == 24
+    assert budget["sft"]["total_rollouts"] == 0 and budget["teacher:math"]["integration_rollouts"] == 0
+    assert budget["distill:fast"]["integration_tokens"] > 0
+    # The budget curve: every distillation stage and Mix-RL at its snapshot (step 1) and its end.
+    curve = pd.read_csv(project / "artifacts/analysis/budget_curve/alt/budget_curve.csv")
+    points = {m: sorted(rows.student_rollouts) for m, rows in curve.groupby("method")}
+    assert points == {"distill:fast": [6, 12], "distill:tg": [6, 12], "distill:uo": [6, 12], "mix_rl": [6, 12]}
+    final = curve[(curve.method == "mix_rl") & (curve.student_rollouts == 12)].iloc[0]
+    mix_scores = json.loads((project / "artifacts/evaluate/mix_rl/scores.json").read_text())["mix_rl"]
+    assert final["avg_math"] == pytest.approx(mix_scores["math"]["avg@k"])  # the same evaluation as the table's
+    assert (project / "artifacts/analysis/budget_curve/alt/budget_curve.png").is_file()
     shift = (project / "artifacts" / "analysis" / "weight_shift" / "pairs.csv").read_text()
     assert shift.startswith("a,b,group,n_params,rate_a,rate_b,jaccard,random_reference")
     state, status = _run(project)  # (evaluations are deterministic at a fixed thread count)
