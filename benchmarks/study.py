@@ -73,6 +73,50 @@ def aggregate(tables: dict[int, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), pd.DataFrame(gains)
 
 
+def budget_curves(projects: dict[int, Path], pipeline: str) -> pd.DataFrame:
+    """Every seed's budget curve (stage `budget_curve:<pipeline>`), one row per seed x method x budget."""
+    frames = []
+    for seed, proj in projects.items():
+        path = proj / "artifacts" / "analysis" / "budget_curve" / pipeline / "budget_curve.csv"
+        if path.is_file():
+            frames.append(pd.read_csv(path).assign(seed=seed))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def curve_summary(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd over seeds of the normalised score at each (method, student rollouts), with the
+    mean of the per-seed bootstrap bounds."""
+    g = curves.groupby(["method", "student_rollouts"], sort=False)
+    out = g.agg(normalized=("normalized", "mean"), sd=("normalized", "std"), seeds=("normalized", "count"),
+                ci_lo=("ci_lo", "mean"), ci_hi=("ci_hi", "mean")).reset_index()
+    return out.sort_values(["method", "student_rollouts"], kind="stable")
+
+
+def mopd_checks(tables: dict[int, dict], projects: dict[int, Path], pipeline: str, method: str = "mopd",
+                domain: str = "math", merge: str = "merge:task_arithmetic") -> pd.DataFrame:
+    """Per seed, what issue 25 asks of MOPD: its normalised score, the share of the math teacher's
+    gain it recovers, its reverse KL to the math teacher along its own rollouts against SFT's
+    (stage `teacher_fit`), and its margin over task arithmetic."""
+    rows = []
+    for seed, t in tables.items():
+        m = t["methods"]
+        sft, teacher, got = (m[k]["domains"][domain]["avg"] for k in ("sft", f"teacher:{domain}", method))
+        fit_path = projects[seed] / "artifacts" / "analysis" / "teacher_fit" / pipeline / "teacher_fit.csv"
+        fit = pd.read_csv(fit_path) if fit_path.is_file() else None
+
+        def rkl(label):
+            if fit is None:
+                return np.nan
+            r = fit[(fit.method == label) & (fit.domain == domain)]
+            return float(r.reverse_kl.iloc[0]) if len(r) else np.nan
+
+        norm, ta = m[method]["normalized"], (m.get(merge) or {}).get("normalized")
+        rows.append({"seed": seed, "normalized": norm, f"{domain}_recovered": (got - sft) / (teacher - sft),
+                     f"rkl_{domain}": rkl(method), f"rkl_{domain}_sft": rkl("sft"),
+                     "above_task_arithmetic": None if norm is None or ta is None else norm - ta})
+    return pd.DataFrame(rows)
+
+
 def chart(summary: pd.DataFrame, title: str):
     from mopd.plots import score_table_chart
 
@@ -121,14 +165,40 @@ def main(argv: list[str] | None = None) -> int:
         tables[seed] = json.loads((proj / "artifacts" / "report" / args.pipeline / "table.json").read_text())
     summary, gains = aggregate(tables)
     summary.to_csv(args.out / "study.csv", index=False)
+    projects = {seed: args.out / f"seed{seed}" for seed in args.seeds}
+    curves = budget_curves(projects, args.pipeline)
+    curve_md, checks_md = "", ""
+    if len(curves):
+        from mopd.plots import budget_curve_chart
+
+        curves.to_csv(args.out / "budget_curves.csv", index=False)
+        cs = curve_summary(curves)
+        cs.to_csv(args.out / "budget_curve_summary.csv", index=False)
+        band = cs.assign(lo=cs.normalized - cs.sd.fillna(0), hi=cs.normalized + cs.sd.fillna(0))
+        budget_curve_chart(band, f"{args.pipeline}: normalised score against student rollouts, mean ± sd over "
+                           f"seeds {args.seeds}", lo="lo", hi="hi").savefig(args.out / "budget_curve.png", dpi=110)
+        curve_md = "\n".join(["| method | student rollouts | normalised (mean ± sd) | seeds |", "|---|---|---|---|"] + [
+            f"| {r.method} | {r.student_rollouts:,} | {r.normalized:.3f} ± {r.sd:.3f} | {r.seeds} |"
+            for r in cs.itertuples()])
+    if all("mopd" in t["methods"] for t in tables.values()):
+        checks = mopd_checks(tables, projects, args.pipeline)
+        checks.to_csv(args.out / "mopd_checks.csv", index=False)
+        checks_md = "\n".join(["| " + " | ".join(checks.columns) + " |", "|---" * len(checks.columns) + "|"] + [
+            "| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
+            for row in checks.itertuples(index=False)])
     gains.to_csv(args.out / "teacher_gains.csv", index=False)
     threads = os.environ.get("MOPD_THREADS", "default")
     title = f"{args.pipeline}: avg@k, mean ± sd over seeds {args.seeds} (threads: {threads})"
     chart(summary, title).savefig(args.out / "study.png", dpi=110, bbox_inches="tight")
     md = markdown(summary)
-    (args.out / "study.md").write_text(f"{title}\n\n{md}\n")
+    order = summary[summary.column == "normalized"].sort_values("mean", ascending=False)
+    ordering = " > ".join(f"{r.method} ({r['mean']:.3f})" for _, r in order.iterrows() if np.isfinite(r["mean"]))
+    extra = (f"\n\nordering by mean normalised score: {ordering}\n"
+             + (f"\nMOPD per seed (issue 25's checks):\n\n{checks_md}\n" if checks_md else "")
+             + (f"\nbudget curve (stage budget_curve, mean ± sd over seeds):\n\n{curve_md}\n" if curve_md else ""))
+    (args.out / "study.md").write_text(f"{title}\n\n{md}\n{extra}")
     total = time.time() - t_start
-    print(f"\n{title}\n{md}\n\nteacher gain over SFT on its own domain (95% CI over prompts):")
+    print(f"\n{title}\n{md}\n{extra}\nteacher gain over SFT on its own domain (95% CI over prompts):")
     print(gains.to_string(index=False))
     ok = bool(len(gains)) and bool(gains[f"gain>={GAIN_TARGET}"].all())
     print(f"\nevery teacher gains >= {GAIN_TARGET} with an interval above 0 in every seed: {ok}")
@@ -144,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                         | {f"sd/{r.method}/{r.column}": r["sd"] for _, r in summary.iterrows()
                            if np.isfinite(r["sd"])}
                         | {"study_seconds": total, "all_teachers_gain": float(ok)})
-        for name in ("study.csv", "teacher_gains.csv", "study.png", "study.md"):
-            run.log_artifact(args.out / name)
+        for name in ("study.csv", "teacher_gains.csv", "study.png", "study.md", "budget_curve.png",
+                     "budget_curve_summary.csv", "mopd_checks.csv"):
+            if (args.out / name).is_file():
+                run.log_artifact(args.out / name)
         run.end("FINISHED")
     return 0
 

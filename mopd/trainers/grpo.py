@@ -81,9 +81,6 @@ def mixed_schedule(records: dict[str, list[dict]], weights: dict[str, float], pr
     return out
 
 
-# why: 11 parameters: the stage's inputs (init, records, verifier kind, output), its recipe, seed
-# and tracker, plus the prompt format, the prompt order (Cascade RL) and the in-stage checkpoint
-# folder and key.
 def rollout_budget(history: dict[str, list[tuple[int, float]]], batch_size: int) -> dict[str, float]:
     """What a GRPO run sampled from the policy it trains (the comparison's budget, ALGORITHMS §9):
     ``budget/student_rollouts`` = steps x `batch_size` completions, ``budget/student_tokens`` =
@@ -94,6 +91,9 @@ def rollout_budget(history: dict[str, list[tuple[int, float]]], batch_size: int)
             "budget/student_tokens": float(sum(lengths) * batch_size)}
 
 
+# why: 11 parameters: the stage's inputs (init, records, verifier kind, output), its recipe, seed
+# and tracker, plus the prompt format, the prompt order (Cascade RL) and the in-stage checkpoint
+# folder and key.
 def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Path, params: GRPOParams,
                seed: int, tracker, *, fmt: PromptFormat, ordered: bool = False, checkpoint: Path | None = None,
                key: str = "") -> dict[str, list[tuple[int, float]]]:
