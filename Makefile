@@ -9,7 +9,7 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo real test test-fast ui server repro bench clean plan dvc-yaml study
+.PHONY: install system demo real test test-learning test-fast ui server repro bench clean plan dvc-yaml study
 
 # torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -41,10 +41,14 @@ real: install system
 	  MOPD_DEMO_PIPELINE=real $(BIN)/python -m flows.demo
 
 test: install system
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not learning"
+
+# Learning checks on the pipeline's own SFT and teacher (about 3 minutes; CI runs them after `make test`).
+test-learning: install system
+	$(BIN)/python -m pytest -q -m learning
 
 test-fast: install system
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not learning"
 
 ui: install
 	@mkdir -p $(STATE)/mlartifacts
