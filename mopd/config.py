@@ -322,7 +322,8 @@ class Config(Strict):
         """What the `kind` section (or its variant) is checked against in this pipeline."""
         return PipelineFacts(key=f"variants.{kind}.{variant}" if variant else kind, pipeline=self.pipeline,
                              domains=tuple(self.domains), local_teachers=tuple(self.local_teacher_domains),
-                             remote_teachers=tuple(d for d in self.domains if self.domain(d).teacher.source == "remote"))
+                             remote_teachers=tuple(d for d in self.domains
+                                                   if self.domain(d).teacher.source == "remote"))
 
     def domain(self, name: str) -> DomainConfig:
         return self.pipelines.domains[name]

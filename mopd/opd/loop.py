@@ -70,9 +70,10 @@ class LoopPlan:
     """How long and where: ``steps`` optimiser steps (numbered from 1) shown as ``desc``;
     checkpoints every ``checkpoint_every`` steps under ``checkpoint`` made under ``key`` (none
     when either is None); the model saved every ``snapshot_every`` steps (the budget curve's
-    points, ALGORITHMS §9) to ``out_dir/snapshots/step-N``; ``workers`` scoring threads named ``thread_prefix``; the ledger's
-    per-step costs summed over data-parallel processes with ``trained_tokens_key`` (the metric
-    the step reports its trained tokens under; None: one process, costs as they are)."""
+    points, ALGORITHMS §9) to ``out_dir/snapshots/step-N``; ``workers`` scoring threads named
+    ``thread_prefix``; the ledger's per-step costs summed over data-parallel processes with
+    ``trained_tokens_key`` (the metric the step reports its trained tokens under; None: one
+    process, costs as they are)."""
 
     desc: str
     steps: int
