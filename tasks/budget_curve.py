@@ -15,7 +15,7 @@ import pandas as pd
 from mopd.artifacts import MODELS_FILE, Result, load_result
 from mopd.data import read_split
 from mopd.evaluation import evaluate_model
-from mopd.opd.loop import SNAPSHOTS
+from mopd.snapshots import SNAPSHOTS
 from mopd.plots import budget_curve_chart
 from mopd.progress import report
 from mopd.stage import StageContext

@@ -294,9 +294,9 @@ def test_editing_the_distill_settings_module_reruns_only_the_distill_family(tmp_
         f.write("# a comment\n")
     decisions = {d.stage: d for d in plan(cfg)}
     runs = {name for name, d in decisions.items() if d.action == "run"}
-    assert runs == {"distill", "evaluate:distill", "teacher_fit:full", "report:full"}, runs
+    assert runs == {"distill", "evaluate:distill", "teacher_fit:full", "budget_curve:full", "report:full"}, runs
     assert decisions["distill"].reasons == ["code mopd/opd/settings.py: changed"]
-    assert len(decisions) == 25
+    assert len(decisions) == 26  # the `full` pipeline, budget_curve included
 
 
 def test_a_variant_section_is_checked_against_the_pipeline(tmp_path):

@@ -41,7 +41,7 @@ def test_every_model_running_stage_gets_the_configured_device_and_dtype(tmp_path
     pipes = yaml.safe_load((Path(__file__).parents[1] / "pipelines.yaml").read_text())
     pipes["pipelines"] = {"p": {"domains": ["math", "code"], "stages": [
         "data", "base", "sft", "teacher", "difficulty", "distill", "multiround", "mix_rl", "cascade_rl",
-        "offpolicy_ft", "copd", "teacher_fit", "evaluate"]}}
+        "offpolicy_ft", "copd", "teacher_fit", "evaluate", "budget_curve"]}}
     (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
     monkeypatch.setenv("MOPD_THREADS", "1")
     monkeypatch.delenv(runtime.DEVICE_ENV, raising=False)

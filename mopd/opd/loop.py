@@ -27,6 +27,7 @@ from mopd.settings.base import LoraParams
 from mopd.models import load_model, load_tokenizer, save_checkpoint
 from mopd.rollout import encode_prompts
 from mopd.progress import report
+from mopd.snapshots import keep_snapshots, snapshot_dir, snapshot_staging
 from mopd.teachers.ledger import Ledger, step_metrics
 
 log = logging.getLogger(__name__)
@@ -84,36 +85,6 @@ class LoopPlan:
     checkpoint_every: int | None = None
     trained_tokens_key: str | None = None
     snapshot_every: int | None = None
-
-
-SNAPSHOTS = "snapshots"  # out_dir/snapshots/step-NNNNNN: the model every `snapshot_every` steps
-
-
-def snapshot_dir(root: Path, step: int) -> Path:
-    return root / SNAPSHOTS / f"step-{step:06d}"
-
-
-def snapshot_staging(checkpoint: Path | None, out_dir: Path) -> Path:
-    """Where a run writes its snapshots until it finishes: beside its in-stage checkpoint when it has
-    one (they survive a kill there: the stage's output folder is emptied when it starts again, and
-    the checkpoint folder is replaced at each save), else the output folder itself."""
-    return out_dir if checkpoint is None else checkpoint.parent / f"{checkpoint.name}.snapshots"
-
-
-def keep_snapshots(staging: Path, out_dir: Path) -> None:
-    """Move the staged snapshots into ``out_dir/snapshots`` and remove the staging folder."""
-    import shutil
-
-    if staging == out_dir:
-        return
-    src = staging / SNAPSHOTS
-    if src.is_dir():
-        dst = out_dir / SNAPSHOTS
-        dst.mkdir(parents=True, exist_ok=True)
-        for d in sorted(src.iterdir()):
-            shutil.rmtree(dst / d.name, ignore_errors=True)
-            shutil.move(str(d), dst / d.name)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def one_thread() -> None:

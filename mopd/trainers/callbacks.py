@@ -66,7 +66,7 @@ class SnapshotCallback(TrainerCallback):
         if state.global_step % self.every == 0 and state.global_step < state.max_steps and state.is_world_process_zero:
             from mopd.lora import plain_model
             from mopd.models import save_checkpoint
-            from mopd.opd.loop import snapshot_dir
+            from mopd.snapshots import snapshot_dir
 
             save_checkpoint(plain_model(model, copy=True), self.tokenizer, snapshot_dir(self.root, state.global_step))
 
@@ -122,7 +122,7 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
         checkpoint.mkdir(parents=True, exist_ok=True)
         mark.write_text(json.dumps({"key": key}))
         last = _last_complete(checkpoint)
-    from mopd.opd.loop import keep_snapshots, snapshot_staging
+    from mopd.snapshots import keep_snapshots, snapshot_staging
 
     staging = snapshot_staging(None if checkpoint is None else Path(checkpoint), Path(out_dir))
     if last is None and staging != Path(out_dir):  # a fresh run keeps no snapshot of another
