@@ -43,7 +43,7 @@ real: install system
 test: install system
 	$(BIN)/python -m pytest -q -m "not learning"
 
-# Learning checks on the pipeline's own SFT and teacher (about 3 minutes; CI runs them after `make test`).
+# Learning checks on the pipeline's own SFT and teacher (about 2 minutes; CI runs them after `make test`).
 test-learning: install system
 	$(BIN)/python -m pytest -q -m learning
 
