@@ -96,7 +96,9 @@ def _even(domain, texts, refs):  # an arbitrary verifier with mixed outcomes on 
 def test_trainer_calibrates_and_the_advantages_drive_the_loss(student_and_teacher, tmp_path):
     s_dir, t_dir = student_and_teacher
     prompts = {"math": [{"prompt": p, "reference": "0"} for p in PROMPTS]}
-    base = dict(max_steps=2, learning_rate=1e-3, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=6)
+    # reward_every 5: plain MOPD verifies step 1 only; Uni-OPD's shapers get rewards every step
+    base = dict(max_steps=2, learning_rate=1e-3, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=6,
+                reward_every=5)
 
     def run(name, **uni):
         return train_mopd(s_dir, {"math": t_dir}, prompts, tmp_path / name, DistillParams(**base, uniopd=uni),
@@ -114,6 +116,8 @@ def test_trainer_calibrates_and_the_advantages_drive_the_loss(student_and_teache
     assert a_lift > a_plain + 0.5, (a_plain, a_lift)
     for key in ("uniopd/correct_share", "uniopd/balance_kept_fraction", "uniopd/kept_fraction"):
         assert key in full, key
+    assert [s for s, _ in plain["distill/reward_math"]] == [1]
+    assert [s for s, _ in full["distill/reward_math"]] == [s for s, _ in full["uniopd/correct_share"]] == [1, 2]
     # the trainer refuses Uni-OPD without a verifier
     with pytest.raises(ValueError, match="score_fn"):
         train_mopd(s_dir, {"math": t_dir}, prompts, tmp_path / "x",

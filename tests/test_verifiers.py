@@ -225,3 +225,31 @@ def test_verify_batch_order_and_errors():
         verify("poetry", "x", "y")
     with pytest.raises(ValueError, match=r"reward must lie in \[0, 1\]"):
         Verdict(1.5, "x")
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None,
+                    reason="code verification needs bubblewrap (apt-get install bubblewrap)")
+def test_verify_batch_runs_each_distinct_program_once():
+    """Repeats of one (program, tests) pair share one sandbox run and get the verdict each would
+    get alone; the same program against other tests, or another program, runs again."""
+    from mopd.verifiers import Sandbox
+
+    class Counting(Sandbox):
+        def __init__(self):
+            super().__init__()
+            self.runs: list[tuple[str, str]] = []
+
+        def run(self, code, tests):
+            self.runs.append((code, tests))
+            return super().run(code, tests)
+
+    good, bad = "def f():\n    return 1", "def f():\n    return 2"
+    fenced = f"Here:\n```python\n{good}```"  # extracts to the same program as `good`
+    responses = [good, good, bad, fenced, good, "", bad]
+    tests = ["assert f() == 1"] * 4 + ["assert f() == 2", "assert f() == 1", "assert f() == 1"]
+    box = Counting()
+    got = verify_batch(["code"] * len(responses), responses, tests, workers=2, sandbox=box)
+    alone = [verify("code", r, t) for r, t in zip(responses, tests)]
+    assert [v.reward for v in got] == [v.reward for v in alone] == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert [v.reason for v in got] == [v.reason for v in alone]
+    assert sorted(box.runs) == sorted({(good, tests[0]), (bad, tests[0]), (good, tests[4])})

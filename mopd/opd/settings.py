@@ -111,6 +111,11 @@ class DistillParams(LoraOption):
     # Save the model every this many steps (out_dir/snapshots/step-N): the points of the budget
     # curve (stage `budget_curve`, ALGORITHMS §9). null = none.
     snapshot_every: PosInt | None = None
+    # Verify the rollouts (outcome rewards, logged as `distill/reward_<domain>`) at step 1 and every
+    # this many steps when nothing in the step uses them: MOPD's losses never read rewards, and
+    # verifying every step cost a third of the tiny profile's distill stage (code in the sandbox).
+    # A shaper that needs rewards (Uni-OPD balancing, calibration) gets them every step.
+    reward_every: PosInt = 1
     # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
     # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
     # duration and scores through the same HTTP client used for remote endpoints.

@@ -182,6 +182,12 @@ class DistillStep:
             return WeightedScorer(self.clients, pool, self.params.teacher_weights, self.topk, t)
         return RoutedScorer(self.clients, pool, self.topk, t)
 
+    def verifies(self, step: int) -> bool:
+        """Whether this step's rollouts are verified: every step for a shaper that needs their
+        rewards, else at step 1 and every `reward_every` steps (monitoring only)."""
+        return (any("rewards" in sh.needs for sh in self.shapers) or step == 1
+                or step % self.params.reward_every == 0)
+
     def restore(self, history) -> None:
         """A resumed run: the shapers take back the state they carry across steps."""
         for sh in self.shapers:
@@ -199,7 +205,7 @@ class DistillStep:
         scorer = self.scorer(pool)
         self.sampler(batch, scorer)
         scorer.finish(batch)
-        if self.score_fn is not None:
+        if self.score_fn is not None and self.verifies(step):
             batch.rewards = _verify(self.score_fn, batch.samples, recs, domains)
         for sh in self.shapers:
             sh.select(batch)

@@ -88,6 +88,16 @@ def verify_code(response: object, reference: str, sandbox: Sandbox | None = None
     Raises SandboxUnavailable (once, on first use) when no safe sandbox exists and unsandboxed
     execution was not allowed: that is a set-up error, not a property of the response.
     """
+    program = program_of(response, reference)
+    if isinstance(program, Verdict):
+        return program
+    return run_program(program, str(reference), sandbox)
+
+
+def program_of(response: object, reference: str) -> str | Verdict:
+    """The program a response submits, or the verdict that it submits none (not text, empty,
+    too long): what decides the sandbox's outcome besides the tests, so ``verify_batch`` runs
+    each distinct (program, tests) pair of a batch once."""
     text, why = as_text(response, limit=MAX_CODE_CHARS * 4)
     if text is None:
         return Verdict(0.0, why)
@@ -96,7 +106,12 @@ def verify_code(response: object, reference: str, sandbox: Sandbox | None = None
         return Verdict(0.0, "empty program")
     if len(code) > MAX_CODE_CHARS:
         return Verdict(0.0, f"program longer than {MAX_CODE_CHARS} characters")
-    result = (sandbox or default_sandbox()).run(code, str(reference))
+    return code
+
+
+def run_program(code: str, tests: str, sandbox: Sandbox | None = None) -> Verdict:
+    """Run ``code`` against ``tests`` in the sandbox: 1.0 when every test passes."""
+    result = (sandbox or default_sandbox()).run(code, tests)
     if result.passed:
         return Verdict(1.0, "passed")
     return Verdict(0.0, f"{result.status}: {result.detail}" if result.detail else result.status)
