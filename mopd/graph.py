@@ -259,8 +259,11 @@ def _curve_stages(ctx: _Ctx) -> list[str]:
 
 
 def _curve_references(ctx: _Ctx) -> list[str]:
-    """The evaluations a normalised score needs: SFT's and each local teacher's."""
-    return [n for n in ctx.names("evaluate") if n in ("evaluate:sft", *(f"evaluate:{t}" for t in _teachers(ctx)))]
+    """The evaluations a normalised score needs (SFT's and each local teacher's), and those of the
+    curve stages' final models when the pipeline runs them (the curve's last points, not redone)."""
+    wanted = ("evaluate:sft", *(f"evaluate:{t}" for t in _teachers(ctx)),
+              *(f"evaluate:{n}" for n in _curve_stages(ctx)))
+    return [n for n in ctx.names("evaluate") if n in wanted]
 
 
 def _report_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:

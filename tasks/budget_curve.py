@@ -35,9 +35,10 @@ def run(ctx: StageContext) -> Result:
     cfg, out_dir, tracker = ctx.cfg, ctx.out_dir, ctx.tracker
     pipeline, p = ctx.args["pipeline"], cfg.params.evaluate
     domains = [d for d in cfg.local_teacher_domains]
-    reference: dict[str, dict] = {}
+    evaluated: dict[str, dict] = {}
     for path in ctx.roles_of("evaluations").values():
-        reference |= json.loads((path / SCORES_FILE).read_text())
+        evaluated |= json.loads((path / SCORES_FILE).read_text())
+    reference = {m: s for m, s in evaluated.items() if m == "sft" or m.startswith("teacher:")}
     if "sft" not in reference or any(f"teacher:{d}" not in reference for d in domains):
         raise ValueError(f"budget_curve:{pipeline}: needs the evaluations of SFT and every local teacher "
                          f"(got {sorted(reference)}): list `evaluate` in the pipeline")
@@ -56,7 +57,9 @@ def run(ctx: StageContext) -> Result:
     scores = dict(reference)
     for i, (label, rollouts, model_dir) in enumerate(todo):
         report(i, len(todo), "models", force=True)
-        scores[f"{label}@{int(rollouts)}"] = evaluate_model(model_dir, problems, p, cfg.params.seed, ctx.prompt_format)
+        final = model_dir.name == "model" and label in evaluated  # its `evaluate` stage made the same call
+        scores[f"{label}@{int(rollouts)}"] = (evaluated[label] if final else
+                                              evaluate_model(model_dir, problems, p, cfg.params.seed, ctx.prompt_format))
     report(len(todo), len(todo), "models", force=True)
     table = comparison(scores, {d: cfg.benchmarks(d) for d in domains}, student="sft",
                        teachers={d: f"teacher:{d}" for d in domains}, level=p.ci_level, n_boot=p.bootstrap,

@@ -36,7 +36,7 @@ def test_every_model_running_stage_gets_the_configured_device_and_dtype(tmp_path
     params["copd"].update(branches=["math", "code"], cycles=1, rl_steps=1, opd_steps=1)
     params["multiround"].update(rounds=2, domains=["math"])
     params["mix_rl"].update(max_steps=1)
-    params["distill"].update(max_steps=1)
+    params["distill"].update(max_steps=2, snapshot_every=1)  # the budget curve evaluates a snapshot
     write_params(project, params)
     pipes = yaml.safe_load((Path(__file__).parents[1] / "pipelines.yaml").read_text())
     pipes["pipelines"] = {"p": {"domains": ["math", "code"], "stages": [
