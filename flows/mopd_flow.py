@@ -36,7 +36,8 @@ from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
 from mopd.config import load_config
 from mopd.graph import StageSpec, build_graph, hash_inputs, levels, static_key_inputs, with_upstream
-from mopd.local_run import stage_command
+from mopd.local_run import devices_for, stage_command
+from mopd.placement import acquire, inventory
 from mopd.plan import decide, forced
 from mopd.progress import ENV as PROGRESS_ENV
 from mopd.progress import RunBoard
@@ -89,10 +90,29 @@ class _PriorityGate:
 class _RunState:
     """What the stage tasks of one flow run share (they run in this process's threads)."""
 
-    def __init__(self, board: RunBoard, slots: int, order: dict[str, int]):
+    def __init__(self, board: RunBoard, slots: int, order: dict[str, int], devices: list[str]):
         self.board = board
         self.gate = _PriorityGate(slots)
         self.order = order
+        self.devices = devices  # the host's inventory (mopd.placement), read once per run
+        self.device_turn = _PriorityGate(1)  # one stage at a time takes devices, in graph order
+
+    @contextlib.contextmanager
+    def slot(self, name: str, devices: int):
+        """Where stage ``name`` may run: a stage that runs models on a host with devices waits for
+        ``devices`` of them (leased host-wide: other flows, `mopd run`, `mopd stage` and
+        `dvc repro` share them) and yields the lease; every other stage takes one of the run's
+        process slots (MOPD_MAX_PARALLEL) and yields None."""
+        if devices and self.devices:
+            with self.device_turn.hold(self.order[name]):
+                lease = acquire(devices, name, devices=self.devices)
+            try:
+                yield lease
+            finally:
+                lease.release()
+        else:
+            with self.gate.hold(self.order[name]):
+                yield None
 
 
 _RUNS: dict[str, _RunState] = {}
@@ -104,7 +124,7 @@ class StageFailed(RuntimeError):
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: bool, project_dir: str,
-          pipeline: str, parent_run_id: str | None, threads: int, board_id: str) -> dict:
+          pipeline: str, parent_run_id: str | None, threads: int, board_id: str, devices: int = 0) -> dict:
     """Decide (cached or run) once the upstream stages are done; run the stage's command line
     when needed. Returns {"result": Result dict, "action": "cached" | "computed", "reasons"}."""
     logger = get_run_logger()
@@ -121,9 +141,10 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
                          data={"result": recorded.to_dict(), "action": "cached", "reasons": []})
     logger.info("%s: to run (%s)", name, "; ".join(decision.reasons))
     try:
-        with run.gate.hold(run.order[name]) if run else contextlib.nullcontext():
+        with run.slot(name, devices) if run else contextlib.nullcontext() as lease:
             board and board.stage(name, "running")
-            result = _run_stage(spec, key, project, pipeline, parent_run_id, threads, board, logger)
+            result = _run_stage(spec, key, project, pipeline, parent_run_id, threads, board, logger,
+                                lease.env() if lease else {})
     except BaseException:
         board and board.stage(name, "failed")
         raise
@@ -132,13 +153,15 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
 
 
 def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_run_id: str | None,
-               threads: int, board: RunBoard | None, logger) -> Result:
+               threads: int, board: RunBoard | None, logger, placed: dict[str, str]) -> Result:
     name = spec.name
     cmd = stage_command(spec, project, pipeline)
     if parent_run_id:
         cmd += ["--mlflow-parent", parent_run_id]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "MOPD_THREADS": str(threads)}
+           "MOPD_THREADS": str(threads), **placed}
+    if placed:
+        logger.info("%s: on devices %s", name, placed["CUDA_VISIBLE_DEVICES"])
     if board:
         env[PROGRESS_ENV] = str(board.progress_file(name))
     logger.info("%s: %s", name, " ".join(cmd))
@@ -203,7 +226,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
     run_id = str(flow_run.get_id() or parent.run_id)
     board = RunBoard(project, run_id, pipeline, [s.name for s in graph])
-    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)})
+    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)}, inventory())
     width = {s.name: len(level) for level in levels(graph) for s in level}
     futures = {}
     try:
@@ -213,7 +236,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
                 spec=spec, base_inputs=static_key_inputs(cfg, spec),
                 upstream={u: futures[u] for u in spec.upstream}, force=forced(rerun, spec),
                 project_dir=str(project), pipeline=pipeline, parent_run_id=parent.run_id,
-                threads=_threads(width[spec.name]), board_id=run_id)
+                threads=_threads(width[spec.name]), board_id=run_id, devices=devices_for(cfg, spec))
         status, results = _settle(graph, futures, board, parent, logger)
     except BaseException:
         board.finish("failed")

@@ -43,6 +43,8 @@ class Result:
     cache_key: str | None = None
     # what the cache key was made of (mopd.graph.key_inputs): lets `mopd plan` say what changed
     inputs: dict[str, Any] | None = None
+    # where it ran (mopd.placement): devices leased, host, lease and end times; not hashed
+    placement: dict[str, Any] | None = None
 
     @property
     def content_hash(self) -> str:

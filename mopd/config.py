@@ -20,6 +20,7 @@ from mopd.copd import copd_exchange_pairs
 from mopd.domains.local_files import DataFileError, resolve_local
 from mopd.graph import (
     DEFAULT_DISTILL_METHOD,
+    KINDS,
     LISTABLE,
     VARIANT_KINDS,
     check_shared_stages,
@@ -438,6 +439,11 @@ def validate(cfg: Config, params_file: Path, pipelines_file: Path) -> None:
     then the selected pipeline's local data, and that a stage name means one computation in
     every pipeline (:func:`mopd.graph.check_shared_stages`, which also builds every graph)."""
     params, pipes = cfg.params, cfg.pipelines
+    model_kinds = sorted(k for k, row in KINDS.items() if "gpu" in row.tags)
+    odd = sorted(set(params.runtime.devices_per_stage) - {"default", *model_kinds})
+    if odd:
+        raise ConfigError(f"{params_file}: runtime.devices_per_stage: {odd} not a stage kind that runs models "
+                          f"(kinds: {model_kinds}, or `default`)")
     unknown = [d for d in [*params.copd.branches, params.copd.hub] if d is not None and d not in pipes.domains]
     if unknown:
         raise ConfigError(f"{params_file}: copd.{'hub' if params.copd.hub in unknown else 'branches'}: "

@@ -17,6 +17,7 @@ from pathlib import Path
 from mopd.artifacts import load_result
 from mopd.config import Config
 from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
+from mopd.placement import leased, wanted
 from mopd.plan import decide, forced
 from mopd.runtime import launch_prefix
 
@@ -35,13 +36,22 @@ def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool 
             "--pipeline", pipeline, *([] if track else ["--no-track"])]
 
 
+def devices_for(cfg: Config, spec: StageSpec) -> int:
+    """Devices the stage's process asks for from the host's inventory (mopd.placement)."""
+    rt = cfg.params.runtime
+    return wanted(rt.devices_per_stage, spec.kind, runs_models="gpu" in spec.tags,
+                  processes=rt.processes if spec.data_parallel else 1)
+
+
 def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None = None,
               quiet: bool = False, track: bool = True) -> None:
-    """Run one stage's command line; raises StageError (with the log's tail) if it fails."""
-    env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track), cwd=cfg.project_dir, env=env, text=True,
-                          stdout=subprocess.PIPE if quiet else None,
-                          stderr=subprocess.STDOUT if quiet else None)
+    """Run one stage's command line, on devices leased for it when the host has any; raises
+    StageError (with the log's tail) if it fails."""
+    with leased(devices_for(cfg, spec), spec.name) as lease:
+        env = {**os.environ, **(extra_env or {}), **(lease.env() if lease else {})}
+        proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track), cwd=cfg.project_dir,
+                              env=env, text=True, stdout=subprocess.PIPE if quiet else None,
+                              stderr=subprocess.STDOUT if quiet else None)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout or "").splitlines()[-20:])
         raise StageError(f"stage {spec.name} exited with {proc.returncode}\n{tail}")

@@ -12,17 +12,19 @@ output folder, upstream outputs by stage and by role, table arguments, tracker),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from mopd import runtime
+from mopd import placement, runtime
 from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
 from mopd.config import Config, ConfigError, load_config
 from mopd.graph import (
@@ -101,8 +103,10 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                                    parent_run_id=parent_run_id, tags=tags)
                if track and main_proc else NullTracker())
     tracker.log_params(sections)
+    lease = placement.current()
     tracker.set_tags({"torch_threads": _set_threads(), "runtime/device": rt.device, "runtime/dtype": rt.dtype,
-                      "runtime/processes": runtime.world_size()})
+                      "runtime/processes": runtime.world_size(),
+                      "runtime/devices": ",".join(lease["devices"]) if lease else "-"})
     ctx = StageContext(name=name, key=key, cfg=cfg, out_dir=out_dir, inputs=inputs,
                        roles=resolve_roles(spec.roles, inputs), tracker=tracker, args=spec.kwargs)
     t0 = time.time()
@@ -116,7 +120,7 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
         log.info("%s: models on %s", name, ", ".join(f"{p} x{placed.count(p)}" for p in dict.fromkeys(placed)))
         tracker.set_tags({"runtime/models": ",".join(dict.fromkeys(placed)), "runtime/n_models": len(placed)})
     result = replace(result, stage=name, metrics={**result.metrics, "stage_seconds": time.time() - t0},
-                     cache_key=key, inputs=key_in)
+                     cache_key=key, inputs=key_in, placement=_placement(t0))
     if not main_proc:
         return result
     write_result(out_dir, result)
@@ -125,6 +129,14 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                       **{f"sha256/{rel}"[:250]: digest for rel, digest in list(result.files.items())[:50]}})
     tracker.end("FINISHED")
     return result
+
+
+def _placement(started: float) -> dict:
+    """Where and when the stage ran: the devices its launcher leased (none on a host without
+    devices), the host, when the lease was taken, when the work started and ended."""
+    lease = placement.current() or {}
+    return {"devices": lease.get("devices", []), "host": socket.gethostname(),
+            "leased_at": lease.get("leased_at"), "started": started, "ended": time.time()}
 
 
 def _hold(project: Path, name: str) -> None:
@@ -144,6 +156,22 @@ def _set_threads() -> int:
     if os.environ.get("MOPD_THREADS"):
         torch.set_num_threads(int(os.environ["MOPD_THREADS"]))
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _own_lease(cfg: Config, name: str):
+    """A stage started by none of mopd's launchers (``dvc repro`` runs the module itself) leases
+    its devices here, before anything touches CUDA; under the flow, `mopd run` / `mopd stage` or
+    a data-parallel launcher (its processes share the launcher's lease) it has them already."""
+    if placement.current() is not None or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    from mopd.local_run import devices_for
+
+    with placement.leased(devices_for(cfg, get_spec(cfg, name)), name) as lease:
+        if lease is not None:
+            os.environ.update(lease.env())
+        yield
 
 
 def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
@@ -166,7 +194,8 @@ def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
     name = ":".join([kind, *[v for v in values if v]])
     try:
         cfg = load_config(args.project_dir, pipeline=args.pipeline)
-        result = execute(cfg, name, run, parent_run_id=args.mlflow_parent, track=not args.no_track)
+        with _own_lease(cfg, name):
+            result = execute(cfg, name, run, parent_run_id=args.mlflow_parent, track=not args.no_track)
     except (ConfigError, FileNotFoundError, ValueError, InjectedFault) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 2

@@ -371,6 +371,37 @@ def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_
     assert out.returncode == 2 and "needs ['copd:2:rl:if']" in out.stderr
 
 
+def test_teachers_run_side_by_side_on_disjoint_devices(micro_project, prefect_env, monkeypatch, tmp_path):
+    """Placement (issue 26) with a faked inventory: on three devices the three teachers run at
+    once, each on its own device; on one device they run one after another, all on it."""
+    from mopd.artifacts import load_result
+
+    pipes = yaml.safe_load((micro_project / "pipelines.yaml").read_text())
+    pipes["pipelines"]["full"]["stages"] = ["data", "base", "sft", "teacher"]
+    (micro_project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
+    monkeypatch.setenv("MOPD_DEVICE_LOCKS", str(tmp_path / "locks"))
+
+    def placed():
+        return {t: load_result(micro_project / f"artifacts/teachers/{t.split(':')[1]}").placement for t in TEACHERS}
+
+    monkeypatch.setenv("MOPD_DEVICES", "0,1,2")
+    state, status = _run(micro_project)
+    assert state.is_completed(), state.message
+    where = placed()
+    assert sorted(d for p in where.values() for d in p["devices"]) == ["0", "1", "2"], where  # pairwise disjoint
+    assert max(p["leased_at"] for p in where.values()) < min(p["ended"] for p in where.values()), where  # at once
+    assert load_result(micro_project / "artifacts/sft").placement["devices"] in (["0"], ["1"], ["2"])
+    assert load_result(micro_project / "artifacts/data").placement["devices"] == []  # runs no model
+
+    monkeypatch.setenv("MOPD_DEVICES", "0")
+    state, status = _run(micro_project, rerun=["teacher"])
+    assert state.is_completed(), state.message
+    assert _by(status, "computed") == TEACHERS
+    spans = sorted((p["leased_at"], p["ended"], tuple(p["devices"])) for p in placed().values())
+    assert {s[2] for s in spans} == {("0",)}
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # one after another
+
+
 def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):
     params = micro_params()
     params["teacher"]["math"]["learning_rate"] = "fast"

@@ -84,3 +84,9 @@ class RuntimeParams(Strict):
     # who samples rollouts in distill, difficulty and evaluate: transformers `generate`, or a vLLM
     # engine colocated in the stage (the `gpu` extra, CUDA), synced to the student after each update
     rollout: Literal["transformers", "vllm"] = "transformers"
+    # devices each model-running stage process gets from the host's inventory (mopd.placement),
+    # per stage kind (`teacher`, `distill`, ...; `default` for the others): the flow, `mopd run`,
+    # `mopd stage` and `dvc repro` lease disjoint sets, so stages that share nothing run side by
+    # side. Not part of any cache key (where a stage ran does not change what it computes).
+    devices_per_stage: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: {"default": 1})
