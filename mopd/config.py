@@ -444,6 +444,12 @@ def validate(cfg: Config, params_file: Path, pipelines_file: Path) -> None:
     if odd:
         raise ConfigError(f"{params_file}: runtime.devices_per_stage: {odd} not a stage kind that runs models "
                           f"(kinds: {model_kinds}, or `default`)")
+    if isinstance(params.runtime.processes, dict):
+        parallel = sorted(k for k, row in KINDS.items() if row.data_parallel)
+        odd = sorted(set(params.runtime.processes) - {"default", *parallel})
+        if odd:
+            raise ConfigError(f"{params_file}: runtime.processes: {odd} not a stage kind that runs data-parallel "
+                              f"(kinds: {parallel}, or `default`)")
     unknown = [d for d in [*params.copd.branches, params.copd.hub] if d is not None and d not in pipes.domains]
     if unknown:
         raise ConfigError(f"{params_file}: copd.{'hub' if params.copd.hub in unknown else 'branches'}: "

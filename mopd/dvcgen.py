@@ -44,9 +44,9 @@ def build(cfg: Config) -> dict:
         params: list = list(spec.params_keys)
         if spec.pipeline_keys:
             params.append({PIPELINES_FILE: list(spec.pipeline_keys)})
-        processes = cfg.params.runtime.processes if spec.data_parallel else 1
-        launcher = (["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                     "--mixed_precision", "no", "--dynamo_backend", "no", "-m"] if processes > 1 else ["python", "-m"])
+        # a data-parallel stage's launcher reads `runtime.processes` when it runs (not baked in
+        # here), so `dvc exp run -S runtime.processes=4` starts four processes
+        launcher = ["python", "-m", "mopd.launch"] if spec.data_parallel else ["python", "-m"]
         cmd = " ".join([*launcher, spec.module, *spec.argv, "--pipeline", pipeline])
         entry: dict = {"cmd": cmd, "deps": deps}
         if params:

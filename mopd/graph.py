@@ -280,7 +280,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
     StageKind("base", "tasks.base", _one, lambda ctx, a: ("seed", "profile", "profiles"),
               lambda a: f"{ARTIFACTS}/base", upstream=lambda ctx, a: ("data",)),
     StageKind("sft", "tasks.sft", _one, lambda ctx, a: ("seed", "sft"), lambda a: f"{ARTIFACTS}/sft",
-              upstream=lambda ctx, a: ("data", "base"), tags=("gpu",),
+              upstream=lambda ctx, a: ("data", "base"), tags=("gpu",), data_parallel=True,
               models=lambda ctx, a: (("sft", "model"),),
               roles=lambda ctx, a: {"base": "base"}),
     # MOPD 3.1: one GRPO teacher per domain whose teacher is trained here (remote ones are not).
@@ -291,7 +291,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",),
               tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),),
-              length_keys=("teacher.*.max_completion_length",),
+              length_keys=("teacher.*.max_completion_length",), data_parallel=True,
               roles=_student("sft")),
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
@@ -319,7 +319,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               per_domain=True, upstream=_round_teacher_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu", "teacher"),
               models=lambda ctx, a: ((f"teacher:{a['domain']}:round{a['round']}", "model"),),
-              listed_as="multiround",
+              listed_as="multiround", data_parallel=True,
               roles=lambda ctx, a: {"student": MultiRoundParams.student_stage(int(a["round"]) - 1)}),
     StageKind("multiround", "tasks.multiround", lambda ctx: [{"round": str(r)} for r in _rounds(ctx)],
               lambda ctx, a: ("seed", "distill", "multiround"),
@@ -334,7 +334,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/mix_rl", upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
               models=lambda ctx, a: (("mix_rl", "model"),),
-              length_keys=("mix_rl.max_completion_length",),
+              length_keys=("mix_rl.max_completion_length",), data_parallel=True,
               roles=_student("sft")),
     # Cascade RL: GRPO per domain in `cascade_rl.order`, each from the previous step's model.
     StageKind("cascade_rl", "tasks.cascade_rl",
@@ -343,7 +343,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/cascade_rl/{a['domain']}", args=("domain",),
               per_domain=True, upstream=_cascade_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
-              models=_cascade_models,
+              models=_cascade_models, data_parallel=True,
               roles=lambda ctx, a: {"student": _cascade_upstream(ctx, a)[1]}),
     # Off-policy fine-tuning: SFT of the student on its teachers' correct rollouts.
     StageKind("offpolicy_ft", "tasks.offpolicy_ft", _one, lambda ctx, a: ("seed", "offpolicy_ft"),
@@ -557,6 +557,8 @@ def config_sections(cfg: "Config", spec: StageSpec) -> dict[str, Any]:
     """The exact configuration a stage reads: its params.yaml and pipelines.yaml keys."""
     params = cfg.params.model_dump(mode="json")
     out: dict[str, Any] = {k: _lookup(params, k) for k in spec.params_keys}
+    if "runtime.processes" in out:  # per kind: another kind's count does not rerun this stage
+        out["runtime.processes"] = cfg.params.runtime.processes_for(spec.kind)
     pipes = cfg.pipelines.model_dump(mode="json")
     for k in spec.pipeline_keys:
         out[f"pipelines:{k}"] = _lookup(pipes, k)

@@ -29,9 +29,9 @@ def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool 
     """The stage's command line, as the flow, `mopd run` and DVC run it."""
     from mopd.config import load_config
 
-    processes = load_config(project, pipeline=pipeline).params.runtime.processes \
-        if spec.data_parallel else 1
-    launcher = launch_prefix(processes) or [sys.executable, "-m"]
+    rt = load_config(project, pipeline=pipeline).params.runtime
+    processes = rt.processes_for(spec.kind) if spec.data_parallel else 1
+    launcher = launch_prefix(processes, rt.accelerate_config, project) or [sys.executable, "-m"]
     return [*launcher, spec.module, *spec.argv, "--project-dir", str(project),
             "--pipeline", pipeline, *([] if track else ["--no-track"])]
 
@@ -40,7 +40,7 @@ def devices_for(cfg: Config, spec: StageSpec) -> int:
     """Devices the stage's process asks for from the host's inventory (mopd.placement)."""
     rt = cfg.params.runtime
     return wanted(rt.devices_per_stage, spec.kind, runs_models="gpu" in spec.tags,
-                  processes=rt.processes if spec.data_parallel else 1)
+                  processes=rt.processes_for(spec.kind) if spec.data_parallel else 1)
 
 
 def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None = None,

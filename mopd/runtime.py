@@ -183,17 +183,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_prefix(processes: int) -> list[str]:
+def launch_prefix(processes: int, config_file: str | None = None, project=None) -> list[str]:
     """The command-line prefix that runs a stage module in ``processes`` data-parallel processes;
-    empty for one. ``accelerate launch`` through its torchrun path (``--multi_gpu``): its ``--cpu``
-    path starts a single process unless MPI is configured. The processes put their models where
-    `runtime.device` says (CPU: gloo, CUDA: NCCL, one device per process). Torch-free (flows)."""
-    if processes <= 1:
-        return []
+    empty for one. Without ``config_file``: ``accelerate launch`` through its torchrun path
+    (``--multi_gpu``; its ``--cpu`` path starts a single process unless MPI is configured), one
+    machine. With an `accelerate config` file (``runtime.accelerate_config``, relative to the
+    project): that file decides the distributed type (DDP, FSDP, DeepSpeed), the machines, this
+    machine's rank and the rendezvous; mopd passes only ``--num_processes``, and the environment's
+    ``MOPD_MACHINE_RANK`` / ``MOPD_MAIN_PROCESS_IP`` / ``MOPD_MAIN_PROCESS_PORT`` when set (one
+    config for every node). The processes put their models where `runtime.device` says (CPU:
+    gloo, CUDA: NCCL, one device per process). Torch-free (flows)."""
     import sys
 
+    head = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        from pathlib import Path
+
+        path = Path(config_file) if project is None else Path(project) / config_file
+        if not path.is_file():
+            raise FileNotFoundError(f"runtime.accelerate_config = {config_file!r}: no such file ({path})")
+        extra = []
+        for env, flag in (("MOPD_MACHINE_RANK", "--machine_rank"), ("MOPD_MAIN_PROCESS_IP", "--main_process_ip"),
+                          ("MOPD_MAIN_PROCESS_PORT", "--main_process_port")):
+            if os.environ.get(env):
+                extra += [flag, os.environ[env]]
+        return [*head, "--config_file", str(path), "--num_processes", str(processes), *extra, "-m"]
+    if processes <= 1:
+        return []
     port = free_port()  # two data-parallel stages may run at once
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+    return [*head, "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port), "-m"]
 

@@ -84,3 +84,24 @@ def dvc_project(micro_project: Path) -> Path:
     _sh(["git", "add", "-A"], micro_project)
     _sh(["git", "commit", "-qm", "micro project"], micro_project)
     return micro_project
+
+
+@pytest.fixture(scope="session")
+def pipeline_models(tmp_path_factory):
+    """SFT and teacher:math built by the pipeline's own stages (shorter runs than the shipped), for
+    the `learning` tests (tests/test_distill_hard.py, tests/test_trl_parallel.py)."""
+    from mopd.config import load_config
+    from mopd.local_run import run_pipeline
+
+    project = tmp_path_factory.mktemp("hard")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sft"].update(max_steps=400, checkpoint_every=None)
+    params["teacher"]["math"].update(max_steps=150, checkpoint_every=None)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"hard": {"domains": ["math"], "stages": ["data", "base", "sft", "teacher"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
+    cfg = load_config(project, pipeline="hard")
+    run_pipeline(cfg, quiet=True, track=False)
+    art = project / "artifacts"
+    return cfg, art / "sft" / "model", art / "teachers" / "math" / "model", art / "data"

@@ -9,37 +9,12 @@ teacher: 0.0257 -> 0.0205 at 5e-4, 0.0017 at the shipped settings); the learning
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-import yaml
-
-from tests.conftest import ROOT
 
 # about 2 minutes on 2 cores: its own make target (`make test-learning`, run by CI after `make test`)
 pytestmark = pytest.mark.learning
 STEPS = 100
 OLD_DEFAULT_LR = 5e-4
-
-
-@pytest.fixture(scope="module")
-def pipeline_models(tmp_path_factory):
-    """SFT and teacher:math built by the pipeline's own stages (shorter runs than the shipped)."""
-    from mopd.config import load_config
-    from mopd.local_run import run_pipeline
-
-    project = tmp_path_factory.mktemp("hard")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"].update(max_steps=400, checkpoint_every=None)
-    params["teacher"]["math"].update(max_steps=150, checkpoint_every=None)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"hard": {"domains": ["math"], "stages": ["data", "base", "sft", "teacher"]}}
-    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
-    cfg = load_config(project, pipeline="hard")
-    run_pipeline(cfg, quiet=True, track=False)
-    art = project / "artifacts"
-    return cfg, art / "sft" / "model", art / "teachers" / "math" / "model", art / "data"
 
 
 def _reverse_kl(model_dir, teacher, tok, prompts, fmt) -> float:

@@ -23,7 +23,8 @@ def test_committed_dvc_yaml_is_generated_from_the_table():
     assert set(stages) == {dvcgen.dvc_name(n) for n in table}
     for name, (pipeline, spec) in table.items():
         stage = stages[dvcgen.dvc_name(name)]
-        assert stage["cmd"].split() == ["python", "-m", spec.module, *spec.argv, "--pipeline", pipeline]
+        launcher = ["mopd.launch"] if spec.data_parallel else []  # reads runtime.processes when it runs
+        assert stage["cmd"].split() == ["python", "-m", *launcher, spec.module, *spec.argv, "--pipeline", pipeline]
         assert stage["outs"] == [spec.out_dir]
         code = {p.relative_to(ROOT).as_posix() for p in import_closure(spec.module, ROOT)}
         assert set(stage["deps"]) == code | {table[u][1].out_dir for u in spec.upstream}, name

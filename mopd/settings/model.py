@@ -78,9 +78,14 @@ class RuntimeParams(Strict):
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # data-parallel processes for the stages written for it (distill, multiround), started with
-    # `accelerate launch`; every other stage runs one process
-    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    # data-parallel processes of the stages that run under `accelerate launch` (distill, multiround
+    # and the TRL stages: sft, teacher, round_teacher, mix_rl, cascade_rl): one number for all, or
+    # per stage kind with `default` for the rest ({default: 1, teacher: 2}); the others run one
+    processes: Annotated[int, Field(ge=1, le=1024)] | dict[str, Annotated[int, Field(ge=1, le=1024)]] = 1
+    # an `accelerate config` file (DDP, FSDP2, ZeRO-3: containers/accelerate/): the launch reads
+    # its distributed type, machines, rank and rendezvous from it (`--num_processes` from
+    # `processes`); null = one machine, DDP (torchrun path), mopd's own flags
+    accelerate_config: str | None = None
     # who samples rollouts in distill, difficulty and evaluate: transformers `generate`, or a vLLM
     # engine colocated in the stage (the `gpu` extra, CUDA), synced to the student after each update
     rollout: Literal["transformers", "vllm"] = "transformers"
@@ -90,3 +95,9 @@ class RuntimeParams(Strict):
     # side. Not part of any cache key (where a stage ran does not change what it computes).
     devices_per_stage: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(
         default_factory=lambda: {"default": 1})
+
+    def processes_for(self, kind: str) -> int:
+        """The process count of a data-parallel stage of ``kind``."""
+        if isinstance(self.processes, int):
+            return self.processes
+        return self.processes.get(kind, self.processes.get("default", 1))

@@ -55,6 +55,16 @@ def common_args(out_dir, max_steps: int, learning_rate: float, seed: int, *, che
     )
 
 
+def per_process(batch_size: int, key: str = "batch_size") -> int:
+    """Each data-parallel process's share of a step's batch (`runtime.processes` processes take the
+    one-process step together: the global batch stays ``batch_size``)."""
+    world = runtime.world_size()
+    if batch_size % world:
+        raise ValueError(f"{key} = {batch_size} is not a multiple of the {world} data-parallel processes "
+                         "(runtime.processes): each process takes an equal share of the batch")
+    return batch_size // world
+
+
 class SnapshotCallback(TrainerCallback):
     """Save the model every ``every`` steps before the last to ``root/snapshots/step-N`` (the budget
     curve's points; :func:`mopd.opd.loop.snapshot_staging` says where ``root`` is)."""
@@ -81,7 +91,8 @@ class QuietProgressCallback(ProgressCallback):
     def on_step_end(self, args, state, control, **kwargs):
         from mopd.progress import report
 
-        report(state.global_step, state.max_steps, "steps")
+        if state.is_world_process_zero:
+            report(state.global_step, state.max_steps, "steps")
         if state.global_step >= state.max_steps:
             # transformers also checkpoints the last step; the stage saves the final model itself
             # and removes its checkpoints, so that one would be written for nothing
@@ -101,7 +112,6 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
     import shutil
     from pathlib import Path
 
-    from mopd.checkpoint import CheckpointMismatch
     from mopd.models import save_checkpoint
 
     trainer.remove_callback(ProgressCallback)
@@ -109,23 +119,15 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
     # where the trainer put the model, and the mixed precision its arguments ask for
     a = trainer.args
     runtime.record(trainer.model, amp="bfloat16" if a.bf16 else "float16" if a.fp16 else None)
+    main = runtime.is_main()  # under `accelerate launch` only process 0 writes files
     last = None
     if checkpoint is not None and trainer.args.save_strategy != "no":
         checkpoint = Path(checkpoint)
-        mark = checkpoint / "key.json"
-        if mark.is_file() and json.loads(mark.read_text()).get("key") != key:
-            raise CheckpointMismatch(
-                f"{checkpoint}: checkpoints of this stage were made with cache key "
-                f"{json.loads(mark.read_text()).get('key', '')[:12]}, but the stage now has key {key[:12]} (its "
-                f"configuration, upstream outputs or code changed since): it will not resume from them. "
-                f"Delete {checkpoint} to start the stage afresh.")
-        checkpoint.mkdir(parents=True, exist_ok=True)
-        mark.write_text(json.dumps({"key": key}))
-        last = _last_complete(checkpoint)
+        last = _resume_point(checkpoint, key, main)
     from mopd.snapshots import keep_snapshots, snapshot_staging
 
     staging = snapshot_staging(None if checkpoint is None else Path(checkpoint), Path(out_dir))
-    if last is None and staging != Path(out_dir):  # a fresh run keeps no snapshot of another
+    if last is None and staging != Path(out_dir) and main:  # a fresh run keeps no snapshot of another
         shutil.rmtree(staging, ignore_errors=True)
     if snapshot_every:
         trainer.add_callback(SnapshotCallback(snapshot_every, staging, tokenizer))
@@ -138,25 +140,58 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
         print(f"resumed from step {step}", flush=True)
         callback.tracker.set_tags({"resumed_from_step": step})
     trainer.train(resume_from_checkpoint=last)
-    shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
-    from mopd.lora import plain_model
+    runtime.barrier()
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        # sharded (accelerate's FSDP / ZeRO-3): gathering the full state dict is a collective
+        # every process takes part in; transformers writes it as safetensors from process 0
+        trainer.save_model(str(out_dir / "model"))
+        if main:
+            tokenizer.save_pretrained(out_dir / "model")
+    elif main:
+        from mopd.lora import plain_model
 
-    save_checkpoint(plain_model(trainer.model), tokenizer, out_dir / "model")  # LoRA: merged weights
-    keep_snapshots(staging, Path(out_dir))
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+        save_checkpoint(plain_model(trainer.model), tokenizer, out_dir / "model")  # LoRA: merged weights
+    if main:
+        shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
+        keep_snapshots(staging, Path(out_dir))
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    runtime.barrier()
     return callback.history
 
 
-def _last_complete(checkpoint) -> str | None:
+def _resume_point(checkpoint, key: str, main: bool) -> str | None:
+    """The checkpoint to resume from (None: start afresh), after checking that the folder's
+    checkpoints were made under ``key`` (CheckpointMismatch otherwise) and marking it with it."""
+    import json
+
+    from mopd.checkpoint import CheckpointMismatch
+
+    mark = checkpoint / "key.json"
+    if mark.is_file() and json.loads(mark.read_text()).get("key") != key:
+        raise CheckpointMismatch(
+            f"{checkpoint}: checkpoints of this stage were made with cache key "
+            f"{json.loads(mark.read_text()).get('key', '')[:12]}, but the stage now has key {key[:12]} (its "
+            f"configuration, upstream outputs or code changed since): it will not resume from them. "
+            f"Delete {checkpoint} to start the stage afresh.")
+    runtime.barrier()  # every process has read the mark before process 0 writes it
+    if main:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        mark.write_text(json.dumps({"key": key}))
+        _last_complete(checkpoint)  # removes what a kill left half-written
+    runtime.barrier()
+    return _last_complete(checkpoint, remove=False)
+
+
+def _last_complete(checkpoint, remove: bool = True) -> str | None:
     """The newest ``checkpoint-N`` that transformers finished writing (``trainer_state.json`` is
-    its last file); a directory a kill left half-written is removed."""
+    its last file); a directory a kill left half-written is removed (``remove``)."""
     import shutil
 
     done = []
     for path in checkpoint.glob("checkpoint-*"):
         if (path / "trainer_state.json").is_file() and path.name.split("-")[-1].isdigit():
             done.append((int(path.name.split("-")[-1]), path))
-        else:
+        elif remove:
             shutil.rmtree(path, ignore_errors=True)
     return str(max(done)[1]) if done else None

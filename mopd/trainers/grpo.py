@@ -10,7 +10,7 @@ from mopd.chat import PromptFormat
 from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.grpo import GRPOParams
-from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
+from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save, per_process
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
     args = GRPOConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
                       checkpoint_every=params.checkpoint_every),
-        per_device_train_batch_size=params.batch_size,
+        per_device_train_batch_size=per_process(params.batch_size),
         num_generations=params.num_generations,
         max_completion_length=params.max_completion_length,
         temperature=params.temperature,

@@ -9,7 +9,7 @@ from mopd.chat import PromptFormat, end_of_turn, render_prompt
 from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.sft import SFTParams
-from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save
+from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save, per_process
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def train_sft(base_dir: Path, records: list[dict], out_dir: Path, params: SFTPar
     args = SFTConfig(
         **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
                       checkpoint_every=params.checkpoint_every),
-        per_device_train_batch_size=params.batch_size,
+        per_device_train_batch_size=per_process(params.batch_size, "sft.batch_size"),
         warmup_steps=params.warmup_ratio,  # a float < 1 is a ratio of max_steps in transformers 5
         lr_scheduler_type="cosine",
         max_length=params.max_length,
