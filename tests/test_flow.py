@@ -120,6 +120,10 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     #    `merge` has finished: merge needs only SFT + teachers, so it must not wait for difficulty.
     monkeypatch.setenv("MOPD_HOLD_STAGES", "difficulty")
     monkeypatch.setenv("MOPD_HOLD_SECONDS", "240")
+    #    Placement (issue 26) with a faked inventory of four devices: the held difficulty stage
+    #    keeps one, the three teachers get the others at once.
+    monkeypatch.setenv("MOPD_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("MOPD_DEVICE_LOCKS", str(project / ".mopd" / "device-locks"))
     stop = threading.Event()
     _release_when(project / "artifacts" / "merge" / "result.json",
                   project / ".mopd" / "hold" / "difficulty.release", stop)
@@ -130,6 +134,12 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert _by(status, "computed") == ALL
     times = _task_times(state)
     assert times["merge"][0] < times["difficulty"][1], times  # started before difficulty ended
+    where = _teacher_placements(project)
+    assert len({d for p in where.values() for d in p["devices"]}) == 3, where  # pairwise disjoint
+    assert max(p["leased_at"] for p in where.values()) < min(p["ended"] for p in where.values()), where  # at once
+    from mopd.artifacts import load_result
+
+    assert load_result(project / "artifacts/data").placement["devices"] == []  # runs no model
     # The difficulty stage scores a subset but hands every training prompt to distillation.
     import pandas as pd
 
@@ -310,6 +320,22 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
         run = [r for r in client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'")
                if r.data.tags.get("cache") != "hit" and r.data.tags["kind"] != "method"][0]  # not evaluate's per-method child
         assert run.data.tags["runtime/device"] == "cpu" and run.data.tags["runtime/models"].startswith("cpu/"), stage
+    assert run.data.tags["runtime/devices"] in ("0", "1", "2", "3")  # the lease, on the run
+
+    # 7. On one device the three teachers run one after another, all on it.
+    monkeypatch.setenv("MOPD_DEVICES", "0")
+    state, status = _run(project, rerun=["teacher"])
+    assert state.is_completed(), state.message
+    assert TEACHERS <= _by(status, "computed")
+    spans = sorted((p["leased_at"], p["ended"], tuple(p["devices"])) for p in _teacher_placements(project).values())
+    assert {s[2] for s in spans} == {("0",)}
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # one after another
+
+
+def _teacher_placements(project) -> dict[str, dict]:
+    from mopd.artifacts import load_result
+
+    return {t: load_result(project / f"artifacts/teachers/{t.split(':')[1]}").placement for t in TEACHERS}
 
 
 def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_env):
@@ -369,37 +395,6 @@ def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_
     (micro_project / "artifacts/copd/2/rl/if/result.json").unlink()
     out = stage("copd:2:opd:math")
     assert out.returncode == 2 and "needs ['copd:2:rl:if']" in out.stderr
-
-
-def test_teachers_run_side_by_side_on_disjoint_devices(micro_project, prefect_env, monkeypatch, tmp_path):
-    """Placement (issue 26) with a faked inventory: on three devices the three teachers run at
-    once, each on its own device; on one device they run one after another, all on it."""
-    from mopd.artifacts import load_result
-
-    pipes = yaml.safe_load((micro_project / "pipelines.yaml").read_text())
-    pipes["pipelines"]["full"]["stages"] = ["data", "base", "sft", "teacher"]
-    (micro_project / "pipelines.yaml").write_text(yaml.safe_dump(pipes, sort_keys=False))
-    monkeypatch.setenv("MOPD_DEVICE_LOCKS", str(tmp_path / "locks"))
-
-    def placed():
-        return {t: load_result(micro_project / f"artifacts/teachers/{t.split(':')[1]}").placement for t in TEACHERS}
-
-    monkeypatch.setenv("MOPD_DEVICES", "0,1,2")
-    state, status = _run(micro_project)
-    assert state.is_completed(), state.message
-    where = placed()
-    assert sorted(d for p in where.values() for d in p["devices"]) == ["0", "1", "2"], where  # pairwise disjoint
-    assert max(p["leased_at"] for p in where.values()) < min(p["ended"] for p in where.values()), where  # at once
-    assert load_result(micro_project / "artifacts/sft").placement["devices"] in (["0"], ["1"], ["2"])
-    assert load_result(micro_project / "artifacts/data").placement["devices"] == []  # runs no model
-
-    monkeypatch.setenv("MOPD_DEVICES", "0")
-    state, status = _run(micro_project, rerun=["teacher"])
-    assert state.is_completed(), state.message
-    assert _by(status, "computed") == TEACHERS
-    spans = sorted((p["leased_at"], p["ended"], tuple(p["devices"])) for p in placed().values())
-    assert {s[2] for s in spans} == {("0",)}
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # one after another
 
 
 def test_flow_rejects_bad_config_before_work(micro_project, prefect_env):

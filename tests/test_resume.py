@@ -170,7 +170,7 @@ def test_distill_in_two_processes_matches_one_process(upstream_done, tmp_path):
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["distill"].update(max_steps=4, prompts_per_step=4, rollout_chunks=2, samples_per_prompt=2,
                                  checkpoint_every=None)
-        params["runtime"]["processes"] = processes  # device, dtype: auto (CPU, float32 here)
+        params["runtime"]["processes"] = {"distill": processes}  # device, dtype: auto (CPU, float32 here)
         write_params(project, params)
         proc = _stage(project, "distill")
         out = proc.communicate(timeout=600)[0]
