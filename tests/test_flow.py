@@ -120,9 +120,9 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     #    `merge` has finished: merge needs only SFT + teachers, so it must not wait for difficulty.
     monkeypatch.setenv("MOPD_HOLD_STAGES", "difficulty")
     monkeypatch.setenv("MOPD_HOLD_SECONDS", "240")
-    #    Placement (issue 26) with a faked inventory of four devices: the held difficulty stage
-    #    keeps one, the three teachers get the others at once.
-    monkeypatch.setenv("MOPD_DEVICES", "0,1,2,3")
+    #    Placement (issue 26) with a faked inventory of six devices: once SFT is done, the three
+    #    teachers, the held difficulty stage and SFT's evaluation each get one, at once.
+    monkeypatch.setenv("MOPD_DEVICES", "0,1,2,3,4,5")
     monkeypatch.setenv("MOPD_DEVICE_LOCKS", str(project / ".mopd" / "device-locks"))
     stop = threading.Event()
     _release_when(project / "artifacts" / "merge" / "result.json",
@@ -320,7 +320,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
         run = [r for r in client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'")
                if r.data.tags.get("cache") != "hit" and r.data.tags["kind"] != "method"][0]  # not evaluate's per-method child
         assert run.data.tags["runtime/device"] == "cpu" and run.data.tags["runtime/models"].startswith("cpu/"), stage
-    assert run.data.tags["runtime/devices"] in ("0", "1", "2", "3")  # the lease, on the run
+    assert run.data.tags["runtime/devices"] in tuple("012345")  # the lease, on the run
 
     # 7. On one device the three teachers run one after another, all on it.
     monkeypatch.setenv("MOPD_DEVICES", "0")
