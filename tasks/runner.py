@@ -199,6 +199,8 @@ def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, InjectedFault) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 2
+    if not runtime.is_main():  # one line per stage, from process 0
+        return 0
     shown = sorted(result.metrics.items())
     more = f" (+{len(shown) - 12} more metrics in result.json)" if len(shown) > 12 else ""
     print(f"{name}: done -> {result.out_dir} " +
