@@ -210,6 +210,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     # this worker allows (MOPD_PROJECT_ROOTS, default the directory it was started in).
     project = allowed_project_dir(project_dir or os.environ.get("MOPD_PROJECT_DIR", "."))
     cfg = load_config(project, pipeline=pipeline)  # any config error fails here, before work
+    devices = inventory()  # a malformed $MOPD_DEVICES fails here too
     graph = build_graph(cfg)
     if len(graph) > MAX_STAGES:
         raise ValueError(f"pipeline {pipeline!r} has {len(graph)} stages; the flow runs at most {MAX_STAGES}")
@@ -226,7 +227,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
     run_id = str(flow_run.get_id() or parent.run_id)
     board = RunBoard(project, run_id, pipeline, [s.name for s in graph])
-    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)}, inventory())
+    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)}, devices)
     width = {s.name: len(level) for level in levels(graph) for s in level}
     futures = {}
     try:

@@ -156,8 +156,11 @@ def acquire(n: int, who: str, *, devices: list[str] | None = None, poll: float =
 @contextlib.contextmanager
 def leased(n: int, who: str, *, devices: list[str] | None = None) -> Iterator[Lease | None]:
     """``n`` devices for the duration of the block (None when ``n`` is 0 or the host has none)."""
+    if n == 0:
+        yield None
+        return
     devices = inventory() if devices is None else devices
-    if n == 0 or not devices:
+    if not devices:
         yield None
         return
     lease = acquire(n, who, devices=devices)
