@@ -439,17 +439,14 @@ def validate(cfg: Config, params_file: Path, pipelines_file: Path) -> None:
     then the selected pipeline's local data, and that a stage name means one computation in
     every pipeline (:func:`mopd.graph.check_shared_stages`, which also builds every graph)."""
     params, pipes = cfg.params, cfg.pipelines
-    model_kinds = sorted(k for k, row in KINDS.items() if "gpu" in row.tags)
-    odd = sorted(set(params.runtime.devices_per_stage) - {"default", *model_kinds})
-    if odd:
-        raise ConfigError(f"{params_file}: runtime.devices_per_stage: {odd} not a stage kind that runs models "
-                          f"(kinds: {model_kinds}, or `default`)")
-    if isinstance(params.runtime.processes, dict):
-        parallel = sorted(k for k, row in KINDS.items() if row.data_parallel)
-        odd = sorted(set(params.runtime.processes) - {"default", *parallel})
+    for key, per_kind, what, fits in (
+            ("devices_per_stage", params.runtime.devices_per_stage, "runs models", lambda row: "gpu" in row.tags),
+            ("processes", params.runtime.processes, "runs data-parallel", lambda row: row.data_parallel)):
+        kinds = sorted(k for k, row in KINDS.items() if fits(row))
+        odd = sorted(set(per_kind) - {"default", *kinds}) if isinstance(per_kind, dict) else []
         if odd:
-            raise ConfigError(f"{params_file}: runtime.processes: {odd} not a stage kind that runs data-parallel "
-                              f"(kinds: {parallel}, or `default`)")
+            raise ConfigError(f"{params_file}: runtime.{key}: {odd} not a stage kind that {what} "
+                              f"(kinds: {kinds}, or `default`)")
     unknown = [d for d in [*params.copd.branches, params.copd.hub] if d is not None and d not in pipes.domains]
     if unknown:
         raise ConfigError(f"{params_file}: copd.{'hub' if params.copd.hub in unknown else 'branches'}: "

@@ -14,8 +14,8 @@ import sys
 
 from mopd.config import ConfigError, load_config
 from mopd.graph import KINDS
-from mopd.placement import PlacementError, leased, wanted
-from mopd.runtime import launch_prefix
+from mopd.local_run import devices_for, launcher
+from mopd.placement import PlacementError, leased
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", default="full")
     known, _ = parser.parse_known_args(rest)
     try:
-        rt = load_config(known.project_dir, pipeline=known.pipeline).params.runtime
-        processes = rt.processes_for(row.kind) if row.data_parallel else 1
-        prefix = launch_prefix(processes, rt.accelerate_config, known.project_dir) or [sys.executable, "-m"]
-        need = wanted(rt.devices_per_stage, row.kind, runs_models="gpu" in row.tags, processes=processes)
-        with leased(need, f"{module} (dvc)") as lease:
+        cfg = load_config(known.project_dir, pipeline=known.pipeline)
+        with leased(devices_for(cfg, row), f"{module} (dvc)") as lease:
             env = {**os.environ, **(lease.env() if lease else {})}
-            return subprocess.run([*prefix, module, *rest], env=env).returncode
+            return subprocess.run([*launcher(cfg, row, known.project_dir), module, *rest], env=env).returncode
     except (ConfigError, PlacementError, FileNotFoundError) as exc:
         print(f"error: {module}: {exc}", file=sys.stderr)
         return 2

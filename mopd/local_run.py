@@ -29,18 +29,27 @@ def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool 
     """The stage's command line, as the flow, `mopd run` and DVC run it."""
     from mopd.config import load_config
 
-    rt = load_config(project, pipeline=pipeline).params.runtime
-    processes = rt.processes_for(spec.kind) if spec.data_parallel else 1
-    launcher = launch_prefix(processes, rt.accelerate_config, project) or [sys.executable, "-m"]
-    return [*launcher, spec.module, *spec.argv, "--project-dir", str(project),
-            "--pipeline", pipeline, *([] if track else ["--no-track"])]
+    return [*launcher(load_config(project, pipeline=pipeline), spec, project), spec.module, *spec.argv,
+            "--project-dir", str(project), "--pipeline", pipeline, *([] if track else ["--no-track"])]
 
 
-def devices_for(cfg: Config, spec: StageSpec) -> int:
-    """Devices the stage's process asks for from the host's inventory (mopd.placement)."""
+# A stage is a StageSpec or its kind's StageKind row (`mopd.launch` has only the row): both carry
+# `kind`, `tags` and `data_parallel`.
+def processes_for(cfg: Config, stage) -> int:
+    """The processes the stage runs in: its kind's `runtime.processes` when it runs data-parallel."""
+    return cfg.params.runtime.processes_for(stage.kind) if stage.data_parallel else 1
+
+
+def launcher(cfg: Config, stage, project) -> list[str]:
+    """The command prefix that starts the stage's module: `accelerate launch ... -m` or `python -m`."""
     rt = cfg.params.runtime
-    return wanted(rt.devices_per_stage, spec.kind, runs_models="gpu" in spec.tags,
-                  processes=rt.processes_for(spec.kind) if spec.data_parallel else 1)
+    return launch_prefix(processes_for(cfg, stage), rt.accelerate_config, project) or [sys.executable, "-m"]
+
+
+def devices_for(cfg: Config, stage) -> int:
+    """Devices the stage's process asks for from the host's inventory (mopd.placement)."""
+    return wanted(cfg.params.runtime.devices_per_stage, stage.kind, runs_models="gpu" in stage.tags,
+                  processes=processes_for(cfg, stage))
 
 
 def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None = None,
