@@ -134,6 +134,25 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def die_with_launcher() -> None:
+    """Under `accelerate launch`: this process dies when its launcher does. torchrun starts each
+    process in its own session, outside the stage's process group, so killing the stage (SIGKILL,
+    a cancelled flow run, Ctrl-C) would leave them training on devices whose lease is gone, and a
+    rerun would race them. Linux: ``PR_SET_PDEATHSIG``; a launcher already gone ends this process
+    at once. Elsewhere, or in a process no launcher started, nothing."""
+    import sys
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(137)
+
+
 def init_distributed() -> None:
     """Join the process group `accelerate launch` (torchrun) describes in the environment:
     gloo on CPU, NCCL on CUDA. A no-op in a single process."""
@@ -155,16 +174,46 @@ def all_reduce_sum(*values: float) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_grads(model) -> None:
-    """Sum every parameter's gradient over the processes (each process scaled its loss by its share
-    of the batch, so the sum is the whole batch's gradient)."""
+def all_gather_json(obj) -> list:
+    """Every process's ``obj`` (JSON-serialisable), in rank order; ``[obj]`` in one process. Sent as
+    UTF-8 JSON bytes, never pickled: what travels holds model-written text."""
     if world_size() == 1:
-        return
+        return [obj]
+    import json
+
+    import torch
     import torch.distributed as dist
 
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
+    device = current().device if current().device_type == "cuda" else "cpu"
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = int(max(int(n) for n in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return [json.loads(bytes(t[:int(n)].cpu().tolist()).decode()) for t, n in zip(parts, sizes)]
+
+
+def prepare_data_parallel(module):
+    """``module`` wrapped for data parallelism by `accelerate` (``Accelerator.prepare_model``: DDP,
+    gradients all-reduced in buckets during ``backward``, averaged over the processes); the module
+    itself in one process. The caller runs its forward through the returned wrapper. Mixed
+    precision stays mopd's own (``runtime.dtype``'s autocast), so accelerate's is turned off.
+    FSDP and DeepSpeed configs are refused with the reason: the student also samples between
+    updates, from whole weights."""
+    if world_size() == 1:
+        return module
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(mixed_precision="no", cpu=current().device_type == "cpu")
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"runtime.accelerate_config: distributed type {acc.distributed_type.value} is not supported "
+                         "by the distill stages (the student samples its rollouts between updates from whole "
+                         "weights); use a DDP config (containers/accelerate/ddp.yaml) for them")
+    return acc.prepare_model(module)
 
 
 def barrier() -> None:

@@ -60,6 +60,7 @@ class InjectedFault(RuntimeError):
 
 def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None = None,
             track: bool = True) -> Result:
+    runtime.die_with_launcher()  # a data-parallel process: killed with the stage, never orphaned
     spec = get_spec(cfg, name)
     project = cfg.project_dir
     graph = {s.name: s for s in build_graph(cfg)}

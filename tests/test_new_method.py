@@ -37,7 +37,7 @@ class CenterAdvantages(Shaper):
 
     name: ClassVar[str] = "center_advantages"
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-    data_parallel: ClassVar[bool] = False  # the mean is over the whole batch
+    whole_batch: ClassVar[bool] = True  # the mean is over the whole batch
 
     def __init__(self, scale: float):
         self.scale = scale

@@ -192,12 +192,121 @@ def test_distill_in_two_processes_matches_one_process(upstream_done, tmp_path):
                for k in w1)  # it trained
 
 
-def test_data_parallel_refuses_what_needs_the_whole_batch():
+def test_data_parallel_gathers_what_needs_the_whole_batch():
     from mopd.config import DistillParams
-    from mopd.trainers.distill import check_data_parallel
+    from mopd.trainers.distill import build_shapers, check_data_parallel, gathers
 
     check_data_parallel(DistillParams(rollout_chunks=4), 2)
     with pytest.raises(ValueError, match=r"distill.rollout_chunks = 3 must be a multiple of runtime.processes = 2"):
         check_data_parallel(DistillParams(rollout_chunks=3), 2)
-    with pytest.raises(ValueError, match=r"distill.prefix_share"):
-        check_data_parallel(DistillParams(rollout_chunks=2, objective="tropd", prefix_share=0.5), 2)
+    for params, expected in ((DistillParams(), False), (DistillParams(minibatches=2), True),
+                             (DistillParams(objective="entropy_opd"), True),
+                             (DistillParams(objective="tropd", prefix_share=0.5), True),
+                             (DistillParams(uniopd={"online_balance": True}), True)):
+        assert gathers(params, build_shapers(params)) is expected, params
+
+
+def _distill_run(upstream: Path, project: Path, processes: int, **distill) -> tuple:
+    """A copy of ``upstream`` whose distill stage runs in ``processes`` processes with ``distill``
+    settings: its per-step loss and reverse KL, trained tokens, and final weights."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(upstream, project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"].update(distill)
+    params.get("variants", {}).pop("distill", None)  # the variants would inherit these settings (unused here)
+    params["runtime"]["processes"] = {"distill": processes}
+    write_params(project, params)
+    proc = _stage(project, "distill")
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    tags, loss = _history(project, "distill", "distill/loss")
+    assert tags["runtime/processes"] == str(processes), tags
+    return (loss, _history(project, "distill", "distill/reverse_kl")[1],
+            _history(project, "distill", "distill/trained_tokens")[1],
+            load_file(project / "artifacts/distill/mopd/model/model.safetensors"))
+
+
+# The gathered batch is the one-process batch, row for row; what differs is the order of the
+# gradients' sums (the tolerances of the test above).
+GATHERED = {
+    # whole-batch shapers (Open-MOPD's gradient shares and conflict mask: every teacher scores every
+    # row) and two minibatches: gathered, then each process trains on its half of each minibatch
+    "split": dict(minibatches=2, openmopd={"gradient_shares": True, "conflict": "mask"}),
+    # a loss that selects over the whole batch (entropy-OPD's top-entropy tokens) after Uni-OPD's
+    # online balancing: gathered, and every process computes the whole batch's loss
+    "replicated": dict(objective="entropy_opd", uniopd={"online_balance": True}),
+}
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("name", sorted(GATHERED))
+def test_distill_gathered_in_two_processes_matches_one_process(upstream_done, tmp_path, name):
+    """What used to be refused under data parallelism runs on the gathered batch and follows the
+    one-process run step for step."""
+    if not (upstream_done / "artifacts/teachers/if/result.json").exists():
+        _stage(upstream_done, "teacher:if").communicate()
+    shape = dict(max_steps=4, prompts_per_step=4, rollout_chunks=2, samples_per_prompt=2, checkpoint_every=None,
+                 **GATHERED[name])
+    (l1, kl1, tok1, w1), (l2, kl2, tok2, w2) = (_distill_run(upstream_done, tmp_path / f"p{n}", n, **shape)
+                                                for n in (1, 2))
+    dw = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    print(f"{name}: 1 vs 2 processes: max |d loss| {max(abs(a - b) for a, b in zip(l1, l2)):.2e}, max |d reverse "
+          f"KL| {max(abs(a - b) for a, b in zip(kl1, kl2)):.2e}, max |d weight| {dw:.2e}, tokens {tok1} / {tok2}")
+    assert tok1 == tok2  # the same rows trained, counted once
+    assert max(abs(a - b) for a, b in zip(l1, l2)) <= DP_LOSS_ATOL, (l1, l2)
+    assert max(abs(a - b) for a, b in zip(kl1, kl2)) <= DP_LOSS_ATOL, (kl1, kl2)
+    assert dw <= DP_ATOL
+
+
+def _processes_of(project: Path) -> list[str]:
+    """Command lines of the live processes that run in ``project`` (their working directory)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "cwd") == str(project):
+                out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.learning
+def test_distill_in_two_processes_resumes_after_sigkill(upstream_done, tmp_path):
+    """Two processes under `accelerate launch`, the whole process group SIGKILLed after a
+    checkpoint: the rerun resumes from it and ends with the uninterrupted run's weights."""
+    if not (upstream_done / "artifacts/teachers/if/result.json").exists():
+        _stage(upstream_done, "teacher:if").communicate()
+    shape = dict(max_steps=12, prompts_per_step=4, rollout_chunks=2, samples_per_prompt=2, checkpoint_every=EVERY)
+    want = _distill_run(upstream_done, tmp_path / "straight", 2, **shape)[3]
+    killed = tmp_path / "killed"
+    shutil.copytree(upstream_done, killed)
+    params = yaml.safe_load((killed / "params.yaml").read_text())
+    params["distill"].update(shape)
+    params["runtime"]["processes"] = {"distill": 2}
+    write_params(killed, params)
+    state = checkpoint_dir(killed, "distill") / STATE_FILE
+    proc = _stage(killed, "distill")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= EVERY:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    # torchrun starts its processes in their own sessions: they die with their launcher, not
+    # orphaned (they would go on training, and race the rerun)
+    deadline = time.monotonic() + 20
+    while _processes_of(killed) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_of(killed), _processes_of(killed)
+    assert not (killed / "artifacts/distill/mopd/result.json").exists(), "the stage finished before the kill"
+    step = json.loads(state.read_text())["step"]
+    out = _stage(killed, "distill").communicate(timeout=600)[0]
+    assert f"resumed from step {step}" in out, out[-3000:]
+    from safetensors.torch import load_file
+
+    got = load_file(killed / "artifacts/distill/mopd/model/model.safetensors")
+    dw = max(float((got[k] - want[k]).abs().max()) for k in want)
+    print(f"2 processes, killed after step {step}, resumed: max |d weight| vs uninterrupted {dw:.2e}")
+    assert dw == 0.0

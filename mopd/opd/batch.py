@@ -66,6 +66,28 @@ class RolloutBatch:
     def kept(self) -> list[int]:
         return list(range(len(self.samples))) if self.keep is None else self.keep
 
+    def gather(self) -> None:
+        """Data parallelism: every process's rows (samples, scores, prefix lengths, rewards, every
+        teacher's scores) on every process, in the one-process order: each process sampled whole
+        chunks of consecutive prompts, each prompt's rollouts together, so the rows ordered by
+        prompt are the one-process rows. Then shapers act on the whole batch as in one process."""
+        from mopd import runtime
+
+        mine = [{"sample": [s.prompt_index, s.prompt_ids, s.completion_ids, s.text],
+                 "prefix_len": self.prefix_lens[b], "score": _scores_json(self.scores[b]),
+                 "reward": None if self.rewards is None else self.rewards[b],
+                 "all": None if self.all_scores is None else {t: _scores_json(sc[b]) for t, sc in
+                                                              self.all_scores.items()}}
+                for b, s in enumerate(self.samples)]
+        rows = sorted((r for part in runtime.all_gather_json(mine) for r in part), key=lambda r: r["sample"][0])
+        self.samples = [Sample(*r["sample"]) for r in rows]
+        self.prefix_lens = [r["prefix_len"] for r in rows]
+        self.scores = [_scores_from_json(r["score"]) for r in rows]
+        if self.rewards is not None:
+            self.rewards = [r["reward"] for r in rows]
+        if self.all_scores is not None:
+            self.all_scores = {t: [_scores_from_json(r["all"][t]) for r in rows] for t in self.all_scores}
+
     def pack(self, pad_id: int, device, topk: int | None, prefix_mask: bool) -> "PackedBatch":
         """The kept rows as right-padded tensors on ``device``. ``prefix_mask``: split the
         response mask into the teacher's prefix tokens (``prefix_BT``) and the student's own."""
@@ -84,6 +106,22 @@ class RolloutBatch:
         return PackedBatch(ids_BT, attn_BT, mask_BT, u_BT, top_ids_BTK, top_lp_BTK, prefix_BT,
                            rewards_B=None if self.rewards is None else [self.rewards[b] for b in kept],
                            groups_B=[self.samples[b].prompt_index for b in kept])
+
+
+def _scores_json(sc: SequenceScores) -> dict:
+    def plain(t):
+        return None if t is None else {"data": t.reshape(-1).tolist(), "shape": list(t.shape),
+                                   "dtype": str(t.dtype).removeprefix("torch.")}
+
+    return {"logprobs": plain(sc.logprobs_C), "topk_ids": plain(sc.topk_ids_CK),
+            "topk_logprobs": plain(sc.topk_logprobs_CK)}
+
+
+def _scores_from_json(d: dict) -> SequenceScores:
+    def tensor(x):
+        return None if x is None else torch.tensor(x["data"], dtype=getattr(torch, x["dtype"])).reshape(x["shape"])
+
+    return SequenceScores(tensor(d["logprobs"]), tensor(d["topk_ids"]), tensor(d["topk_logprobs"]))
 
 
 @dataclass

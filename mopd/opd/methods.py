@@ -53,7 +53,8 @@ class MethodSpec:
     k1_mixable: bool = False  # uses only the sampled token's teacher log-prob: weighted teachers are exact
     calibratable: bool = False  # uses `advantages_BT` when given (Uni-OPD calibration, CoPD)
     prefix_loss: bool = False  # has a term on TrOPD teacher-prefix tokens
-    data_parallel: bool = True  # per-token averages only: the summed DP update equals one process's
+    row_local: bool = True  # its loss sums per-row terms (False: it selects over the whole batch, so under
+    # data parallelism every process computes it over the whole gathered batch: mopd.opd.update.Update)
     shapers: str | Callable[..., list] | None = None
     summary: str = ""
 
@@ -151,7 +152,7 @@ for _spec in (
     MethodSpec("mopd_topk", f"{_R}:mopd_topk", NoParams, _TOPK,
                summary="§2 top-k reverse KL with the -p+q truncation correction (MOPD 3.2.2)"),
     MethodSpec("tropd", f"{_R}:tropd", TrOPDParams, _TROPD, takes=("clip", "token_mean", "generator"),
-               prefix_loss=True, data_parallel=False,  # its trust mask draws over the whole batch
+               prefix_loss=True, row_local=False,  # its trust mask draws over the whole batch
                summary="§5 TrOPD: K1 PG on trusted tokens, top-k FKL on outliers, β·NLL on prefixes"),
     MethodSpec("clip_outlier", f"{_R}:clip_outlier", OutlierParams, _K1, k1_mixable=True,
                summary="§5 Clip Outlier (REOPOLD): r = max(u - s, τ)"),
@@ -160,7 +161,7 @@ for _spec in (
     MethodSpec("entropy_opd", f"{_R}:entropy_opd", EntropyParams,
                ("student_logprobs_BT", "teacher_logprobs_BT", "student_entropy_BT", "mask_BT"),
                takes=("clip", "token_mean"), k1_mixable=True,
-               data_parallel=False,  # selects the top-entropy tokens of the whole batch
+               row_local=False,  # selects the top-entropy tokens of the whole batch
                summary="§5 Entropy-OPD: K1 PG on the batch's highest-entropy tokens"),
     MethodSpec("jsd", f"{_R}:jsd", JSDParams, _TROPD,
                summary="§5 JSD(β): top-k direct term + K1 PG term"),

@@ -2,8 +2,9 @@
 
 A shaper declares its contract — what it ``needs`` (``rewards``: outcome rewards from the
 verifiers; ``old_logprobs``: the rollout policy's log-probs; ``teacher_generate``: teachers that
-sample), whether it is safe under data parallelism (``data_parallel``: it sees only this
-process's rows) and whether it splits prefix tokens from the response (``prefix``) — and acts at
+sample), whether it acts on the whole batch (``whole_batch``: under data parallelism the
+processes then first gather every row, :meth:`RolloutBatch.gather`, and each shapes the whole
+batch as one process would) and whether it splits prefix tokens from the response (``prefix``) — and acts at
 up to three points of the step, each a no-op by default:
 
 - ``before_sampling(batch, clients)``: on the prompts (TrOPD: teacher prefixes);
@@ -41,7 +42,7 @@ class Shaper:
     name: ClassVar[str] = "shaper"
     setting: ClassVar[str] = ""  # the distill key that turns it on (error messages name it)
     needs: ClassVar[frozenset[str]] = frozenset()
-    data_parallel: ClassVar[bool] = True
+    whole_batch: ClassVar[bool] = False
     prefix: ClassVar[bool] = False
 
     def before_sampling(self, batch: RolloutBatch, clients: dict[str, TeacherClient]) -> None:
@@ -96,7 +97,8 @@ class TeacherPrefixes(Shaper):
     name: ClassVar[str] = "tropd_prefixes"
     setting: ClassVar[str] = "prefix_share"
     needs: ClassVar[frozenset[str]] = frozenset({"teacher_generate"})
-    data_parallel: ClassVar[bool] = False  # not written for it yet (the prefix draw is per batch)
+    # every process draws the same prefixes for every prompt (the same seed): the teachers generate
+    # each prompt's prefix once per process, a cost data parallelism repeats (docs/devices.md)
     prefix: ClassVar[bool] = True
 
     def before_sampling(self, batch: RolloutBatch, clients: dict[str, TeacherClient]) -> None:
@@ -182,7 +184,7 @@ class OnlineBalance(Shaper):
     name: ClassVar[str] = "uniopd_balance"
     setting: ClassVar[str] = "uniopd"
     needs: ClassVar[frozenset[str]] = frozenset({"rewards"})
-    data_parallel: ClassVar[bool] = False  # balances the whole batch
+    whole_batch: ClassVar[bool] = True  # balances the whole batch
 
     def select(self, batch: RolloutBatch) -> None:
         if batch.rewards is None:
@@ -204,7 +206,7 @@ class MarginCalibration(Shaper):
     name: ClassVar[str] = "uniopd_calibration"
     setting: ClassVar[str] = "uniopd.calibration"
     needs: ClassVar[frozenset[str]] = frozenset({"rewards", "old_logprobs"})
-    data_parallel: ClassVar[bool] = False  # calibrates within prompt groups over the whole batch
+    whole_batch: ClassVar[bool] = True  # calibrates within prompt groups over the whole batch
 
     def shape(self, packed: PackedBatch, batch: RolloutBatch) -> None:
         dev = packed.mask_BT.device
@@ -324,7 +326,7 @@ class TeacherConflict(Shaper):
     name: ClassVar[str] = "openmopd_conflict"
     setting: ClassVar[str] = "openmopd.conflict"
     needs: ClassVar[frozenset[str]] = frozenset({"all_teachers"})
-    data_parallel: ClassVar[bool] = False  # the quantile and the mask's rescale are over the whole batch
+    whole_batch: ClassVar[bool] = True  # the quantile and the mask's rescale are over the whole batch
 
     def shape(self, packed: PackedBatch, batch: RolloutBatch) -> None:
         from mopd.teachers import lay_out
@@ -363,7 +365,7 @@ class DomainBalance(Shaper):
     name: ClassVar[str] = "openmopd_balance"
     setting: ClassVar[str] = "openmopd"
     needs: ClassVar[frozenset[str]] = frozenset({"old_logprobs"})
-    data_parallel: ClassVar[bool] = False  # shares are over the whole batch
+    whole_batch: ClassVar[bool] = True  # shares are over the whole batch
 
     def shape(self, packed: PackedBatch, batch: RolloutBatch) -> None:
         rows = [batch.row_domains[b] for b in batch.kept]

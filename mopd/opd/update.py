@@ -4,8 +4,12 @@
 student's log-probs (top-k gathers, entropies when the loss needs them) come from the chunked
 LM-head path (:mod:`mopd.logits`: the B×T×V logits are never materialised), the method's loss
 is taken on a :class:`~mopd.objectives.registry.DistillBatch`, and one optimiser step follows.
-Under data parallelism each process's loss is weighted by its share of the batch's averaging units
-and the gradients are summed, which equals the one-process update for per-token averages.
+Under data parallelism the student's forward runs through accelerate's DDP wrapper
+(:class:`StudentForward`, :func:`mopd.runtime.prepare_data_parallel`): each process's loss is
+weighted by its share of the batch's averaging units and the gradients are reduced in buckets
+during ``backward``, which equals the one-process update for per-token averages. A method that
+selects tokens over the whole batch (``row_local=False``) runs its loss on every process over the
+whole (gathered) batch instead: identical gradients, so the average is the one-process gradient.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ def student_quantities(model, ids_BT, attn_BT, *, topk_ids_BTK=None, entropy: bo
     return pad(s_N), None, ent_BT
 
 
+class StudentForward(torch.nn.Module):
+    """:func:`student_quantities` as one module call: what a data-parallel wrapper (DDP) must see
+    run for its gradient hooks to reduce during ``backward``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids_BT, attn_BT, topk_ids_BTK=None, entropy: bool = False, temperature: float = 1.0):
+        return student_quantities(self.model, ids_BT, attn_BT, topk_ids_BTK=topk_ids_BTK, entropy=entropy,
+                                  temperature=temperature)
+
+
 def update_passes(params, n_rows: int, rng: random.Random) -> list[list[int]]:
     """The optimiser steps of one rollout batch (§1): ``params.epochs`` passes over the rows, each
     split into ``params.minibatches`` shuffled minibatches (the first pass keeps row order when
@@ -88,22 +105,37 @@ class Update:
     """The student's update for one method: ``loss_fn(batch, **kwargs) -> (loss, metrics)`` over
     the DistillBatch fields in ``needs``; sequences sampled at ``temperature``; ``token_mean``
     averaging (what data parallelism weights by); ``eps`` = the PPO clip (for the
-    clipped-fraction diagnostic); ``world`` data-parallel processes."""
+    clipped-fraction diagnostic); ``part = (rank, world)`` data-parallel processes; ``row_local``:
+    the loss is a sum of per-row terms over the batch's averaging units (False: it selects over
+    the whole batch, e.g. the top-entropy tokens)."""
 
     loss_fn: Callable
     needs: frozenset[str]
     temperature: float
     token_mean: bool
     eps: tuple[float, float] = (0.2, 0.2)
-    world: int = 1
+    part: tuple[int, int] = (0, 1)
     metric_prefix: str = "distill/"
     clip: float | None = None  # the K1 advantage's two-sided clip, when a shaper weights it
+    row_local: bool = True
 
-    def __call__(self, student, optim, packed: PackedBatch, passes: list[list[int]], kwargs: dict) -> dict[str, float]:
-        """Every pass's optimiser step; returns the metrics averaged over the passes."""
+    @property
+    def world(self) -> int:
+        return self.part[1]
+
+    def __call__(self, student, optim, packed: PackedBatch, passes: list[list[int]], kwargs: dict,
+                 gathered: bool = False) -> dict[str, float]:
+        """Every pass's optimiser step; returns the metrics averaged over the passes. ``student``:
+        the module whose call gives the student's quantities (:class:`StudentForward`, wrapped for
+        data parallelism) or the causal LM itself. ``gathered``: every process holds the whole
+        batch (else only the rows it sampled); each then trains on its share of each pass's rows,
+        or on all of them when the loss is not row-local or a pass has fewer rows than processes."""
         sums: dict[str, float] = {}
+        rank, world = self.part
         for rows in passes:
-            part = self._step(student, optim, packed, rows, kwargs, several=len(passes) > 1)
+            replicated = gathered and (not self.row_local or len(rows) < world)
+            mine = rows[rank::world] if gathered and not replicated else rows
+            part = self._step(student, optim, packed, mine, kwargs, several=len(passes) > 1, replicated=replicated)
             for k, v in part.items():
                 sums[k] = sums.get(k, 0.0) + v / len(passes)
         return sums
@@ -120,10 +152,12 @@ class Update:
             adv = opd_advantage(u_BT, ref.detach(), clip=self.clip)
         return adv if p.weight_BT is None else adv * p.weight_BT[rows]
 
-    def _step(self, student, optim, p: PackedBatch, rows: list[int], kwargs: dict, several: bool) -> dict[str, float]:
+    def _step(self, student, optim, p: PackedBatch, rows: list[int], kwargs: dict, several: bool,
+              replicated: bool = False) -> dict[str, float]:
+        forward = StudentForward(student) if hasattr(student, "lm_head") else student  # a causal LM, or its forward
         with runtime.current().autocast():
-            s_BT, s_topk_BTK, ent_BT = student_quantities(
-                student, p.ids_BT[rows], p.attn_BT[rows], topk_ids_BTK=_rows(p.teacher_topk_ids_BTK, rows),
+            s_BT, s_topk_BTK, ent_BT = forward(
+                p.ids_BT[rows], p.attn_BT[rows], topk_ids_BTK=_rows(p.teacher_topk_ids_BTK, rows),
                 entropy="student_entropy_BT" in self.needs, temperature=self.temperature)
         m_BT, u_BT = p.mask_BT[rows], p.teacher_logprobs_BT[rows]
         batch = DistillBatch(mask_BT=m_BT, student_logprobs_BT=s_BT, teacher_logprobs_BT=u_BT,
@@ -136,15 +170,17 @@ class Update:
                              prefix_mask_BT=_rows(p.prefix_BT, rows))
         loss, obj_metrics = self.loss_fn(batch, **kwargs)
         # data parallelism: this process's share of the batch's averaging units (tokens with
-        # token_mean, else sequences with a response token); 1 in one process
+        # token_mean, else sequences with a response token); 1 in one process and when every
+        # process computes the whole batch's loss (replicated)
         tok_mine = float(m_BT.sum())
         n_mine = tok_mine if self.token_mean else float((m_BT.sum(-1) > 0).sum())
-        n_all, tok_all = runtime.all_reduce_sum(n_mine, tok_mine)
+        n_all, tok_all = (n_mine, tok_mine) if replicated else runtime.all_reduce_sum(n_mine, tok_mine)
         share = n_mine / n_all if n_all else 0.0
         optim.zero_grad(set_to_none=True)
-        (loss * share).backward()
-        runtime.all_reduce_grads(student)  # summed: the whole batch's gradient, identical everywhere
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        # DDP averages the processes' gradients: scaled by the world size, the average is the
+        # share-weighted sum, the whole batch's gradient (replicated: the same gradient everywhere)
+        (loss * (1.0 if replicated else share * self.world)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), 1.0)
         optim.step()
         pre, n_mb = self.metric_prefix, m_BT.sum().clamp(min=1)
         part = {f"{pre}{k}": v for k, v in obj_metrics.items()} | {
@@ -155,7 +191,7 @@ class Update:
             ratio = torch.exp(s_BT.detach() - p.old_logprobs_BT[rows])
             out = (ratio < 1 - self.eps[0]) | (ratio > 1 + self.eps[1])
             part[f"{pre}clipped_fraction"] = float((out & m_BT.bool()).sum() / n_mb)
-        if self.world > 1:  # the batch's values: each process's share-weighted sum (token means by tokens)
+        if self.world > 1 and not replicated:  # the batch's values: share-weighted sums (token means by tokens)
             w = {k: tok_mine / tok_all if k in TOKEN_MEAN_METRICS and tok_all else share for k in part}
             part = dict(zip(part, runtime.all_reduce_sum(*(v * w[k] for k, v in part.items()))))
         return part

@@ -10,7 +10,7 @@ A.2 balancing) and shape the tensors (Uni-OPD §3.4 calibration); then one :clas
 method's loss (`distill.objective`, a :class:`~mopd.opd.methods.MethodSpec`).
 
 What the method spec and the distill section declare decides everything here: which batch
-fields are filled (top-k, entropies), which shapers run, what data parallelism refuses.
+fields are filled (top-k, entropies), which shapers run, what data parallelism gathers.
 
 Departures from the paper, on purpose: no Dynamic Sampling (MOPD turns it off for distillation
 too); sampling is synchronous within a chunk (no continuous batching on the CPU backend).
@@ -56,7 +56,7 @@ from mopd.opd.shapers import (
     uniopd_advantages,
     uniopd_balance,
 )
-from mopd.opd.update import TOPK_FIELDS, Update, student_quantities, update_passes
+from mopd.opd.update import TOPK_FIELDS, StudentForward, Update, student_quantities, update_passes
 from mopd.rollout import RolloutBackend, Sample, TransformersRollout
 from mopd.teachers import TeacherClient
 from mopd.teachers.ledger import Ledger
@@ -107,24 +107,27 @@ def objective_kwargs(name: str, params: DistillParams) -> dict:
 
 
 def check_data_parallel(params: DistillParams, world: int) -> None:
-    """What the data-parallel loop supports, from what the method and its shapers declare, checked
-    before any work. Each process samples its share of the rollout chunks and the gradients are
-    summed with the loss weighted by each process's share of the batch, which equals the
-    one-process update for losses that average per-token terms."""
+    """What the data-parallel loop needs, checked before any work: each process samples whole
+    rollout chunks (with the seeds they have in one process), so the chunks split evenly. Shapers
+    that act on the whole batch (``whole_batch``), several update passes, and losses that select
+    over the whole batch run on the gathered batch (:func:`gathers`); a shaper written against the
+    earlier contract (``data_parallel``) is refused, naming the new one."""
     where = f"runtime.processes = {world}"
     if params.rollout_chunks % world:
         raise ValueError(f"distill.rollout_chunks = {params.rollout_chunks} must be a multiple of {where} "
                          "(each process samples whole chunks)")
-    if params.epochs > 1 or params.minibatches > 1:
-        raise ValueError(f"distill.epochs / distill.minibatches > 1: not supported with {where} (one update per "
-                         "rollout batch)")
     for sh in build_shapers(params):
-        if not sh.data_parallel:
-            raise ValueError(f"distill.{sh.setting or params.objective} ({sh.name}) shapes the whole batch: "
-                             f"not supported with {where}")
-    if not get_method(params.objective).data_parallel:
-        raise ValueError(f"distill.objective = {params.objective!r} selects tokens over the whole batch: not "
-                         f"supported with {where}")
+        if any("data_parallel" in vars(c) for c in type(sh).__mro__ if c is not object):
+            raise ValueError(f"shaper {sh.name!r} ({type(sh).__module__}) declares `data_parallel`, which is now "
+                             "`whole_batch` (True: it acts on the whole batch): rename it (docs/methods.md)")
+
+
+def gathers(params: DistillParams, shapers: list[Shaper]) -> bool:
+    """Whether every process needs the whole batch (:meth:`RolloutBatch.gather`): a shaper acts on
+    it, the update makes several passes (the same minibatches everywhere), or the loss selects over
+    it (``row_local`` False). Otherwise each process keeps only the rows it sampled."""
+    return (any(sh.whole_batch for sh in shapers) or params.epochs > 1 or params.minibatches > 1
+            or not get_method(params.objective).row_local)
 
 
 def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str, floor: float = 0.1) -> float:
@@ -168,6 +171,8 @@ class DistillStep:
     kwargs: dict
     seed: int
     score_fn: object = None
+    forward: object = None  # the student's quantities (StudentForward; DDP-wrapped under data parallelism)
+    gathered: bool = False  # every process holds the whole batch after sampling (`gathers`)
 
     @property
     def topk(self) -> int | None:
@@ -207,6 +212,8 @@ class DistillStep:
         scorer.finish(batch)
         if self.score_fn is not None and self.verifies(step):
             batch.rewards = _verify(self.score_fn, batch.samples, recs, domains)
+        if self.gathered:
+            batch.gather()
         for sh in self.shapers:
             sh.select(batch)
         packed = batch.pack(tok.pad_token_id, model.lm_head.weight.device,  # where the student is
@@ -224,10 +231,12 @@ class DistillStep:
         kwargs = dict(self.kwargs)
         if "generator" in self.spec.takes:  # e.g. TrOPD's trust mask: its own seeded stream
             kwargs["generator"] = torch.Generator().manual_seed(batch.seed + 2)
-        sums = self.update(model, self.optim, packed, passes, kwargs)
+        sums = self.update(self.forward or model, self.optim, packed, passes, kwargs, gathered=self.gathered)
         self.rollout.update_weights(model)
-        return sums | batch.metrics | _step_metrics(batch, packed.mask_BT, time.perf_counter() - t0) | {
-            "distill/learning_rate": lr}
+        metrics = _step_metrics(batch, packed.mask_BT, time.perf_counter() - t0)
+        if self.gathered and runtime.rank() > 0:  # the loop sums trained tokens over processes: count them once
+            metrics["distill/trained_tokens"] = 0.0
+        return sums | batch.metrics | metrics | {"distill/learning_rate": lr}
 
 
 def _step_metrics(batch: RolloutBatch, mask_BT: torch.Tensor, step_seconds: float) -> dict[str, float]:
@@ -296,8 +305,16 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
                 params.overlap, lambda ids: tok.decode(ids, skip_special_tokens=True), tok.eos_token_id, part),
         build_shapers(params),
         Update(get_objective(params.objective), frozenset(spec.requires), params.temperature, params.token_mean,
-               (kwargs.get("eps_low", 0.2), kwargs.get("eps_high", 0.2)), part[1], clip=params.clip),
-        kwargs, seed, score_fn)
+               (kwargs.get("eps_low", 0.2), kwargs.get("eps_high", 0.2)), part, clip=params.clip,
+               row_local=spec.row_local),
+        kwargs, seed, score_fn,
+        # under `accelerate launch`: the student's forward in accelerate's DDP wrapper (mopd.runtime)
+        forward=runtime.prepare_data_parallel(StudentForward(student.model)))
+    step.gathered = part[1] > 1 and gathers(params, step.shapers)
+    if part[1] > 1 and runtime.is_main():
+        print(f"data parallel: {part[1]} processes, the student's forward in {type(step.forward).__name__} "
+              f"(accelerate); {'the whole batch gathered on every process' if step.gathered else 'each process keeps its rows'}",
+              flush=True)
     plan = LoopPlan("mopd distill", params.max_steps, workers=max(2, 2 * len(clients)), thread_prefix="teacher",
                     checkpoint=checkpoint, key=key, checkpoint_every=params.checkpoint_every,
                     trained_tokens_key="distill/trained_tokens", snapshot_every=params.snapshot_every)
