@@ -232,10 +232,10 @@ def _distill_run(upstream: Path, project: Path, processes: int, **distill) -> tu
 GATHERED = {
     # whole-batch shapers (Open-MOPD's gradient shares and conflict mask: every teacher scores every
     # row) and two minibatches: gathered, then each process trains on its half of each minibatch
-    "split": dict(minibatches=2, openmopd={"gradient_shares": True, "conflict": "mask"}),
+    "split": {"minibatches": 2, "openmopd": {"gradient_shares": True, "conflict": "mask"}},
     # a loss that selects over the whole batch (entropy-OPD's top-entropy tokens) after Uni-OPD's
     # online balancing: gathered, and every process computes the whole batch's loss
-    "replicated": dict(objective="entropy_opd", uniopd={"online_balance": True}),
+    "replicated": {"objective": "entropy_opd", "uniopd": {"online_balance": True}},
 }
 
 
@@ -277,7 +277,8 @@ def test_distill_in_two_processes_resumes_after_sigkill(upstream_done, tmp_path)
     checkpoint: the rerun resumes from it and ends with the uninterrupted run's weights."""
     if not (upstream_done / "artifacts/teachers/if/result.json").exists():
         _stage(upstream_done, "teacher:if").communicate()
-    shape = dict(max_steps=12, prompts_per_step=4, rollout_chunks=2, samples_per_prompt=2, checkpoint_every=EVERY)
+    shape = {"max_steps": 12, "prompts_per_step": 4, "rollout_chunks": 2, "samples_per_prompt": 2,
+             "checkpoint_every": EVERY}
     want = _distill_run(upstream_done, tmp_path / "straight", 2, **shape)[3]
     killed = tmp_path / "killed"
     shutil.copytree(upstream_done, killed)
