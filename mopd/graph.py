@@ -118,7 +118,7 @@ class StageKind:
     # role -> upstream stage name, or {domain/label: stage name} for a role several stages play
     # (StageContext.role / roles_of); `data` is added for every stage that reads the data stage
     roles: Callable[[_Ctx, dict], dict[str, Any]] = lambda ctx, a: {}
-    samples: bool = False  # samples rollouts through `runtime.rollout` (transformers or vLLM)
+    samples: bool = False  # samples rollouts through `runtime.rollout` (transformers or vLLM; GRPO: TRL's use_vllm)
     data_parallel: bool = False  # runs `runtime.processes` processes under `accelerate launch`
     # params.yaml keys of generation lengths: each plus the longest prompt must fit a tiny
     # profile's context (`teacher.*` = every recipe's)
@@ -291,7 +291,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",),
               tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),),
-              length_keys=("teacher.*.max_completion_length",), data_parallel=True,
+              length_keys=("teacher.*.max_completion_length",), data_parallel=True, samples=True,
               roles=_student("sft")),
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
@@ -319,7 +319,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               per_domain=True, upstream=_round_teacher_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu", "teacher"),
               models=lambda ctx, a: ((f"teacher:{a['domain']}:round{a['round']}", "model"),),
-              listed_as="multiround", data_parallel=True,
+              listed_as="multiround", data_parallel=True, samples=True,
               roles=lambda ctx, a: {"student": MultiRoundParams.student_stage(int(a["round"]) - 1)}),
     StageKind("multiround", "tasks.multiround", lambda ctx: [{"round": str(r)} for r in _rounds(ctx)],
               lambda ctx, a: ("seed", "distill", "multiround"),
@@ -334,7 +334,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/mix_rl", upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
               models=lambda ctx, a: (("mix_rl", "model"),),
-              length_keys=("mix_rl.max_completion_length",), data_parallel=True,
+              length_keys=("mix_rl.max_completion_length",), data_parallel=True, samples=True,
               roles=_student("sft")),
     # Cascade RL: GRPO per domain in `cascade_rl.order`, each from the previous step's model.
     StageKind("cascade_rl", "tasks.cascade_rl",
@@ -343,7 +343,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/cascade_rl/{a['domain']}", args=("domain",),
               per_domain=True, upstream=_cascade_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
-              models=_cascade_models, data_parallel=True,
+              models=_cascade_models, data_parallel=True, samples=True,
               roles=lambda ctx, a: {"student": _cascade_upstream(ctx, a)[1]}),
     # Off-policy fine-tuning: SFT of the student on its teachers' correct rollouts.
     StageKind("offpolicy_ft", "tasks.offpolicy_ft", _one, lambda ctx, a: ("seed", "offpolicy_ft"),

@@ -87,13 +87,16 @@ def lock_dir() -> Path:
 class Lease:
     """Devices held for one stage: ``ids``; ``release()`` (or the end of the process) frees them."""
 
-    def __init__(self, ids: list[str], fds: list[int], since: float):
-        self.ids, self._fds, self.since = ids, fds, since
+    def __init__(self, ids: list[str], fds: list[int], since: float, host: list[str] | None = None):
+        self.ids, self._fds, self.since, self.host = ids, fds, since, host
 
     def env(self) -> dict[str, str]:
-        """What the stage process needs to see only its devices and record them."""
+        """What the stage process needs to see only its devices and record them; and the host's
+        inventory (``$MOPD_DEVICES``), which its own ``CUDA_VISIBLE_DEVICES`` would otherwise hide
+        from what it leases itself (vLLM teacher servers)."""
         return {"CUDA_VISIBLE_DEVICES": ",".join(self.ids),
-                PLACEMENT_ENV: json.dumps({"devices": self.ids, "leased_at": self.since})}
+                PLACEMENT_ENV: json.dumps({"devices": self.ids, "leased_at": self.since}),
+                **({DEVICES_ENV: ",".join(self.host)} if self.host else {})}
 
     def release(self) -> None:
         for fd in self._fds:
@@ -120,7 +123,7 @@ def try_lease(n: int, who: str, devices: list[str] | None = None) -> Lease | Non
         os.pwrite(fd, f"{os.getpid()} {who}\n".encode(), 0)  # who holds it, for the waiting message
         got.append((dev, fd))
         if len(got) == n:
-            return Lease([d for d, _ in got], [f for _, f in got], time.time())
+            return Lease([d for d, _ in got], [f for _, f in got], time.time(), host=list(devices))
     Lease([], [f for _, f in got], 0.0).release()
     return None
 

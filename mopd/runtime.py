@@ -25,6 +25,8 @@ from dataclasses import dataclass
 DEVICE_ENV = "MOPD_DEVICE"
 DTYPE_ENV = "MOPD_DTYPE"
 ROLLOUT_ENV = "MOPD_ROLLOUT"
+GRAD_CKPT_ENV = "MOPD_GRADIENT_CHECKPOINTING"
+VLLM_ENV = "MOPD_VLLM"  # runtime.vllm as JSON (the GRPO stages' use_vllm)
 DTYPES = ("float32", "bfloat16", "float16")
 
 _placed: list[str] = []
@@ -35,6 +37,8 @@ class Runtime:
     device: str  # "cpu", "cuda", "cuda:1", "mps"
     dtype: str  # one of DTYPES
     rollout: str = "transformers"  # or "vllm"
+    gradient_checkpointing: bool = False
+    vllm: dict | None = None  # runtime.vllm (mode, gpu_memory_utilization, devices, placement, ...)
 
     @property
     def torch_dtype(self):
@@ -59,12 +63,18 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=self.torch_dtype)
 
     def trainer_args(self) -> dict:
-        """The transformers TrainingArguments that put a TRL trainer on this device and dtype."""
+        """The transformers TrainingArguments that put a TRL trainer on this device and dtype
+        (and turn activation checkpointing on when asked: non-reentrant, which DDP accepts)."""
+        ckpt = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} \
+            if self.gradient_checkpointing else {}
         return {"use_cpu": self.device_type == "cpu", "bf16": self.dtype == "bfloat16",
-                "fp16": self.dtype == "float16"}
+                "fp16": self.dtype == "float16", **ckpt}
 
 
-def resolve(device: str, dtype: str, profile_dtype: str | None = None, rollout: str = "transformers") -> Runtime:
+# why: 6 parameters: the runtime section's device, dtype and rollout, the profile's dtype (what
+# `auto` means), and two settings carried as they are (activation checkpointing, GRPO's vLLM).
+def resolve(device: str, dtype: str, profile_dtype: str | None = None, rollout: str = "transformers",
+            gradient_checkpointing: bool = False, vllm: dict | None = None) -> Runtime:
     """The setting made concrete on this host. ``device``: ``auto`` (CUDA when torch sees it,
     else CPU), ``cpu``, ``cuda`` / ``cuda:N`` or ``mps``. ``dtype``: ``auto`` (the pretrained
     profile's dtype on an accelerator; float32 on CPU and for the tiny profile) or a dtype name.
@@ -98,7 +108,7 @@ def resolve(device: str, dtype: str, profile_dtype: str | None = None, rollout: 
                              "vLLM: use `transformers`")
     elif rollout != "transformers":
         raise ValueError(f"runtime.rollout = {rollout!r}: expected 'transformers' or 'vllm'")
-    return Runtime(device, dtype, rollout)
+    return Runtime(device, dtype, rollout, gradient_checkpointing, vllm)
 
 
 def activate(rt: Runtime) -> None:
@@ -107,6 +117,13 @@ def activate(rt: Runtime) -> None:
     os.environ[DEVICE_ENV] = rt.device
     os.environ[DTYPE_ENV] = rt.dtype
     os.environ[ROLLOUT_ENV] = rt.rollout
+    os.environ[GRAD_CKPT_ENV] = "1" if rt.gradient_checkpointing else "0"
+    if rt.vllm is not None:
+        import json
+
+        os.environ[VLLM_ENV] = json.dumps(rt.vllm)
+    else:
+        os.environ.pop(VLLM_ENV, None)
     _placed.clear()
 
 
@@ -114,7 +131,11 @@ def current() -> Runtime:
     dtype = os.environ.get(DTYPE_ENV) or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"${DTYPE_ENV} = {dtype!r} is not one of {list(DTYPES)}")
-    return Runtime(os.environ.get(DEVICE_ENV) or "cpu", dtype, os.environ.get(ROLLOUT_ENV) or "transformers")
+    import json
+
+    vllm = json.loads(os.environ[VLLM_ENV]) if os.environ.get(VLLM_ENV) else None
+    return Runtime(os.environ.get(DEVICE_ENV) or "cpu", dtype, os.environ.get(ROLLOUT_ENV) or "transformers",
+                   os.environ.get(GRAD_CKPT_ENV) == "1", vllm)
 
 
 # ---- data parallelism (`runtime.processes` > 1: the stage runs under `accelerate launch`) ----

@@ -43,7 +43,8 @@ def run(ctx: StageContext) -> Result:
     else:
         prompts = {d: read_split(ctx.role("data"), d, "train") for d in domains}
     # Routing (MOPD 3.3): local domains use their teacher stage's checkpoint, in-process or started
-    # as prefill servers for this stage only (`teacher_transport: http`); remote ones their endpoints.
+    # as prefill servers for this stage only (`teacher_transport: http`, or `vllm`: `vllm serve` on
+    # devices from the inventory); remote ones their endpoints.
     routes = {d: cfg.domain(d).teacher for d in domains}
     local_dirs = ctx.teacher_models(domains)
     student = ctx.role("student") / "model"
@@ -55,7 +56,7 @@ def run(ctx: StageContext) -> Result:
         # one torch thread per local server: several full-size OpenMP teams on a small CPU host
         # oversubscribe it (benchmarks/teacher_overlap.py)
         teachers = open_teachers(routes, local_dirs, transport=params.teacher_transport,
-                                 stack=stack, server_threads=1)
+                                 stack=stack, server_threads=1, vllm=params.teacher_vllm, topk=params.topk)
         # `runtime.rollout: vllm`: a colocated engine samples, synced to the student after each update
         rollout = (VLLMRollout(student, load_tokenizer(student), fmt=ctx.prompt_format, dtype=runtime.current().dtype)
                    if runtime.current().rollout == "vllm" else None)

@@ -76,8 +76,9 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
 
     # where this stage's models run (mopd.runtime); a device this host lacks fails here, before
     # the output folder is touched
-    rt = runtime.resolve(cfg.params.runtime.device, cfg.params.runtime.dtype,
-                         getattr(cfg.params.model_profile, "dtype", None), cfg.params.runtime.rollout)
+    rs = cfg.params.runtime
+    rt = runtime.resolve(rs.device, rs.dtype, getattr(cfg.params.model_profile, "dtype", None), rs.rollout,
+                         rs.gradient_checkpointing, rs.vllm.model_dump(mode="json"))
     runtime.activate(rt)
     runtime.init_distributed()  # under `accelerate launch` (runtime.processes > 1): join the group
     main_proc = runtime.is_main()  # ... where only process 0 writes files, MLflow and result.json

@@ -91,6 +91,25 @@ def test_student_quantities_match_full_logits(two_models):
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
+def test_gradient_checkpointing_gives_the_same_gradient(two_models, monkeypatch):
+    """`runtime.gradient_checkpointing`: the distill student recomputes its activations in the
+    backward (non-reentrant checkpoints on), with the gradient it has without them."""
+    from mopd import runtime
+    from mopd.opd.loop import Student
+
+    a, _ = two_models
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setenv(runtime.GRAD_CKPT_ENV, "1" if on else "0")
+        student = Student.load(a, 0, PLAIN)
+        assert student.model.is_gradient_checkpointing is on
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        s, _, _ = student_quantities(student.model, ids, torch.ones_like(ids))
+        s.sum().backward()
+        grads[on] = torch.cat([p.grad.flatten() for p in student.model.parameters() if p.grad is not None])
+    assert torch.allclose(grads[False], grads[True], atol=1e-6)
+
+
 def test_config_objectives_are_the_registry():
     from typing import get_args
 

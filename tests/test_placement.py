@@ -104,3 +104,40 @@ def test_devices_per_stage_names_kinds_that_run_models(micro_project):
         (micro_project / "params.yaml").write_text(yaml.safe_dump(params))
         with pytest.raises(ConfigError, match=match):
             load_config(micro_project)
+
+
+def test_vllm_teacher_servers_commands_and_devices(locks, monkeypatch, tmp_path):
+    """`teacher_transport: vllm` (mopd.teachers.vllm_serve) on a faked 4-device host, no vLLM
+    imported: each teacher server's `vllm serve` command, and devices leased beside the stage's."""
+    import contextlib
+
+    from mopd.opd.settings import DistillParams, VLLMServeParams
+    from mopd.teachers.vllm_serve import server_devices, vllm_serve_command
+
+    monkeypatch.setenv("MOPD_DEVICES", "0,1,2,3")
+    settings = VLLMServeParams(devices=2, gpu_memory_utilization=0.6, max_model_len=4096,
+                               extra_args=["--enforce-eager"])
+    cmd = vllm_serve_command(tmp_path / "teacher", port=8123, name="math", dtype="bfloat16", max_logprobs=64,
+                             settings=settings, cli=["vllm"])
+    assert cmd == ["vllm", "serve", str(tmp_path / "teacher"), "--host", "127.0.0.1", "--port", "8123",
+                   "--served-model-name", "math", "--dtype", "bfloat16", "--tensor-parallel-size", "2",
+                   "--gpu-memory-utilization", "0.6", "--max-logprobs", "64", "--max-model-len", "4096",
+                   "--enforce-eager"]
+    assert "--max-logprobs 20" in " ".join(vllm_serve_command("m", port=1, name="m", dtype="float32", max_logprobs=0,
+                                                              settings=VLLMServeParams(), cli=["vllm"]))
+    with contextlib.ExitStack() as stack:  # the stage holds device 0: two 1-device servers get 1 and 2
+        got = server_devices(2, VLLMServeParams(), ["0"], "distill", stack)
+        assert got == [["1"], ["2"]]
+        other = try_lease(1, "other")
+        assert other is not None and other.ids == ["0"]  # the stage's own device is not leased here: free
+        other.release()
+    assert try_lease(3, "after") is not None  # released with the stack
+    with contextlib.ExitStack() as stack, pytest.raises(PlacementError, match=r"2 teacher server\(s\) x 2 "
+                                                                                r"device\(s\) do not fit.*shared"):
+        server_devices(2, settings, ["0"], "distill", stack)
+    with contextlib.ExitStack() as stack:  # shared: on the stage's own devices
+        assert server_devices(3, VLLMServeParams(placement="shared"), ["0"], "distill", stack) == [["0"]] * 3
+    # the settings: validated, and a temperature the served log-probs cannot honour is refused
+    with pytest.raises(ValueError, match="extra_args"):
+        DistillParams(teacher_transport="vllm", teacher_vllm={"extra_args": ["-x; rm"]})
+    assert DistillParams(teacher_transport="vllm").teacher_vllm.placement == "own"

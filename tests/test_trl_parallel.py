@@ -83,6 +83,41 @@ def test_dvc_command_reads_the_process_count_when_it_runs(micro_project):
     assert bad.returncode == 2 and "'tasks.nope' is no stage module" in bad.stderr
 
 
+def test_grpo_vllm_arguments_and_trl_server_command(tmp_path):
+    """`runtime.rollout: vllm` in a GRPO stage: TRL's own use_vllm arguments (colocate, or its
+    server client) and TRL's own `trl vllm-serve` command line; no vLLM imported (CPU)."""
+    from trl import GRPOConfig
+
+    from mopd.runtime import Runtime
+    from mopd.settings.model import RuntimeParams, VLLMRolloutParams
+    from mopd.trainers.grpo import grpo_vllm_args, trl_vllm_serve_command
+
+    plain = Runtime("cuda:0", "bfloat16")
+    assert grpo_vllm_args(plain) == {}
+    colocate = Runtime("cuda:0", "bfloat16", "vllm", vllm={"gpu_memory_utilization": 0.4, "devices": 2})
+    args = grpo_vllm_args(colocate)
+    assert args == {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.4,
+                    "vllm_tensor_parallel_size": 2}
+    server = Runtime("cuda:0", "bfloat16", "vllm", vllm={"mode": "server"})
+    assert grpo_vllm_args(server, "http://127.0.0.1:8123")["vllm_server_base_url"] == "http://127.0.0.1:8123"
+    with pytest.raises(ValueError, match="no `trl vllm-serve` URL"):
+        grpo_vllm_args(server)
+    # TRL's config accepts them (validated without building a trainer)
+    cfg = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **grpo_vllm_args(server, "http://h:1"))
+    assert cfg.use_vllm and cfg.vllm_mode == "server"
+    cmd, env = trl_vllm_serve_command(tmp_path / "sft", port=8123, settings=VLLMRolloutParams(devices=2),
+                                      dtype="bfloat16")
+    assert cmd[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"] and cmd[4] == str(tmp_path / "sft")
+    joined = " ".join(cmd)
+    assert "--port 8123" in joined and "--tensor-parallel-size 2" in joined and "--dtype bfloat16" in joined
+    assert "--host 127.0.0.1" in joined and "--weight-transfer-config" in joined and env == {"VLLM_SERVER_DEV_MODE": "1"}
+    # activation checkpointing reaches TRL's arguments (non-reentrant), and the settings validate
+    assert Runtime("cpu", "float32", gradient_checkpointing=True).trainer_args()["gradient_checkpointing"] is True
+    assert "gradient_checkpointing" not in Runtime("cpu", "float32").trainer_args()
+    with pytest.raises(ValueError, match="mode"):
+        RuntimeParams(vllm={"mode": "remote"})
+
+
 @pytest.mark.learning
 def test_grpo_teacher_under_two_processes_learns(pipeline_models, tmp_path):
     """teacher:math of the pipeline's own SFT under `accelerate launch` with 2 CPU processes

@@ -58,6 +58,8 @@ class Student:
             from mopd.lora import add_lora
 
             model = add_lora(model, lora)
+        if runtime.current().gradient_checkpointing:  # runtime.gradient_checkpointing: memory for compute
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         return cls(model, tokenizer, rng, fmt)
 

@@ -73,6 +73,23 @@ class OpenMOPDParams(Strict):
         return self.gradient_shares or self.reward_scale != "off" or self.conflict != "off" or self.refresh_advantage
 
 
+class VLLMServeParams(Strict):
+    """`teacher_transport: vllm`: how each local teacher checkpoint is served by `vllm serve` for
+    the stage's duration (mopd.teachers.vllm_serve)."""
+
+    # devices per teacher server (vLLM's --tensor-parallel-size)
+    devices: PosInt = 1
+    # `own`: each server leases its own devices from the host's inventory (mopd.placement), beside
+    # the stage's; `shared`: the servers run on the stage's own devices (set
+    # gpu_memory_utilization so that the student, its optimiser and every server fit)
+    placement: Literal["own", "shared"] = "own"
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
+    max_model_len: PosInt | None = None
+    startup_timeout: PosFloat = 900.0  # seconds until /health answers 200
+    # more `vllm serve` options, passed through as given (e.g. ["--enforce-eager"])
+    extra_args: list[Annotated[str, Field(pattern=r"^--[a-z0-9-]+(=.*)?$|^[^-].*$")]] = []
+
+
 class DistillParams(LoraOption):
     """MOPD (ALGORITHMS §1-§3): the student samples, each rollout is scored by its domain's teacher."""
 
@@ -118,8 +135,11 @@ class DistillParams(LoraOption):
     reward_every: PosInt = 1
     # Teacher scoring (MOPD 3.3): `inprocess` loads each local teacher in the trainer; `http`
     # starts each local teacher as a prefill server (`mopd serve-teacher`) for the stage's
-    # duration and scores through the same HTTP client used for remote endpoints.
-    teacher_transport: Literal["inprocess", "http"] = "inprocess"
+    # duration and scores through the same HTTP client used for remote endpoints; `vllm` serves
+    # each with `vllm serve` (the `gpu` extra, CUDA) on devices from the inventory, through that
+    # same client (`teacher_vllm` says how).
+    teacher_transport: Literal["inprocess", "http", "vllm"] = "inprocess"
+    teacher_vllm: VLLMServeParams = VLLMServeParams()
     # Submit a rollout chunk's scoring request as soon as it is sampled, while the remaining
     # chunks are still sampling; wait only at the update.
     overlap: bool = True
@@ -231,8 +251,8 @@ class DistillParams(LoraOption):
         if self.openmopd and self.openmopd.conflict != "off" and len(facts.domains) < 2:
             raise ValueError(f"{facts.key}.openmopd.conflict compares teachers: pipeline {facts.pipeline!r} has one")
         remote = sorted(facts.remote_teachers)
-        if self.temperature != 1.0 and (self.teacher_transport == "http" or remote):
-            why = ("teacher_transport: http" if self.teacher_transport == "http"
+        if self.temperature != 1.0 and (self.teacher_transport in ("http", "vllm") or remote):
+            why = (f"teacher_transport: {self.teacher_transport}" if self.teacher_transport != "inprocess"
                    else f"the remote teacher(s) of {remote}")
             raise ValueError(f"{facts.key}.temperature = {self.temperature}: the teachers' log-probs must be taken at "
                              f"the student's sampling temperature (else the reward is not the reverse KL at it), and "

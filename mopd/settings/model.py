@@ -69,6 +69,20 @@ class GGUFProfile(ChatProfile):
 Profile = Annotated[TinyProfile | PretrainedProfile | GGUFProfile, Field(discriminator="source")]
 
 
+class VLLMRolloutParams(Strict):
+    """`runtime.rollout: vllm` in the GRPO stages (teachers, Mix-RL, Cascade RL): TRL's
+    ``use_vllm``, its own weight sync (FSDP, DeepSpeed and PEFT aware). ``colocate``: an engine
+    inside each training process, taking ``gpu_memory_utilization`` of its device; ``server``:
+    `trl vllm-serve` (TRL's own command line) started for the stage's duration on ``devices``
+    devices leased from the inventory (``placement: own``) or on the stage's (``shared``)."""
+
+    mode: Literal["colocate", "server"] = "colocate"
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.3
+    devices: Annotated[int, Field(ge=1, le=64)] = 1  # vLLM's tensor-parallel size
+    placement: Literal["own", "shared"] = "own"
+    startup_timeout: Annotated[float, Field(gt=0)] = 900.0
+
+
 class RuntimeParams(Strict):
     """Where every model-running stage puts its models (mopd.runtime). ``device``: ``auto`` (CUDA
     when torch sees it, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. ``dtype``: the compute
@@ -86,8 +100,9 @@ class RuntimeParams(Strict):
     # its distributed type, machines, rank and rendezvous from it (`--num_processes` from
     # `processes`); null = one machine, DDP (torchrun path), mopd's own flags
     accelerate_config: str | None = None
-    # who samples rollouts in distill, difficulty and evaluate: transformers `generate`, or a vLLM
-    # engine colocated in the stage (the `gpu` extra, CUDA), synced to the student after each update
+    # who samples rollouts in distill, difficulty, evaluate and the GRPO stages: transformers
+    # `generate`, or vLLM (the `gpu` extra, CUDA): an engine colocated in the stage, synced to the
+    # student after each update; the GRPO stages through TRL's use_vllm (`vllm` below)
     rollout: Literal["transformers", "vllm"] = "transformers"
     # devices each model-running stage process gets from the host's inventory (mopd.placement),
     # per stage kind (`teacher`, `distill`, ...; `default` for the others): the flow, `mopd run`,
@@ -95,6 +110,12 @@ class RuntimeParams(Strict):
     # side. Not part of any cache key (where a stage ran does not change what it computes).
     devices_per_stage: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(
         default_factory=lambda: {"default": 1})
+    # activation (gradient) checkpointing in every trained model (TRL's `gradient_checkpointing`,
+    # non-reentrant; the distill student's `gradient_checkpointing_enable`): memory for compute.
+    # Not part of any cache key (it changes what a step costs, not what it computes).
+    gradient_checkpointing: bool = False
+    # how the GRPO stages sample with `rollout: vllm` (TRL's use_vllm); not part of any key
+    vllm: VLLMRolloutParams = VLLMRolloutParams()
 
     def processes_for(self, kind: str) -> int:
         """The process count of a data-parallel stage of ``kind``."""

@@ -22,13 +22,17 @@ from mopd.teachers.inprocess import InProcessTeacher
 from mopd.teachers.launch import local_teacher_servers
 
 
+# why: 8 parameters: the routes and local checkpoints, the transport and the stack that owns its
+# servers, plus four transport options (padding id, server threads, vLLM serving settings and the
+# largest top-k the stage will ask a vLLM server for).
 def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher | PretrainedTeacher], local_dirs: dict[str, Path], *,
                   transport: str, stack: contextlib.ExitStack, pad_id: int = 0,
-                  server_threads: int | None = None) -> dict[str, TeacherClient]:
+                  server_threads: int | None = None, vllm=None, topk: int | None = None) -> dict[str, TeacherClient]:
     """Domain -> client. ``local_dirs`` holds the checkpoint of every local domain; servers and
-    clients are closed when ``stack`` closes. Errors name the domain and what is missing."""
-    if transport not in ("inprocess", "http"):
-        raise ValueError(f"teacher_transport {transport!r}: expected 'inprocess' or 'http'")
+    clients are closed when ``stack`` closes. ``vllm``: the `teacher_vllm` settings
+    (``transport="vllm"``). Errors name the domain and what is missing."""
+    if transport not in ("inprocess", "http", "vllm"):
+        raise ValueError(f"teacher_transport {transport!r}: expected 'inprocess', 'http' or 'vllm'")
     clients: dict[str, TeacherClient] = {}
     # a finished teacher (source: pretrained) is served exactly as a teacher stage's checkpoint:
     # the caller gives its folder (Config.teacher_model) in ``local_dirs`` like a stage's
@@ -36,7 +40,20 @@ def open_teachers(routes: dict[str, LocalTeacher | RemoteTeacher | PretrainedTea
     missing = sorted(d for d in local if d not in local_dirs)
     if missing:
         raise ValueError(f"no teacher checkpoint for local domain(s) {missing}")
-    if transport == "http" and local:
+    if transport == "vllm" and local:
+        from mopd import runtime
+        from mopd.teachers.vllm_serve import vllm_teacher_servers
+
+        models = {d: local_dirs[d] for d in local}
+        urls = {}
+        if runtime.is_main():  # one set of servers; every data-parallel process scores against it
+            urls = stack.enter_context(vllm_teacher_servers(models, vllm, dtype=runtime.current().dtype,
+                                                            max_logprobs=topk or 0))
+        urls = runtime.all_gather_json(urls)[0]
+        names = {str(p): d for d, p in reversed(list(models.items()))}  # the server's name: its first domain
+        for d in local:
+            clients[d] = HTTPTeacher(d, [urls[d]], model=names[str(models[d])])
+    elif transport == "http" and local:
         urls = stack.enter_context(local_teacher_servers({d: local_dirs[d] for d in local},
                                                          threads=server_threads))
         for d in local:

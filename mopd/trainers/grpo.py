@@ -3,9 +3,14 @@ as the reward (TRL GRPOTrainer). MOPD 3.1: teachers are trained independently pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+from mopd import runtime
 from mopd.chat import PromptFormat
 from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
@@ -91,6 +96,62 @@ def rollout_budget(history: dict[str, list[tuple[int, float]]], batch_size: int)
             "budget/student_tokens": float(sum(lengths) * batch_size)}
 
 
+def trl_vllm_serve_command(model: Path | str, *, port: int, settings, dtype: str) -> tuple[list[str], dict[str, str]]:
+    """`trl vllm-serve`'s own command line for ``model`` (TRL builds it: `vllm serve` with the
+    weight-transfer endpoints its trainers sync through) and the environment it needs;
+    ``settings``: runtime.vllm (a VLLMRolloutParams)."""
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    args = ScriptArguments(model=str(model), host="127.0.0.1", port=port, tensor_parallel_size=settings.devices,
+                           gpu_memory_utilization=settings.gpu_memory_utilization, dtype=dtype)
+    return build_command(args), {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+def grpo_vllm_args(rt: runtime.Runtime, base_url: str | None = None) -> dict:
+    """GRPOConfig's vLLM arguments for the stage's runtime: none with `rollout: transformers`;
+    TRL's colocated engine, or its server client at ``base_url`` (`runtime.vllm.mode`)."""
+    if rt.rollout != "vllm":
+        return {}
+    from mopd.settings.model import VLLMRolloutParams
+
+    v = VLLMRolloutParams.model_validate(rt.vllm or {})
+    if v.mode == "server":
+        if not base_url:
+            raise ValueError("runtime.vllm.mode = 'server': no `trl vllm-serve` URL (the stage starts one)")
+        return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": base_url}
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": v.gpu_memory_utilization,
+            "vllm_tensor_parallel_size": v.devices}
+
+
+@contextlib.contextmanager
+def grpo_vllm_server(model: Path | str, rt: runtime.Runtime, who: str) -> Iterator[str | None]:
+    """With `rollout: vllm` in `server` mode: `trl vllm-serve` on ``model`` for the block, on
+    devices from the inventory (process 0 starts it; every process gets its URL). Else None."""
+    from mopd.settings.model import VLLMRolloutParams
+
+    v = VLLMRolloutParams.model_validate(rt.vllm or {})
+    if rt.rollout != "vllm" or v.mode != "server":
+        yield None
+        return
+    from mopd import placement
+    from mopd.teachers.launch import free_port, stop_server, wait_healthy
+    from mopd.teachers.vllm_serve import server_devices
+
+    with contextlib.ExitStack() as stack:
+        url, proc = None, None
+        if runtime.is_main():
+            devices = server_devices(1, v, list((placement.current() or {}).get("devices") or []), who, stack)[0]
+            port = free_port()
+            cmd, env = trl_vllm_serve_command(model, port=port, settings=v, dtype=rt.dtype)
+            env = {**os.environ, **env, **({"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else {})}
+            log.info("%s: %s (devices %s)", who, " ".join(cmd), devices or "inherited")
+            proc = subprocess.Popen(cmd, env=env)
+            stack.callback(stop_server, proc, 30.0)
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, proc, v.startup_timeout)
+        yield runtime.all_gather_json(url)[0]
+
+
 # why: 11 parameters: the stage's inputs (init, records, verifier kind, output), its recipe, seed
 # and tracker, plus the prompt format, the prompt order (Cascade RL) and the in-stage checkpoint
 # folder and key.
@@ -112,22 +173,25 @@ def train_grpo(sft_dir: Path, records: list[dict], kind: str | None, out_dir: Pa
     if kind is None:
         columns["kind"] = [r["kind"] for r in records]
     dataset = Dataset.from_dict(columns)
-    args = GRPOConfig(
-        **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
-                      checkpoint_every=params.checkpoint_every),
-        per_device_train_batch_size=per_process(params.batch_size),
-        num_generations=params.num_generations,
-        max_completion_length=params.max_completion_length,
-        temperature=params.temperature,
-        beta=params.beta,
-        epsilon=params.epsilon,
-        lr_scheduler_type="constant",
-        loss_type="dapo",
-        shuffle_dataset=not ordered,
-    )
-    callback = TrackerCallback(tracker)
-    trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,
-                          train_dataset=dataset, processing_class=tokenizer, callbacks=[callback],
-                          peft_config=peft_config(params.lora) if params.lora else None)
-    return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key,
-                        snapshot_every=params.snapshot_every)
+    rt = runtime.current()
+    with grpo_vllm_server(sft_dir, rt, f"GRPO {out_dir.name}") as base_url:
+        args = GRPOConfig(
+            **common_args(out_dir / "_trainer", params.max_steps, params.learning_rate, seed, checkpoint=checkpoint,
+                          checkpoint_every=params.checkpoint_every),
+            **grpo_vllm_args(rt, base_url),  # runtime.rollout: vllm -> TRL's use_vllm (colocate or server)
+            per_device_train_batch_size=per_process(params.batch_size),
+            num_generations=params.num_generations,
+            max_completion_length=params.max_completion_length,
+            temperature=params.temperature,
+            beta=params.beta,
+            epsilon=params.epsilon,
+            lr_scheduler_type="constant",
+            loss_type="dapo",
+            shuffle_dataset=not ordered,
+        )
+        callback = TrackerCallback(tracker)
+        trainer = GRPOTrainer(model=model, reward_funcs=verifier_reward(kind), args=args,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[callback],
+                              peft_config=peft_config(params.lora) if params.lora else None)
+        return fit_and_save(trainer, tokenizer, out_dir, callback, checkpoint=checkpoint, key=key,
+                            snapshot_every=params.snapshot_every)
