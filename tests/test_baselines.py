@@ -105,7 +105,7 @@ def test_baseline_stages_in_the_table(tmp_path):
     assert graph["cascade_rl:if"].upstream == ("data", "cascade_rl:code")
     assert graph["cascade_rl:code"].models == () and graph["cascade_rl:if"].models == (("cascade_rl", "model"),)
     assert graph["cascade_rl:if"].params_keys == ("seed", "cascade_rl", "teacher.if", "runtime.device",
-                                                  "runtime.dtype", "runtime.processes")
+                                                  "runtime.dtype", "runtime.rollout", "runtime.processes")
     assert graph["offpolicy_ft"].upstream == ("data", "sft", "teacher:math", "teacher:code", "teacher:if")
     evals = {n for n in graph if n.startswith("evaluate:")}
     assert {"evaluate:mix_rl", "evaluate:cascade_rl:if", "evaluate:offpolicy_ft"} <= evals

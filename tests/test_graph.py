@@ -216,7 +216,7 @@ def test_multiround_stages_chain_students_and_teachers(tmp_path):
     assert graph["round_teacher:3:if"].upstream == ("data", "multiround:2")
     assert graph["round_teacher:2:math"].argv == ["--round", "2", "--domain", "math"]
     assert graph["round_teacher:2:math"].params_keys == ("seed", "teacher.math", "multiround", "runtime.device",
-                                                         "runtime.dtype", "runtime.processes")
+                                                         "runtime.dtype", "runtime.rollout", "runtime.processes")
     assert graph["multiround:3"].upstream == ("data", "multiround:2", "difficulty", "round_teacher:3:math",
                                               "round_teacher:3:if")
     assert "round_teacher:2:code" not in graph  # code is neither retrained nor distilled again
