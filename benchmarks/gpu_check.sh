@@ -11,6 +11,7 @@
 #   3. mopd's distill loop vs TRL's DistillationTrainer on Qwen3-0.6B's shape, same batch
 #      (benchmarks/gpu_distill.py; targets: >= 1.5x student tokens/s, teacher share <= 10%)
 #   4. a micro pipeline (data, base, SFT, GRPO teachers, MOPD, evaluation) with runtime.device: cuda
+#   5. the `gpu`-marked tests (tests/test_gpu.py; the vLLM ones skip without vLLM)
 # Usage: bash benchmarks/gpu_check.sh [--quick]   (--quick: CPU smoke test of the script itself)
 # Output: stdout, and a copy under $OUT (the device tool's folder) or /tmp/gpu_check.
 set -uo pipefail
@@ -27,7 +28,7 @@ LOG=${OUT:-/tmp/gpu_check}/gpu_check.log
 mkdir -p "$(dirname "$LOG")"
 exec > >(tee "$LOG") 2>&1
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$DEVICE" = cuda ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # (--quick: this host's packages)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheels: install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
@@ -57,5 +58,7 @@ print('transformers', transformers.__version__, 'accelerate', accelerate.__versi
 section checks 100 $PY benchmarks/gpu_checks.py runtime placement checkpointing --device "$DEVICE"
 section distill 240 $PY benchmarks/gpu_distill.py "${DISTILL[@]}" --json
 section pipeline 150 $PY benchmarks/gpu_checks.py pipeline --device "$DEVICE"
+# the `gpu`-marked tests (skipped on CPU; the vLLM ones also without vLLM)
+section gpu-tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 echo "gpu_check: $([ $status = 0 ] && echo 'all sections passed' || echo 'some sections FAILED') in $SECONDS s"
 exit $status

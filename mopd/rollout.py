@@ -176,7 +176,8 @@ class VLLMRollout:
             os.environ.setdefault("WORLD_SIZE", str(runtime.world_size()))
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(runtime.free_port()))
-        kwargs = {"distributed_executor_backend": "external_launcher", "gpu_memory_utilization": 0.3,
+        share = (runtime.current().vllm or {}).get("gpu_memory_utilization", 0.3)  # runtime.vllm
+        kwargs = {"distributed_executor_backend": "external_launcher", "gpu_memory_utilization": share,
                   "seed": runtime.rank(), **engine_kwargs}
         self.tokenizer, self.fmt = tokenizer, fmt
         self.llm = LLM(model=str(model_path), dtype=dtype, **kwargs)

@@ -105,3 +105,16 @@ def pipeline_models(tmp_path_factory):
     run_pipeline(cfg, quiet=True, track=False)
     art = project / "artifacts"
     return cfg, art / "sft" / "model", art / "teachers" / "math" / "model", art / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where torch sees a CUDA device (never in CI: it has none)."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (the `gpu` marker)")
+        for item in gpu:
+            item.add_marker(skip)

@@ -15,7 +15,12 @@ from mopd.chat import PromptFormat
 from mopd.lora import peft_config
 from mopd.models import load_model, load_tokenizer
 from mopd.settings.grpo import GRPOParams
-from mopd.trainers.callbacks import TrackerCallback, common_args, fit_and_save, per_process
+from mopd.trainers.callbacks import (
+    TrackerCallback,
+    common_args,
+    fit_and_save,
+    per_process,
+)
 
 log = logging.getLogger(__name__)
 
