@@ -75,7 +75,7 @@ def registered():
 
 
 @pytest.mark.slow
-def test_a_method_registered_here_runs_end_to_end(registered, micro_project, tmp_path):
+def test_a_method_registered_here_runs_end_to_end(registered, micro_project, tmp_path, monkeypatch):
     from tasks.runner import execute
 
     from mopd import dvcgen
@@ -113,10 +113,19 @@ def test_a_method_registered_here_runs_end_to_end(registered, micro_project, tmp
                                           r"number > 0"):
         load_config(micro_project, pipeline="centered")
     from mopd.config import DistillParams
-    from mopd.trainers.distill import check_data_parallel
+    from mopd.trainers.distill import build_shapers, check_data_parallel, gathers
 
-    with pytest.raises(ValueError, match=r"distill.centered_opd \(center_advantages\) shapes the whole batch"):
-        check_data_parallel(DistillParams(objective="centered_opd", rollout_chunks=2), 2)
+    # its shaper acts on the whole batch: under data parallelism the batch is gathered first
+    centered = DistillParams(objective="centered_opd", rollout_chunks=2)
+    check_data_parallel(centered, 2)
+    assert gathers(centered, build_shapers(centered))
+
+    class Legacy(CenterAdvantages):  # the earlier contract's attribute is refused, naming the new one
+        data_parallel = False
+
+    monkeypatch.setattr("mopd.trainers.distill.build_shapers", lambda params: [Legacy(1.0)])
+    with pytest.raises(ValueError, match=r"declares `data_parallel`, which is now `whole_batch`"):
+        check_data_parallel(centered, 2)
     with pytest.raises(ValueError, match="teacher_weights.math mixes teachers"):  # not declared K1-mixable
         DistillParams(objective="centered_opd", teacher_weights={"math": {"math": 0.5, "code": 0.5}})
     shutil.rmtree(micro_project / "artifacts")
