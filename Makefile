@@ -9,7 +9,7 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo real test test-learning test-fast ui server repro bench clean plan dvc-yaml study
+.PHONY: install system demo real test test-learning test-fast test-cluster ui server repro bench clean plan dvc-yaml study
 
 # torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -41,14 +41,19 @@ real: install system
 	  MOPD_DEMO_PIPELINE=real $(BIN)/python -m flows.demo
 
 test: install system
-	$(BIN)/python -m pytest -q -m "not learning"
+	$(BIN)/python -m pytest -q -m "not learning and not cluster"
 
 # Learning checks on the pipeline's own SFT and teacher (about 2 minutes; CI runs them after `make test`).
 test-learning: install system
 	$(BIN)/python -m pytest -q -m learning
 
 test-fast: install system
-	$(BIN)/python -m pytest -q -m "not slow and not learning"
+	$(BIN)/python -m pytest -q -m "not slow and not learning and not cluster"
+
+# Stages on a Ray cluster of two nodes started on this machine (the `cluster` extra: ray).
+test-cluster: install system
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,cluster]"
+	$(BIN)/python -m pytest -q -m cluster
 
 ui: install
 	@mkdir -p $(STATE)/mlartifacts

@@ -34,6 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
+from mopd.cluster import on_cluster, run_on_cluster
 from mopd.config import load_config
 from mopd.graph import StageSpec, build_graph, hash_inputs, levels, static_key_inputs, with_upstream
 from mopd.local_run import devices_for, stage_command
@@ -90,8 +91,9 @@ class _PriorityGate:
 class _RunState:
     """What the stage tasks of one flow run share (they run in this process's threads)."""
 
-    def __init__(self, board: RunBoard, slots: int, order: dict[str, int], devices: list[str]):
+    def __init__(self, board: RunBoard, slots: int, order: dict[str, int], devices: list[str], cluster=None):
         self.board = board
+        self.cluster = cluster  # runtime.cluster: on a cluster engine, the engine places the stages
         self.gate = _PriorityGate(slots)
         self.order = order
         self.devices = devices  # the host's inventory (mopd.placement), read once per run
@@ -102,8 +104,11 @@ class _RunState:
         """Where stage ``name`` may run: a stage that runs models on a host with devices waits for
         ``devices`` of them (leased host-wide: other flows, `mopd run`, `mopd stage` and
         `dvc repro` share them) and yields the lease; every other stage takes one of the run's
-        process slots (MOPD_MAX_PARALLEL) and yields None."""
-        if devices and self.devices:
+        process slots (MOPD_MAX_PARALLEL) and yields None. On a cluster engine (Ray) its scheduler
+        admits and places every stage: nothing is taken here."""
+        if on_cluster(self.cluster):
+            yield None
+        elif devices and self.devices:
             with self.device_turn.hold(self.order[name]):
                 lease = acquire(devices, name, devices=self.devices)
             try:
@@ -144,7 +149,7 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
         with run.slot(name, devices) if run else contextlib.nullcontext() as lease:
             board and board.stage(name, "running")
             result = _run_stage(spec, key, project, pipeline, parent_run_id, threads, board, logger,
-                                lease.env() if lease else {})
+                                lease.env() if lease else {}, (run.cluster, devices) if run else None)
     except BaseException:
         board and board.stage(name, "failed")
         raise
@@ -152,8 +157,11 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
     return {"result": result.to_dict(), "action": "computed", "reasons": decision.reasons}
 
 
+# why: 11 parameters: the stage and its key, where it runs (project, pipeline, MLflow parent, torch
+# threads), what reports on it (board, logger), and where it is placed (a host lease's environment,
+# or the cluster engine with the stage's device count).
 def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_run_id: str | None,
-               threads: int, board: RunBoard | None, logger, placed: dict[str, str]) -> Result:
+               threads: int, board: RunBoard | None, logger, placed: dict[str, str], cluster=None) -> Result:
     name = spec.name
     cmd = stage_command(spec, project, pipeline)
     if parent_run_id:
@@ -165,6 +173,12 @@ def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_r
     if board:
         env[PROGRESS_ENV] = str(board.progress_file(name))
     logger.info("%s: %s", name, " ".join(cmd))
+    if cluster is not None and on_cluster(cluster[0]):  # a Ray task on a node with what it asks for
+        rc, tail = run_on_cluster(cluster[0], cmd, project, env, kind=spec.kind, gpus=cluster[1], name=name,
+                                  on_line=lambda line: line.strip() and logger.info("[%s] %s", name, line[-2000:]))
+        if rc != 0:
+            raise StageFailed(f"stage {name} exited with {rc}:\n{tail}")
+        return _checked_result(project, spec, key)
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: list[str] = []
@@ -181,9 +195,13 @@ def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_r
         logger.info("[%s] %s", name, line[-2000:])
     if proc.wait() != 0:
         raise StageFailed(f"stage {name} exited with {proc.returncode}:\n" + "\n".join(tail))
+    return _checked_result(project, spec, key)
+
+
+def _checked_result(project: Path, spec: StageSpec, key: str) -> Result:
     result = load_result(project / spec.out_dir)
     if result.cache_key != key:
-        raise StageFailed(f"stage {name}: result.json has cache key {result.cache_key}, expected {key} "
+        raise StageFailed(f"stage {spec.name}: result.json has cache key {result.cache_key}, expected {key} "
                           "(did the configuration or code change while the flow ran?)")
     return result
 
@@ -227,7 +245,8 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
     run_id = str(flow_run.get_id() or parent.run_id)
     board = RunBoard(project, run_id, pipeline, [s.name for s in graph])
-    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)}, devices)
+    _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)}, devices,
+                              cfg.params.runtime.cluster)
     width = {s.name: len(level) for level in levels(graph) for s in level}
     futures = {}
     try:

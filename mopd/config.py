@@ -441,7 +441,9 @@ def validate(cfg: Config, params_file: Path, pipelines_file: Path) -> None:
     params, pipes = cfg.params, cfg.pipelines
     for key, per_kind, what, fits in (
             ("devices_per_stage", params.runtime.devices_per_stage, "runs models", lambda row: "gpu" in row.tags),
-            ("processes", params.runtime.processes, "runs data-parallel", lambda row: row.data_parallel)):
+            ("processes", params.runtime.processes, "runs data-parallel", lambda row: row.data_parallel),
+            ("cluster.resources", params.runtime.cluster.resources, "is", lambda row: True),
+            ("cluster.cpus", params.runtime.cluster.cpus, "is", lambda row: True)):
         kinds = sorted(k for k, row in KINDS.items() if fits(row))
         odd = sorted(set(per_kind) - {"default", *kinds}) if isinstance(per_kind, dict) else []
         if odd:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from mopd.artifacts import load_result
+from mopd.cluster import on_cluster, run_on_cluster
 from mopd.config import Config
 from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
 from mopd.placement import leased, wanted
@@ -54,8 +55,18 @@ def devices_for(cfg: Config, stage) -> int:
 
 def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None = None,
               quiet: bool = False, track: bool = True) -> None:
-    """Run one stage's command line, on devices leased for it when the host has any; raises
-    StageError (with the log's tail) if it fails."""
+    """Run one stage's command line, on devices leased for it when the host has any (or as a task
+    of the cluster engine `runtime.cluster` names); raises StageError (with the log's tail) if it
+    fails."""
+    cluster = cfg.params.runtime.cluster
+    if on_cluster(cluster):
+        env = {**os.environ, **(extra_env or {})}
+        rc, tail = run_on_cluster(cluster, stage_command(spec, cfg.project_dir, cfg.pipeline, track=track),
+                                  cfg.project_dir, env, kind=spec.kind, gpus=devices_for(cfg, spec), name=spec.name,
+                                  on_line=None if quiet else print)
+        if rc != 0:
+            raise StageError(f"stage {spec.name} exited with {rc}\n{tail}")
+        return
     with leased(devices_for(cfg, spec), spec.name) as lease:
         env = {**os.environ, **(extra_env or {}), **(lease.env() if lease else {})}
         proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track), cwd=cfg.project_dir,

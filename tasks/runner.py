@@ -135,10 +135,12 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
 
 def _placement(started: float) -> dict:
     """Where and when the stage ran: the devices its launcher leased (none on a host without
-    devices), the host, when the lease was taken, when the work started and ended."""
+    devices; on Ray the GPUs Ray gave it), the host, when the lease was taken, when the work
+    started and ended; on a cluster engine its name and the node."""
     lease = placement.current() or {}
     return {"devices": lease.get("devices", []), "host": socket.gethostname(),
-            "leased_at": lease.get("leased_at"), "started": started, "ended": time.time()}
+            "leased_at": lease.get("leased_at"), "started": started, "ended": time.time(),
+            **{k: lease[k] for k in ("engine", "node") if k in lease}}  # a cluster engine's task: its node
 
 
 def _hold(project: Path, name: str) -> None:

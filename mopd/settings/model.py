@@ -83,6 +83,20 @@ class VLLMRolloutParams(Strict):
     startup_timeout: Annotated[float, Field(gt=0)] = 900.0
 
 
+class ClusterParams(Strict):
+    """Where stage processes run (mopd.cluster): ``local`` (this host, devices leased by
+    mopd.placement) or ``ray`` (a Ray task per stage on a node with the resources it asks for)."""
+
+    engine: Literal["local", "ray"] = "local"
+    # the Ray cluster to join: `auto` ($RAY_ADDRESS, or the cluster a `ray start` on this host
+    # runs), or host:port of its head
+    address: str = "auto"
+    # Ray custom resources per stage kind (`default` for the rest), e.g. {teacher: {teacher_pool: 1}}
+    resources: dict[str, dict[str, Annotated[float, Field(gt=0)]]] = {}
+    # CPUs each stage process asks for, per kind (`default`: 1)
+    cpus: dict[str, Annotated[float, Field(gt=0)]] = {}
+
+
 class RuntimeParams(Strict):
     """Where every model-running stage puts its models (mopd.runtime). ``device``: ``auto`` (CUDA
     when torch sees it, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. ``dtype``: the compute
@@ -116,6 +130,8 @@ class RuntimeParams(Strict):
     gradient_checkpointing: bool = False
     # how the GRPO stages sample with `rollout: vllm` (TRL's use_vllm); not part of any key
     vllm: VLLMRolloutParams = VLLMRolloutParams()
+    # where stage processes run: this host, or a Ray cluster (mopd.cluster); not part of any key
+    cluster: ClusterParams = ClusterParams()
 
     def processes_for(self, kind: str) -> int:
         """The process count of a data-parallel stage of ``kind``."""

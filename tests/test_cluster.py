@@ -1,0 +1,137 @@
+"""Stages on a real Ray cluster (`runtime.cluster.engine: ray`, mopd.cluster; issue 27): two Ray
+nodes started here (`ray start --block`: a head, and a worker with a custom `teacher_pool`
+resource), a micro pipeline whose teacher stages ask for that resource, every stage placed by
+Ray's scheduler, the nodes read back from each stage's `result.json`. `make test-cluster` (marker
+`cluster`; needs the `cluster` extra, ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, micro_params, write_params
+
+pytestmark = pytest.mark.cluster
+ray = pytest.importorskip("ray")
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _nodes(address: str) -> list[dict]:
+    """The cluster's live nodes as a separate driver sees them (id and resources)."""
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+            % address)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
+
+
+def _ray_processes(temp_dir: str) -> list[str]:
+    """Processes still running from this cluster's session folder."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and temp_dir.encode() in (proc / "cmdline").read_bytes():
+                out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+        except OSError:
+            continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node (2 CPUs, resource `mopd_head`) and a worker node (2 CPUs, `teacher_pool: 2`),
+    both `ray start --block` processes of this test, stopped by PID at the end."""
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rt")  # Ray's socket paths must stay short
+    common = ["--block", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                             '--resources={"mopd_head": 4}', *common], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    worker = None
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _nodes(address):
+            time.sleep(1)
+        worker = subprocess.Popen([RAY, "start", f"--address={address}", '--resources={"teacher_pool": 2}',
+                                   *common[:-1]], env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        nodes = []
+        while time.monotonic() < deadline and len(nodes) < 2:
+            nodes = _nodes(address)
+            time.sleep(1)
+        assert len(nodes) == 2, f"the cluster did not come up: {nodes}"
+        ids = {("worker" if "teacher_pool" in n["resources"] else "head"): n["id"] for n in nodes}
+        yield address, ids
+    finally:
+        for proc in (worker, head):  # stop what this test started, by PID (its process group)
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in (worker, head):
+            if proc is not None:
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _ray_processes(temp_dir) and time.monotonic() < deadline:
+            time.sleep(1)
+        left = _ray_processes(temp_dir)
+        for line in left:  # nothing of this cluster may outlive the test
+            print("left running:", line)
+        assert not left
+
+
+def test_stages_run_where_their_resources_are(ray_cluster, tmp_path):
+    address, ids = ray_cluster
+    project = tmp_path / "project"
+    project.mkdir()
+    params = micro_params()
+    params["runtime"]["cluster"] = {"engine": "ray", "address": address,
+                                    "resources": {"teacher": {"teacher_pool": 1}, "default": {"mopd_head": 1}}}
+    write_params(project, params)
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"p": {"domains": ["math", "if"], "stages": ["data", "base", "sft", "teacher"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    env = {k: v for k, v in os.environ.items() if k not in ("MOPD_PROJECT_DIR", "RAY_ADDRESS")}
+    env["MOPD_THREADS"] = "1"
+
+    def run() -> str:
+        proc = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "p", "--no-track"],
+                              cwd=project, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    out = run()
+    placed = {}
+    for result in project.glob("artifacts/**/result.json"):
+        r = json.loads(result.read_text())
+        placed[r["stage"]] = r["placement"]
+    assert set(placed) == {"data", "base", "sft", "teacher:math", "teacher:if"}, out[-2000:]
+    assert all(p.get("engine") == "ray" for p in placed.values()), placed
+    where = {name: ("worker" if p["node"] == ids["worker"] else "head" if p["node"] == ids["head"] else p["node"])
+             for name, p in placed.items()}
+    print("stage -> node:", where)
+    assert where == {"data": "head", "base": "head", "sft": "head", "teacher:math": "worker",
+                     "teacher:if": "worker"}, where
+    again = run()  # the same decision as everywhere: nothing to do
+    assert again.count(": cached") == 5 and ": run" not in again, again
