@@ -135,3 +135,48 @@ def test_stages_run_where_their_resources_are(ray_cluster, tmp_path):
                      "teacher:if": "worker"}, where
     again = run()  # the same decision as everywhere: nothing to do
     assert again.count(": cached") == 5 and ": run" not in again, again
+
+
+def test_the_flow_places_stages_on_ray_and_shares_the_cache(ray_cluster, tmp_path, monkeypatch):
+    """The Prefect flow on the same cluster: the two teachers run at once on the worker (two
+    `teacher_pool` slots), every stage is an MLflow child run of the flow's parent run, and
+    `mopd run` afterwards finds everything cached (one cache decision for every launcher)."""
+    from mlflow.tracking import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    address, ids = ray_cluster
+    project = tmp_path / "project"
+    project.mkdir()
+    params = micro_params()
+    params["runtime"]["cluster"] = {"engine": "ray", "address": address,
+                                    "resources": {"teacher": {"teacher_pool": 1}, "default": {"mopd_head": 1}}}
+    write_params(project, params)
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"p": {"domains": ["math", "if"], "stages": ["data", "base", "sft", "teacher"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    for var in ("MLFLOW_TRACKING_URI", "MOPD_PROJECT_DIR", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MOPD_THREADS", "1")
+    monkeypatch.setenv("MOPD_PROJECT_ROOTS", str(tmp_path))
+    with prefect_test_harness(server_startup_timeout=120):
+        from flows.mopd_flow import mopd
+
+        try:
+            summary = mopd(pipeline="p", project_dir=str(project))
+        finally:
+            ray.shutdown()  # the flow's connection to the cluster
+    assert set(summary["status"].values()) == {"computed"}, summary["status"]
+    placed = {json.loads(r.read_text())["stage"]: json.loads(r.read_text())["placement"]
+              for r in project.glob("artifacts/**/result.json")}
+    assert {n for n, p in placed.items() if p["node"] == ids["worker"]} == {"teacher:math", "teacher:if"}, placed
+    a, b = placed["teacher:math"], placed["teacher:if"]
+    assert max(a["started"], b["started"]) < min(a["ended"], b["ended"]), (a, b)  # at once, on the worker
+    client = MlflowClient(f"sqlite:///{project}/.mopd/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mopd").experiment_id])
+    children = {r.data.tags.get("stage"): r.data.tags.get("mlflow.parentRunId") for r in runs
+                if r.data.tags.get("stage")}
+    assert set(children) == set(placed) and set(children.values()) == {summary["parent_run_id"]}, children
+    env = {k: v for k, v in os.environ.items() if k != "MOPD_PROJECT_DIR"}
+    out = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "p", "--no-track"], cwd=project,
+                         env=env, capture_output=True, text=True, timeout=600, check=False).stdout
+    assert out.count(": cached") == 5 and ": run" not in out, out
