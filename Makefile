@@ -9,7 +9,7 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo real test test-learning test-fast test-cluster ui server repro bench clean plan dvc-yaml study
+.PHONY: install system demo real test test-learning test-fast test-cluster worker ui server repro bench clean plan dvc-yaml study
 
 # torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -59,6 +59,14 @@ ui: install
 	@mkdir -p $(STATE)/mlartifacts
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(STATE)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/$(STATE)/mlartifacts --host 127.0.0.1 --port 5000
+
+# A worker for the `mopd/<pipeline>` deployments on a work pool (POOL, default mopd; created as a
+# process pool if missing): `prefect deployment run mopd/full` from any machine reaching the
+# Prefect API (PREFECT_API_URL, e.g. `make server`) then runs here. Kubernetes: docs/cluster.md.
+worker: install
+	@mkdir -p $(PREFECT_HOME)
+	$(BIN)/python -m flows.deploy --pool $${POOL:-mopd}
+	MOPD_PROJECT_ROOTS=$${MOPD_PROJECT_ROOTS:-$(CURDIR)} $(BIN)/prefect worker start --pool $${POOL:-mopd} --type process
 
 server: install
 	@mkdir -p $(PREFECT_HOME)

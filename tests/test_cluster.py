@@ -180,3 +180,53 @@ def test_the_flow_places_stages_on_ray_and_shares_the_cache(ray_cluster, tmp_pat
     out = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "p", "--no-track"], cwd=project,
                          env=env, capture_output=True, text=True, timeout=600, check=False).stdout
     assert out.count(": cached") == 5 and ": run" not in out, out
+
+
+def test_a_deployment_on_a_process_work_pool_runs_on_a_worker(tmp_path, monkeypatch):
+    """`python -m flows.deploy --pool P` puts `mopd/<pipeline>` on a process work pool; `prefect
+    deployment run mopd/micro` queues a run, which a worker started here picks up and completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project, micro_params())
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"micro": {"domains": ["math"], "stages": ["data", "base", "sft", "teacher"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    for var in ("MLFLOW_TRACKING_URI", "MOPD_PROJECT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MOPD_PROJECT_DIR": str(project),
+               "MOPD_PROJECT_ROOTS": str(tmp_path), "MOPD_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        prefect = [sys.executable, "-m", "prefect"]
+        out = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", "mopd-test"], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "mopd-test", "--type", "process"],
+                                  cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+        try:
+            queued = subprocess.run([*prefect, "deployment", "run", "mopd/micro"], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=120, check=False)
+            assert queued.returncode == 0, queued.stdout + queued.stderr
+            run_id = next(line.split()[-1] for line in queued.stdout.splitlines() if "UUID" in line)
+            deadline, state = time.monotonic() + 300, None
+            with get_client(sync_client=True) as client:
+                while time.monotonic() < deadline:
+                    state = client.read_flow_run(run_id).state
+                    if state is not None and state.is_final():
+                        break
+                    time.sleep(2)
+                pool = client.read_work_pool("mopd-test")
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)  # the worker this test started, by PID
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+    assert pool.type == "process"
+    assert state is not None and state.is_completed(), state
+    done = {json.loads(r.read_text())["stage"] for r in project.glob("artifacts/**/result.json")}
+    assert done == {"data", "base", "sft", "teacher:math"}, done
