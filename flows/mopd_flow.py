@@ -36,7 +36,7 @@ from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
 from mopd.cluster import on_cluster, run_on_cluster
 from mopd.config import load_config
-from mopd.graph import StageSpec, build_graph, hash_inputs, levels, static_key_inputs, with_upstream
+from mopd.graph import StageSpec, build_graph, hash_inputs, levels, outside_project, static_key_inputs, with_upstream
 from mopd.local_run import devices_for, stage_command
 from mopd.placement import acquire, inventory
 from mopd.plan import decide, forced
@@ -266,8 +266,10 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
 
     # Stages computed by this run; cached ones were recorded by the run (or `dvc repro`) that made
     # them, and `dvc commit` rehashes every output it is given (seconds per stage).
+    in_project = not outside_project(cfg)
     summary = {"status": status, "parent_run_id": parent.run_id, "pipeline": pipeline,
-               "dvc": sync_lock(project, [s for s in results if status[s] == "computed"])}
+               "dvc": sync_lock(project, [s for s in results if status[s] == "computed"]) if in_project
+               else "skipped (storage.artifacts is outside the project)"}
     logger.info("dvc.lock: %s", summary["dvc"])
     _finish(parent, project, pipeline, results, summary)
     failed = [k for k, v in status.items() if v == "failed"]

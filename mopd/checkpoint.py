@@ -31,8 +31,10 @@ class CheckpointMismatch(RuntimeError):
     """A checkpoint exists for this stage but was made under another cache key."""
 
 
-def checkpoint_dir(project: Path, stage: str) -> Path:
-    return Path(project) / ROOT / stage.replace(":", "__")
+def checkpoint_dir(project: Path, stage: str, root: str | Path | None = None) -> Path:
+    """Stage ``stage``'s in-stage checkpoints: under ``root`` (`storage.checkpoints`; relative to
+    the project, or absolute: shared storage, so a stage rerun on another node resumes)."""
+    return Path(project) / (root or ROOT) / stage.replace(":", "__")
 
 
 @dataclass

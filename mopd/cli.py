@@ -37,7 +37,8 @@ def _dvc_yaml(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.project_dir)
-    except ConfigError as exc:
+        dvcgen.build(cfg)  # what cannot become a dvc.yaml fails here, naming the key
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
@@ -100,9 +101,15 @@ def _results(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mopd.graph import ARTIFACTS
+    from mopd.config import ConfigError, load_config
+    from mopd.graph import stored
 
-    path = Path(args.project_dir) / ARTIFACTS / "report" / args.pipeline / "table.json"
+    try:
+        root = stored(load_config(args.project_dir, pipeline=args.pipeline), "artifacts")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = Path(args.project_dir) / root / "report" / args.pipeline / "table.json"
     if not path.is_file():
         print(f"error: {path}: no completed report for pipeline {args.pipeline!r} "
               f"(run it: prefect deployment run mopd/{args.pipeline}, or mopd run --pipeline "

@@ -88,11 +88,22 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 # params.yaml
 # --------------------------------------------------------------------------------------------
+class StorageParams(Strict):
+    """Where stage outputs and in-stage checkpoints live: relative to the project directory (the
+    default), or an absolute path — a filesystem every node mounts (NFS), shared by several
+    checkouts of the same code and params (`mopd plan` in each sees the same results). Not part of
+    any cache key: where an output lives does not change it."""
+
+    artifacts: str = Field(default="artifacts", min_length=1)
+    checkpoints: str = Field(default=".mopd/checkpoints", min_length=1)
+
+
 class Params(Strict):
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
     profile: str = "tiny"
     profiles: dict[str, Profile] = Field(default_factory=lambda: {"tiny": TinyProfile()})
     runtime: RuntimeParams = RuntimeParams()
+    storage: StorageParams = StorageParams()
     data: DataParams = DataParams()
     sft: SFTParams = SFTParams()
     teacher: dict[str, GRPOParams]

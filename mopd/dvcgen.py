@@ -18,7 +18,7 @@ import yaml
 
 from mopd.codedeps import import_closure, project_root
 from mopd.config import PIPELINES_FILE, Config
-from mopd.graph import all_stages, finished_teachers
+from mopd.graph import all_stages, finished_teachers, outside_project
 
 DVC_FILE = "dvc.yaml"
 HEADER = """\
@@ -35,6 +35,11 @@ def dvc_name(stage: str) -> str:
 
 
 def build(cfg: Config) -> dict:
+    if outside_project(cfg):
+        raise ValueError(f"storage.artifacts = {cfg.params.storage.artifacts!r} is outside the project: DVC tracks outputs inside "
+                         "its repository. With shared storage, keep DVC's cache there instead (`dvc remote add -d "
+                         "shared <store>/dvc`, docs/cluster.md) and leave storage.artifacts in the project, or run "
+                         "without dvc.yaml")
     root = project_root()
     stages = all_stages(cfg)
     out: dict[str, dict] = {}

@@ -454,6 +454,19 @@ def _stage_name(kind: str, args: dict) -> str:
     return ":".join([kind, *[v for v in args.values() if v]])
 
 
+def stored(cfg: "Config", out_dir: str) -> str:
+    """A stage's output folder under `storage.artifacts` (default ``artifacts``, in the project;
+    an absolute path puts every stage's outputs on shared storage)."""
+    root = cfg.params.storage.artifacts.rstrip("/")
+    return out_dir if root == ARTIFACTS else root + out_dir[len(ARTIFACTS):]
+
+
+def outside_project(cfg: "Config") -> bool:
+    """Whether `storage.artifacts` is outside the project directory (shared storage)."""
+    root = Path(cfg.project_dir) / cfg.params.storage.artifacts  # an absolute root replaces the project
+    return not root.resolve().is_relative_to(Path(cfg.project_dir).resolve())
+
+
 def build_graph(cfg: "Config") -> list[StageSpec]:
     """The stages of ``cfg.pipeline`` in a topological order."""
     wanted: dict[str, list[str | None]] = {}
@@ -470,7 +483,7 @@ def build_graph(cfg: "Config") -> list[StageSpec]:
         for a in row.expand(ctx):
             a = {k: v for k, v in a.items() if v}
             ctx.specs.append(StageSpec(
-                name=_stage_name(kind, a), kind=kind, module=row.module, out_dir=row.out_dir(a),
+                name=_stage_name(kind, a), kind=kind, module=row.module, out_dir=stored(cfg, row.out_dir(a)),
                 args=tuple(a.items()), params_keys=row.params(ctx, a) + runtime_keys(kind, row),
                 pipeline_keys=row.pipeline_keys(ctx, a), upstream=row.upstream(ctx, a),
                 domains=(a["domain"],) if row.per_domain else tuple(cfg.domains),

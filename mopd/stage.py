@@ -77,13 +77,17 @@ class StageContext:
     def checkpoint(self) -> dict[str, Any]:
         """The ``checkpoint`` / ``key`` keyword arguments of a trainer: in-stage checkpoints under
         ``.mopd/checkpoints/<stage>``, resumed only under this stage's cache key."""
-        return {"checkpoint": checkpoint_dir(self.cfg.project_dir, self.name), "key": self.key}
+        return {"checkpoint": checkpoint_dir(self.cfg.project_dir, self.name, self.cfg.params.storage.checkpoints),
+                "key": self.key}
 
     def result(self, metrics: dict[str, float]) -> Result:
         """The stage's Result: its output files with their sha256 and its headline metrics. The
         runner adds the cache key and what it was made of, and writes result.json."""
-        return Result(stage=self.name, out_dir=str(self.out_dir.resolve().relative_to(self.cfg.project_dir.resolve())),
-                      files=hash_tree(self.out_dir), metrics={k: float(v) for k, v in metrics.items()})
+        here, project = self.out_dir.resolve(), self.cfg.project_dir.resolve()
+        # relative to the project; absolute on shared storage outside it (storage.artifacts)
+        out_dir = str(here.relative_to(project)) if here.is_relative_to(project) else str(here)
+        return Result(stage=self.name, out_dir=out_dir, files=hash_tree(self.out_dir),
+                      metrics={k: float(v) for k, v in metrics.items()})
 
 
 def resolve_roles(roles: tuple[tuple[str, Any], ...], inputs: dict[str, Path]) -> dict[str, Any]:

@@ -230,3 +230,36 @@ def test_a_deployment_on_a_process_work_pool_runs_on_a_worker(tmp_path, monkeypa
     assert state is not None and state.is_completed(), state
     done = {json.loads(r.read_text())["stage"] for r in project.glob("artifacts/**/result.json")}
     assert done == {"data", "base", "sft", "teacher:math"}, done
+
+
+def test_artifacts_on_shared_storage_seen_from_a_second_checkout(tmp_path):
+    """`storage.artifacts` / `storage.checkpoints` on a path outside the project (a shared
+    filesystem): the micro pipeline completes there, and `mopd plan` from a second checkout with
+    the same params finds every stage cached; its project holds no outputs."""
+    store = tmp_path / "shared"
+    params = micro_params()
+    params["storage"] = {"artifacts": str(store / "artifacts"), "checkpoints": str(store / "checkpoints")}
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"full": {"domains": ["math", "if"], "stages": ["data", "base", "sft", "teacher", "distill"]}}
+    env = {k: v for k, v in os.environ.items() if k != "MOPD_PROJECT_DIR"}
+    env["MOPD_THREADS"] = "1"
+    checkouts = []
+    for name in ("node-a", "node-b"):
+        project = tmp_path / name
+        project.mkdir()
+        write_params(project, params)
+        (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+        checkouts.append(project)
+    first, second = checkouts
+    out = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "full", "--no-track"], cwd=first,
+                         env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not (first / "artifacts").exists() and (store / "artifacts/distill/mopd/result.json").is_file()
+    plan = subprocess.run([sys.executable, "-m", "mopd.cli", "plan", "--pipeline", "full", "--json"], cwd=second,
+                          env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    actions = {d["stage"]: d["action"] for d in json.loads(plan)}
+    assert actions and set(actions.values()) == {"cached"}, actions
+    # DVC tracks outputs inside its repository: a clear refusal, naming the key
+    refused = subprocess.run([sys.executable, "-m", "mopd.cli", "dvc-yaml"], cwd=second, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert refused.returncode == 2 and "storage.artifacts" in refused.stderr, refused.stderr
