@@ -22,6 +22,7 @@ from mopd.placement import leased, wanted
 from mopd.plan import decide, forced
 from mopd.runtime import launch_prefix
 
+
 class StageError(RuntimeError):
     pass
 
