@@ -175,7 +175,7 @@ def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_r
     logger.info("%s: %s", name, " ".join(cmd))
     if cluster is not None and on_cluster(cluster[0]):  # a Ray task on a node with what it asks for
         rc, tail = run_on_cluster(cluster[0], cmd, project, env, kind=spec.kind, gpus=cluster[1], name=name,
-                                  on_line=lambda line: line.strip() and logger.info("[%s] %s", name, line[-2000:]))
+                                  module=spec.module, on_line=lambda line: line.strip() and logger.info("[%s] %s", name, line[-2000:]))
         if rc != 0:
             raise StageFailed(f"stage {name} exited with {rc}:\n{tail}")
         return _checked_result(project, spec, key)

@@ -454,12 +454,18 @@ def validate(cfg: Config, params_file: Path, pipelines_file: Path) -> None:
             ("devices_per_stage", params.runtime.devices_per_stage, "runs models", lambda row: "gpu" in row.tags),
             ("processes", params.runtime.processes, "runs data-parallel", lambda row: row.data_parallel),
             ("cluster.resources", params.runtime.cluster.resources, "is", lambda row: True),
-            ("cluster.cpus", params.runtime.cluster.cpus, "is", lambda row: True)):
+            ("cluster.cpus", params.runtime.cluster.cpus, "is", lambda row: True),
+            ("cluster.nodes", params.runtime.cluster.nodes, "runs data-parallel", lambda row: row.data_parallel)):
         kinds = sorted(k for k, row in KINDS.items() if fits(row))
         odd = sorted(set(per_kind) - {"default", *kinds}) if isinstance(per_kind, dict) else []
         if odd:
             raise ConfigError(f"{params_file}: runtime.{key}: {odd} not a stage kind that {what} "
                               f"(kinds: {kinds}, or `default`)")
+    for kind, nodes in params.runtime.cluster.nodes.items():
+        procs = params.runtime.processes_for(kind)
+        if nodes > 1 and procs % nodes:
+            raise ConfigError(f"{params_file}: runtime.cluster.nodes.{kind} = {nodes} does not divide "
+                              f"runtime.processes for {kind!r} ({procs}): each node runs an equal share")
     unknown = [d for d in [*params.copd.branches, params.copd.hub] if d is not None and d not in pipes.domains]
     if unknown:
         raise ConfigError(f"{params_file}: copd.{'hub' if params.copd.hub in unknown else 'branches'}: "

@@ -3,7 +3,8 @@ data-parallel (`dvc.yaml` is generated with it). It reads `runtime.processes` (t
 count) and `runtime.accelerate_config` from the project's params.yaml *when it runs*, leases the
 stage's devices (mopd.placement) and starts the stage module under `accelerate launch` — or in one
 process — exactly as the flow, `mopd run` and `mopd stage` do; so
-`dvc exp run -S runtime.processes=4` runs four processes. Returns the stage's exit status."""
+`dvc exp run -S runtime.processes=4` runs four processes. On each node of a multi-node stage
+(mopd.cluster) it builds that node's share of the launch. Returns the stage's exit status."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from mopd.config import ConfigError, load_config
 from mopd.graph import KINDS
 from mopd.local_run import devices_for, launcher
-from mopd.placement import PlacementError, leased
+from mopd.placement import PlacementError, current, leased
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = parser.parse_known_args(rest)
     try:
         cfg = load_config(known.project_dir, pipeline=known.pipeline)
-        with leased(devices_for(cfg, row), f"{module} (dvc)") as lease:
+        # a cluster engine placed this process already (its devices, its node): no host lease
+        wanted = 0 if current() is not None else devices_for(cfg, row)
+        with leased(wanted, f"{module} (dvc)") as lease:
             env = {**os.environ, **(lease.env() if lease else {})}
             return subprocess.run([*launcher(cfg, row, known.project_dir), module, *rest], env=env).returncode
     except (ConfigError, PlacementError, FileNotFoundError) as exc:

@@ -64,7 +64,7 @@ def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None 
         env = {**os.environ, **(extra_env or {})}
         rc, tail = run_on_cluster(cluster, stage_command(spec, cfg.project_dir, cfg.pipeline, track=track),
                                   cfg.project_dir, env, kind=spec.kind, gpus=devices_for(cfg, spec), name=spec.name,
-                                  on_line=None if quiet else print)
+                                  module=spec.module, on_line=None if quiet else print)
         if rc != 0:
             raise StageError(f"stage {spec.name} exited with {rc}\n{tail}")
         return

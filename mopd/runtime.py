@@ -257,7 +257,9 @@ def launch_prefix(processes: int, config_file: str | None = None, project=None) 
     """The command-line prefix that runs a stage module in ``processes`` data-parallel processes;
     empty for one. Without ``config_file``: ``accelerate launch`` through its torchrun path
     (``--multi_gpu``; its ``--cpu`` path starts a single process unless MPI is configured), one
-    machine. With an `accelerate config` file (``runtime.accelerate_config``, relative to the
+    machine — or, when ``$MOPD_NUM_MACHINES`` > 1 (a multi-node stage on Ray, mopd.cluster), this
+    node's share of ``processes`` with its ``$MOPD_MACHINE_RANK`` and node 0's
+    ``$MOPD_MAIN_PROCESS_IP`` / ``_PORT``. With an `accelerate config` file (``runtime.accelerate_config``, relative to the
     project): that file decides the distributed type (DDP, FSDP, DeepSpeed), the machines, this
     machine's rank and the rendezvous; mopd passes only ``--num_processes``, and the environment's
     ``MOPD_MACHINE_RANK`` / ``MOPD_MAIN_PROCESS_IP`` / ``MOPD_MAIN_PROCESS_PORT`` when set (one
@@ -278,12 +280,17 @@ def launch_prefix(processes: int, config_file: str | None = None, project=None) 
             if os.environ.get(env):
                 extra += [flag, os.environ[env]]
         return [*head, "--config_file", str(path), "--num_processes", str(processes), *extra, "-m"]
-    if processes <= 1:
+    machines = int(os.environ.get("MOPD_NUM_MACHINES") or 1)
+    if processes <= 1 and machines <= 1:
         return []
-    port = free_port()  # two data-parallel stages may run at once
-    return [*head, "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port), "-m"]
+    if machines > 1:  # one node of a multi-node stage (mopd.cluster): the rendezvous is node 0's
+        where = ["--num_machines", str(machines), "--machine_rank", os.environ["MOPD_MACHINE_RANK"],
+                 "--main_process_ip", os.environ["MOPD_MAIN_PROCESS_IP"],
+                 "--main_process_port", os.environ["MOPD_MAIN_PROCESS_PORT"]]
+    else:
+        where = ["--num_machines", "1", "--main_process_port", str(free_port())]  # stages may run at once
+    return [*head, "--multi_gpu", "--num_processes", str(processes), *where,
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
 
 
 def record(model, *, amp: str | None = None) -> None:

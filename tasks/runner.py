@@ -140,7 +140,9 @@ def _placement(started: float) -> dict:
     lease = placement.current() or {}
     return {"devices": lease.get("devices", []), "host": socket.gethostname(),
             "leased_at": lease.get("leased_at"), "started": started, "ended": time.time(),
-            **{k: lease[k] for k in ("engine", "node") if k in lease}}  # a cluster engine's task: its node
+            "processes": runtime.world_size(),  # of the data-parallel group, and of it on this node:
+            "node_processes": int(os.environ.get("LOCAL_WORLD_SIZE") or runtime.world_size()),
+            **{k: lease[k] for k in ("engine", "node", "nodes") if k in lease}}  # a cluster engine's: its node(s)
 
 
 def _hold(project: Path, name: str) -> None:

@@ -136,6 +136,32 @@ def test_stages_run_where_their_resources_are(ray_cluster, tmp_path):
     assert again.count(": cached") == 5 and ": run" not in again, again
 
 
+def test_a_data_parallel_stage_spreads_over_two_nodes(ray_cluster, tmp_path):
+    """`runtime.cluster.nodes.teacher: 2` with `runtime.processes.teacher: 2`: the GRPO teacher
+    runs as one data-parallel group of two processes, one on each Ray node (a STRICT_SPREAD
+    placement group, node 0 the rendezvous), and completes."""
+    address, ids = ray_cluster
+    project = tmp_path / "project"
+    project.mkdir()
+    params = micro_params()
+    params["runtime"]["processes"] = {"default": 1, "teacher": 2}
+    params["runtime"]["cluster"] = {"engine": "ray", "address": address, "nodes": {"teacher": 2}}
+    write_params(project, params)
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"p": {"domains": ["math"], "stages": ["data", "base", "sft", "teacher"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    env = {k: v for k, v in os.environ.items() if k not in ("MOPD_PROJECT_DIR", "RAY_ADDRESS")}
+    env["MOPD_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "p", "--no-track"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    placed = json.loads((project / "artifacts/teachers/math/result.json").read_text())["placement"]
+    assert placed["processes"] == 2 and placed["node_processes"] == 1, placed  # one group, one process per node
+    assert sorted(placed["nodes"]) == sorted(ids.values()), placed
+    assert placed["node"] == placed["nodes"][0]  # process 0, on node 0, wrote the result
+    assert (project / "artifacts/teachers/math/model/model.safetensors").is_file()
+
+
 def test_the_flow_places_stages_on_ray_and_shares_the_cache(ray_cluster, tmp_path, monkeypatch):
     """The Prefect flow on the same cluster: the two teachers run at once on the worker (two
     `teacher_pool` slots), every stage is an MLflow child run of the flow's parent run, and

@@ -95,6 +95,9 @@ class ClusterParams(Strict):
     resources: dict[str, dict[str, Annotated[float, Field(gt=0)]]] = {}
     # CPUs each stage process asks for, per kind (`default`: 1)
     cpus: dict[str, Annotated[float, Field(gt=0)]] = {}
+    # nodes a data-parallel stage spreads over, per kind (`default`: 1): its `runtime.processes`
+    # split evenly, one Ray placement-group bundle per node (STRICT_SPREAD), node 0 the rendezvous
+    nodes: dict[str, Annotated[int, Field(ge=1, le=1024)]] = {}
 
 
 class RuntimeParams(Strict):
