@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mopd.runtime import parent_death_signal
+
 PLACEMENT_ENV = "MOPD_PLACEMENT"  # mopd.placement's: what the launcher gave the stage process
 
 
@@ -52,16 +54,6 @@ def connect(address: str | None) -> None:
         ray.init(address=address or "auto", namespace="mopd", log_to_driver=False, logging_level="WARNING")
 
 
-def _die_with_parent() -> None:
-    """In the stage's child process (Linux): die with the Ray worker that started it, so a
-    cancelled task (``ray.cancel(force=True)`` kills the worker) leaves no stage running."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
 def _stage_process(cmd: list[str], cwd: str, env: dict[str, str], nodes: list[str] | None = None) -> dict:
     """Body of the Ray task: the stage's command line on this node, with the GPUs Ray gave it
     (``nodes``: every node of a multi-node stage, recorded with the placement)."""
@@ -78,7 +70,8 @@ def _stage_process(cmd: list[str], cwd: str, env: dict[str, str], nodes: list[st
     else:
         here.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run(cmd, cwd=cwd, env=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", check=False, preexec_fn=_die_with_parent)
+                          errors="replace", check=False,
+                          preexec_fn=parent_death_signal)  # dies with this Ray worker (a cancelled task)
     return {"returncode": proc.returncode, "output": proc.stdout[-200_000:], "node": ctx.get_node_id(),
             "host": socket.gethostname(), "gpus": gpus}
 

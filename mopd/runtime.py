@@ -155,21 +155,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def parent_death_signal() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (``PR_SET_PDEATHSIG``); elsewhere
+    nothing. Torch-free (mopd.cluster calls it in a child before ``exec``)."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def die_with_launcher() -> None:
     """Under `accelerate launch`: this process dies when its launcher does. torchrun starts each
     process in its own session, outside the stage's process group, so killing the stage (SIGKILL,
     a cancelled flow run, Ctrl-C) would leave them training on devices whose lease is gone, and a
-    rerun would race them. Linux: ``PR_SET_PDEATHSIG``; a launcher already gone ends this process
-    at once. Elsewhere, or in a process no launcher started, nothing."""
-    import sys
-
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    rerun would race them. A launcher already gone ends this process at once. In a process no
+    launcher started, nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    import ctypes
-    import signal
-
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    parent_death_signal()
     if os.getppid() != parent:  # the launcher died before the request took effect
         os._exit(137)
 

@@ -42,6 +42,23 @@ def _nodes(address: str) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
 
 
+TWO_POOLS = {"teacher": {"teacher_pool": 1}, "default": {"mopd_head": 1}}
+
+
+def _project(project: Path, domains: list[str], stages: list[str], pipeline: str = "p", **sections) -> Path:
+    """A micro project at ``project``: pipeline ``pipeline`` over ``domains`` and ``stages``;
+    ``sections`` replace top-level params (``runtime`` is merged into the shipped one)."""
+    project.mkdir()
+    params = micro_params()
+    params["runtime"].update(sections.pop("runtime", {}))
+    params.update(sections)
+    write_params(project, params)
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {pipeline: {"domains": domains, "stages": stages}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    return project
+
+
 def _ray_processes(temp_dir: str) -> list[str]:
     """Processes still running from this cluster's session folder."""
     out = []
@@ -102,15 +119,8 @@ def ray_cluster():
 
 def test_stages_run_where_their_resources_are(ray_cluster, tmp_path):
     address, ids = ray_cluster
-    project = tmp_path / "project"
-    project.mkdir()
-    params = micro_params()
-    params["runtime"]["cluster"] = {"engine": "ray", "address": address,
-                                    "resources": {"teacher": {"teacher_pool": 1}, "default": {"mopd_head": 1}}}
-    write_params(project, params)
-    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"p": {"domains": ["math", "if"], "stages": ["data", "base", "sft", "teacher"]}}
-    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    project = _project(tmp_path / "project", ["math", "if"], ["data", "base", "sft", "teacher"],
+                       runtime={"cluster": {"engine": "ray", "address": address, "resources": TWO_POOLS}})
     env = {k: v for k, v in os.environ.items() if k not in ("MOPD_PROJECT_DIR", "RAY_ADDRESS")}
     env["MOPD_THREADS"] = "1"
 
@@ -141,15 +151,9 @@ def test_a_data_parallel_stage_spreads_over_two_nodes(ray_cluster, tmp_path):
     runs as one data-parallel group of two processes, one on each Ray node (a STRICT_SPREAD
     placement group, node 0 the rendezvous), and completes."""
     address, ids = ray_cluster
-    project = tmp_path / "project"
-    project.mkdir()
-    params = micro_params()
-    params["runtime"]["processes"] = {"default": 1, "teacher": 2}
-    params["runtime"]["cluster"] = {"engine": "ray", "address": address, "nodes": {"teacher": 2}}
-    write_params(project, params)
-    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"p": {"domains": ["math"], "stages": ["data", "base", "sft", "teacher"]}}
-    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    project = _project(tmp_path / "project", ["math"], ["data", "base", "sft", "teacher"],
+                       runtime={"processes": {"default": 1, "teacher": 2},
+                                "cluster": {"engine": "ray", "address": address, "nodes": {"teacher": 2}}})
     env = {k: v for k, v in os.environ.items() if k not in ("MOPD_PROJECT_DIR", "RAY_ADDRESS")}
     env["MOPD_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "p", "--no-track"], cwd=project,
@@ -170,15 +174,8 @@ def test_the_flow_places_stages_on_ray_and_shares_the_cache(ray_cluster, tmp_pat
     from prefect.testing.utilities import prefect_test_harness
 
     address, ids = ray_cluster
-    project = tmp_path / "project"
-    project.mkdir()
-    params = micro_params()
-    params["runtime"]["cluster"] = {"engine": "ray", "address": address,
-                                    "resources": {"teacher": {"teacher_pool": 1}, "default": {"mopd_head": 1}}}
-    write_params(project, params)
-    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"p": {"domains": ["math", "if"], "stages": ["data", "base", "sft", "teacher"]}}
-    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    project = _project(tmp_path / "project", ["math", "if"], ["data", "base", "sft", "teacher"],
+                       runtime={"cluster": {"engine": "ray", "address": address, "resources": TWO_POOLS}})
     for var in ("MLFLOW_TRACKING_URI", "MOPD_PROJECT_DIR", "RAY_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MOPD_THREADS", "1")
@@ -214,12 +211,7 @@ def test_a_deployment_on_a_process_work_pool_runs_on_a_worker(tmp_path, monkeypa
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    project = tmp_path / "project"
-    project.mkdir()
-    write_params(project, micro_params())
-    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"micro": {"domains": ["math"], "stages": ["data", "base", "sft", "teacher"]}}
-    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    project = _project(tmp_path / "project", ["math"], ["data", "base", "sft", "teacher"], pipeline="micro")
     for var in ("MLFLOW_TRACKING_URI", "MOPD_PROJECT_DIR"):
         monkeypatch.delenv(var, raising=False)
     with prefect_test_harness(server_startup_timeout=120):
@@ -262,20 +254,11 @@ def test_artifacts_on_shared_storage_seen_from_a_second_checkout(tmp_path):
     filesystem): the micro pipeline completes there, and `mopd plan` from a second checkout with
     the same params finds every stage cached; its project holds no outputs."""
     store = tmp_path / "shared"
-    params = micro_params()
-    params["storage"] = {"artifacts": str(store / "artifacts"), "checkpoints": str(store / "checkpoints")}
-    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"full": {"domains": ["math", "if"], "stages": ["data", "base", "sft", "teacher", "distill"]}}
+    storage = {"artifacts": str(store / "artifacts"), "checkpoints": str(store / "checkpoints")}
     env = {k: v for k, v in os.environ.items() if k != "MOPD_PROJECT_DIR"}
     env["MOPD_THREADS"] = "1"
-    checkouts = []
-    for name in ("node-a", "node-b"):
-        project = tmp_path / name
-        project.mkdir()
-        write_params(project, params)
-        (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
-        checkouts.append(project)
-    first, second = checkouts
+    first, second = (_project(tmp_path / name, ["math", "if"], ["data", "base", "sft", "teacher", "distill"],
+                              pipeline="full", storage=storage) for name in ("node-a", "node-b"))
     out = subprocess.run([sys.executable, "-m", "mopd.cli", "run", "--pipeline", "full", "--no-track"], cwd=first,
                          env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

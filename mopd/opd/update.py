@@ -127,7 +127,7 @@ class Update:
                  gathered: bool = False) -> dict[str, float]:
         """Every pass's optimiser step; returns the metrics averaged over the passes. ``student``:
         the module whose call gives the student's quantities (:class:`StudentForward`, wrapped for
-        data parallelism) or the causal LM itself. ``gathered``: every process holds the whole
+        data parallelism). ``gathered``: every process holds the whole
         batch (else only the rows it sampled); each then trains on its share of each pass's rows,
         or on all of them when the loss is not row-local or a pass has fewer rows than processes."""
         sums: dict[str, float] = {}
@@ -154,9 +154,8 @@ class Update:
 
     def _step(self, student, optim, p: PackedBatch, rows: list[int], kwargs: dict, several: bool,
               replicated: bool = False) -> dict[str, float]:
-        forward = StudentForward(student) if hasattr(student, "lm_head") else student  # a causal LM, or its forward
         with runtime.current().autocast():
-            s_BT, s_topk_BTK, ent_BT = forward(
+            s_BT, s_topk_BTK, ent_BT = student(
                 p.ids_BT[rows], p.attn_BT[rows], topk_ids_BTK=_rows(p.teacher_topk_ids_BTK, rows),
                 entropy="student_entropy_BT" in self.needs, temperature=self.temperature)
         m_BT, u_BT = p.mask_BT[rows], p.teacher_logprobs_BT[rows]
@@ -180,7 +179,7 @@ class Update:
         # DDP averages the processes' gradients: scaled by the world size, the average is the
         # share-weighted sum, the whole batch's gradient (replicated: the same gradient everywhere)
         (loss * (1.0 if replicated else share * self.world)).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(forward.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optim.step()
         pre, n_mb = self.metric_prefix, m_BT.sum().clamp(min=1)
         part = {f"{pre}{k}": v for k, v in obj_metrics.items()} | {

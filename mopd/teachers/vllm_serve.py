@@ -81,6 +81,15 @@ def server_devices(n_servers: int, settings, own: list[str], who: str,
     return out
 
 
+def start_on_devices(cmd: list[str], devices: list[str], who: str,
+                     extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a server's ``cmd`` seeing only ``devices`` (all of this process's when empty), without
+    waiting for it (:func:`mopd.teachers.launch.wait_healthy`)."""
+    env = {**os.environ, **(extra_env or {}), **({"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else {})}
+    log.info("%s: %s (devices %s)", who, " ".join(cmd), devices or "inherited")
+    return subprocess.Popen(cmd, env=env)
+
+
 @contextlib.contextmanager
 def vllm_teacher_servers(models: dict[str, Path | str], settings, *, dtype: str, max_logprobs: int,
                          who: str = "distill") -> Iterator[dict[str, str]]:
@@ -97,9 +106,7 @@ def vllm_teacher_servers(models: dict[str, Path | str], settings, *, dtype: str,
                 name = next(d for d, p in models.items() if str(p) == path)
                 cmd = vllm_serve_command(path, port=port, name=name, dtype=dtype, max_logprobs=max_logprobs,
                                          settings=settings)
-                env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(devs)} if devs else {})}
-                log.info("teacher %s: %s (devices %s)", name, " ".join(cmd), devs or "inherited")
-                procs[path] = (subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}")
+                procs[path] = (start_on_devices(cmd, devs, f"teacher {name}"), f"http://127.0.0.1:{port}")
             for path, (proc, url) in procs.items():
                 wait_healthy(url, proc, settings.startup_timeout)
                 log.info("vLLM teacher %s ready at %s", path, url)

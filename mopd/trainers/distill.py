@@ -170,8 +170,8 @@ class DistillStep:
     update: Update
     kwargs: dict
     seed: int
+    forward: torch.nn.Module  # the student's quantities (StudentForward; DDP-wrapped under data parallelism)
     score_fn: object = None
-    forward: object = None  # the student's quantities (StudentForward; DDP-wrapped under data parallelism)
     gathered: bool = False  # every process holds the whole batch after sampling (`gathers`)
 
     @property
@@ -231,7 +231,7 @@ class DistillStep:
         kwargs = dict(self.kwargs)
         if "generator" in self.spec.takes:  # e.g. TrOPD's trust mask: its own seeded stream
             kwargs["generator"] = torch.Generator().manual_seed(batch.seed + 2)
-        sums = self.update(self.forward or model, self.optim, packed, passes, kwargs, gathered=self.gathered)
+        sums = self.update(self.forward, self.optim, packed, passes, kwargs, gathered=self.gathered)
         self.rollout.update_weights(model)
         metrics = _step_metrics(batch, packed.mask_BT, time.perf_counter() - t0)
         if self.gathered and runtime.rank() > 0:  # the loop sums trained tokens over processes: count them once
@@ -307,9 +307,9 @@ def train_distill(sft_dir: Path, teachers: dict[str, "TeacherClient | Path"], pr
         Update(get_objective(params.objective), frozenset(spec.requires), params.temperature, params.token_mean,
                (kwargs.get("eps_low", 0.2), kwargs.get("eps_high", 0.2)), part, clip=params.clip,
                row_local=spec.row_local),
-        kwargs, seed, score_fn,
+        kwargs, seed,
         # under `accelerate launch`: the student's forward in accelerate's DDP wrapper (mopd.runtime)
-        forward=runtime.prepare_data_parallel(StudentForward(student.model)))
+        runtime.prepare_data_parallel(StudentForward(student.model)), score_fn)
     step.gathered = part[1] > 1 and gathers(params, step.shapers)
     if part[1] > 1 and runtime.is_main():
         print(f"data parallel: {part[1]} processes, the student's forward in {type(step.forward).__name__} "

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,17 +138,15 @@ def grpo_vllm_server(model: Path | str, rt: runtime.Runtime, who: str) -> Iterat
         return
     from mopd import placement
     from mopd.teachers.launch import free_port, stop_server, wait_healthy
-    from mopd.teachers.vllm_serve import server_devices
+    from mopd.teachers.vllm_serve import server_devices, start_on_devices
 
     with contextlib.ExitStack() as stack:
-        url, proc = None, None
+        url = None
         if runtime.is_main():
             devices = server_devices(1, v, list((placement.current() or {}).get("devices") or []), who, stack)[0]
             port = free_port()
             cmd, env = trl_vllm_serve_command(model, port=port, settings=v, dtype=rt.dtype)
-            env = {**os.environ, **env, **({"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else {})}
-            log.info("%s: %s (devices %s)", who, " ".join(cmd), devices or "inherited")
-            proc = subprocess.Popen(cmd, env=env)
+            proc = start_on_devices(cmd, devices, who, env)
             stack.callback(stop_server, proc, 30.0)
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, proc, v.startup_timeout)
