@@ -31,6 +31,27 @@ class CheckpointMismatch(RuntimeError):
     """A checkpoint exists for this stage but was made under another cache key."""
 
 
+def set_aside(path: Path, stage_dir: Path, why: str) -> Path:
+    """Move a damaged checkpoint ``path`` (of the stage whose checkpoints live in ``stage_dir``)
+    to ``<stage_dir>.damaged/<name>-<time>``, outside the folder a finished stage removes, and say
+    so: the stage then starts from the previous checkpoint (or afresh) instead of failing on it
+    at every rerun. Returns where it went."""
+    import time
+
+    path, stage_dir = Path(path), Path(stage_dir)
+    dest = stage_dir.parent / f"{stage_dir.name}.damaged" / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.rsplit('~', 1)[0]}~{n}")
+    path.rename(dest)
+    msg = f"checkpoint {path} is damaged ({why}): set aside as {dest}; not resuming from it"
+    log.warning(msg)
+    print(f"warning: {msg}", flush=True)
+    return dest
+
+
 def checkpoint_dir(project: Path, stage: str, root: str | Path | None = None) -> Path:
     """Stage ``stage``'s in-stage checkpoints: under ``root`` (`storage.checkpoints`; relative to
     the project, or absolute: shared storage, so a stage rerun on another node resumes)."""
@@ -85,30 +106,43 @@ def load(path: Path, *, key: str, model, optim, py_rng: random.Random) -> Resume
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError(f"{STATE_FILE} has no integer 'step'")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        set_aside(path, path, f"{STATE_FILE}: {e}")
+        return None
     if state.get("key") != key:
         raise CheckpointMismatch(
             f"{path}: a checkpoint of this stage at step {state.get('step')} was made with cache key "
             f"{str(state.get('key'))[:12]}, but the stage now has key {key[:12]} (its configuration, teacher "
             f"set / upstream outputs or code changed since): it will not resume from it. Delete {path} "
             f"to start the stage afresh.")
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model" / "model.safetensors")), strict=False)
+    try:  # every file is read before anything is restored: a damaged one changes nothing
+        weights = load_file(str(path / "model" / "model.safetensors"))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))["torch_cpu"]
+        version, internal, gauss = state["python_random"]
+        history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state["history"].items()}
+        scalars, groups = dict(state["optimizer_scalars"]), list(state["param_groups"])
+    except Exception as e:  # safetensors raises its own error types on a truncated file
+        set_aside(path, path, f"{type(e).__name__}: {e}")
+        return None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise CheckpointMismatch(f"{path}/model: missing {missing}, unexpected {unexpected}")
-    tensors = load_file(str(path / "optimizer.safetensors"))
     per: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         idx, name = k.split(".", 1)
         per.setdefault(int(idx), {})[name] = v
-    for k, v in state["optimizer_scalars"].items():
+    for k, v in scalars.items():
         idx, name = k.split(".", 1)
         per.setdefault(int(idx), {})[name] = v
-    optim.load_state_dict({"state": per, "param_groups": state["param_groups"]})
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
-    version, internal, gauss = state["python_random"]
+    optim.load_state_dict({"state": per, "param_groups": groups})
+    torch.set_rng_state(rng)
     py_rng.setstate((version, tuple(internal), gauss))
-    history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state["history"].items()}
     return Resumed(int(state["step"]), history)
 
 

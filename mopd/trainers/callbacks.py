@@ -165,33 +165,81 @@ def _resume_point(checkpoint, key: str, main: bool) -> str | None:
     checkpoints were made under ``key`` (CheckpointMismatch otherwise) and marking it with it."""
     import json
 
-    from mopd.checkpoint import CheckpointMismatch
+    from mopd.checkpoint import CheckpointMismatch, set_aside
 
     mark = checkpoint / "key.json"
-    if mark.is_file() and json.loads(mark.read_text()).get("key") != key:
+    made = None
+    if mark.is_file():
+        try:
+            made = json.loads(mark.read_text())["key"]
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+            made = e
+    runtime.barrier()  # every process has read the mark before process 0 changes anything
+    if isinstance(made, Exception):  # whose checkpoints these are is unknown: none is trusted
+        if main:
+            set_aside(checkpoint, checkpoint, f"key.json unreadable: {made}")
+        made = None
+    elif made is not None and made != key:
         raise CheckpointMismatch(
-            f"{checkpoint}: checkpoints of this stage were made with cache key "
-            f"{json.loads(mark.read_text()).get('key', '')[:12]}, but the stage now has key {key[:12]} (its "
-            f"configuration, upstream outputs or code changed since): it will not resume from them. "
-            f"Delete {checkpoint} to start the stage afresh.")
-    runtime.barrier()  # every process has read the mark before process 0 writes it
+            f"{checkpoint}: checkpoints of this stage were made with cache key {made[:12]}, but the "
+            f"stage now has key {key[:12]} (its configuration, upstream outputs or code changed since): "
+            f"it will not resume from them. Delete {checkpoint} to start the stage afresh.")
     if main:
         checkpoint.mkdir(parents=True, exist_ok=True)
         mark.write_text(json.dumps({"key": key}))
-        _last_complete(checkpoint)  # removes what a kill left half-written
+        _last_complete(checkpoint)  # removes what a kill left half-written, sets aside what is damaged
     runtime.barrier()
     return _last_complete(checkpoint, remove=False)
 
 
+def _checkpoint_problem(path) -> str | None:
+    """Why transformers' checkpoint folder ``path`` cannot be resumed from (None: it can).
+    ``trainer_state.json`` is the last file transformers writes, but not atomically: a kill while
+    it is written leaves it empty or cut short, so it must parse and name the folder's step; the
+    weights' safetensors header must parse too."""
+    import json
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        step = state["global_step"]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        return f"trainer_state.json: {type(e).__name__}: {e}"
+    if str(step) != path.name.split("-")[-1]:
+        return f"trainer_state.json names step {step!r}, not {path.name.split('-')[-1]}"
+    weights = [p for p in path.glob("*.safetensors") if not p.name.startswith(("optimizer", "rng"))]
+    if not weights and not (path / "adapter_model.safetensors").is_file():
+        return "no model weights (*.safetensors)"
+    for w in weights:
+        try:
+            with open(w, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or n > 100_000_000 or w.stat().st_size < 8 + n:
+                    raise ValueError("truncated")
+                json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            return f"{w.name}: {type(e).__name__}: {e}"
+    return None
+
+
 def _last_complete(checkpoint, remove: bool = True) -> str | None:
-    """The newest ``checkpoint-N`` that transformers finished writing (``trainer_state.json`` is
-    its last file); a directory a kill left half-written is removed (``remove``)."""
+    """The newest ``checkpoint-N`` that transformers finished writing and that reads back; with
+    ``remove``, a folder a kill left before its last file (``trainer_state.json``) is removed and
+    one whose files do not read back (cut short by a kill, or damaged since) is set aside."""
     import shutil
+
+    from mopd.checkpoint import set_aside
 
     done = []
     for path in checkpoint.glob("checkpoint-*"):
-        if (path / "trainer_state.json").is_file() and path.name.split("-")[-1].isdigit():
+        if not path.name.split("-")[-1].isdigit():
+            continue
+        if not (path / "trainer_state.json").is_file():
+            if remove:
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        problem = _checkpoint_problem(path)
+        if problem is None:
             done.append((int(path.name.split("-")[-1]), path))
         elif remove:
-            shutil.rmtree(path, ignore_errors=True)
+            set_aside(path, checkpoint, problem)
     return str(max(done)[1]) if done else None

@@ -1,0 +1,108 @@
+"""A damaged in-stage checkpoint (ours or transformers') is set aside with a message and the stage
+goes on from the previous one, or afresh: never a crash at every rerun. CI once failed this way: a
+kill while transformers wrote ``trainer_state.json`` left it empty, and every rerun of the teacher
+stopped on ``Expecting value: line 1 column 1``."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from mopd import checkpoint as ckpt
+from mopd.trainers.callbacks import _last_complete, _resume_point
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    from mopd.models import build_tiny_model, build_tokenizer
+    from mopd.settings.model import TinyProfile
+
+    tok = build_tokenizer(["hello world, a tiny corpus"] * 4, 300)
+    model = build_tiny_model(TinyProfile(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8), tok, seed=0)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optim.step()
+    return model, tok, optim
+
+
+def _save(path: Path, tiny, step: int = 4) -> None:
+    model, tok, optim = tiny
+    ckpt.save(path, key="k", step=step, model=model, tokenizer=tok, optim=optim, py_rng=random.Random(0),
+              history={"loss": [(1, 0.5)]})
+
+
+@pytest.mark.parametrize("damage", ["state_empty", "state_cut", "weights_cut", "rng_missing"])
+def test_damaged_distill_checkpoint_is_set_aside_and_the_stage_starts_afresh(tmp_path, tiny, damage, capsys):
+    path = tmp_path / ".mopd/checkpoints/distill"
+    _save(path, tiny)
+    model, _, optim = tiny
+    assert ckpt.load(path, key="k", model=model, optim=optim, py_rng=random.Random()).step == 4  # intact: resumes
+    state = path / ckpt.STATE_FILE
+    if damage == "state_empty":
+        state.write_text("")
+    elif damage == "state_cut":
+        state.write_text(state.read_text()[:40])
+    elif damage == "weights_cut":
+        w = path / "model/model.safetensors"
+        w.write_bytes(w.read_bytes()[:100])
+    else:
+        (path / "rng.safetensors").unlink()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ckpt.load(path, key="k", model=model, optim=optim, py_rng=random.Random()) is None
+    assert not path.exists()
+    aside, = (tmp_path / ".mopd/checkpoints/distill.damaged").iterdir()
+    assert (aside / "model").is_dir()  # moved whole, for a person to look at
+    assert "is damaged" in capsys.readouterr().out
+    assert all((model.state_dict()[k] == v).all() for k, v in before.items())  # nothing half-restored
+
+
+def _trl_checkpoint(root: Path, step: int) -> Path:
+    """The files transformers writes into ``checkpoint-N`` (trainer_state.json last)."""
+    from safetensors.torch import save_file
+    import torch
+
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
+    (path / "optimizer.pt").write_bytes(b"x")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return path
+
+
+def test_trainer_checkpoint_cut_short_is_set_aside_and_the_previous_one_resumed(tmp_path, capsys):
+    root = tmp_path / ".mopd/checkpoints/teacher__if"
+    for step in (4, 8, 12, 16):
+        _trl_checkpoint(root, step)
+    (root / "checkpoint-16/trainer_state.json").write_text("")  # the kill in CI: empty
+    w = root / "checkpoint-12/model.safetensors"
+    w.write_bytes(w.read_bytes()[:20])  # weights cut short
+    (root / "checkpoint-8/trainer_state.json").write_text(json.dumps({"global_step": 3}))  # another step's
+    half = root / "checkpoint-20"
+    half.mkdir()  # a kill before trainer_state.json: removed
+    (half / "model.safetensors").write_bytes(b"")
+    assert _resume_point(root, "key", main=True) == str(root / "checkpoint-4")
+    assert not half.exists() and sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-4"]
+    aside = sorted(p.name.split("-2")[0] for p in (tmp_path / ".mopd/checkpoints/teacher__if.damaged").iterdir())
+    assert aside == ["checkpoint-12", "checkpoint-16", "checkpoint-8"]
+    out = capsys.readouterr().out
+    assert "trainer_state.json: JSONDecodeError" in out and "model.safetensors" in out and "names step 3" in out
+    # a second rerun finds the same point, without new messages (no loop)
+    assert _resume_point(root, "key", main=True) == str(root / "checkpoint-4")
+    assert "damaged" not in capsys.readouterr().out
+    assert _last_complete(root, remove=False) == str(root / "checkpoint-4")
+
+
+def test_unreadable_key_mark_sets_the_checkpoints_aside(tmp_path, capsys):
+    root = tmp_path / ".mopd/checkpoints/teacher__if"
+    _trl_checkpoint(root, 4)
+    (root / "key.json").write_text('{"ke')
+    assert _resume_point(root, "key", main=True) is None  # whose they are is unknown: start afresh
+    assert json.loads((root / "key.json").read_text()) == {"key": "key"}
+    assert not list(root.glob("checkpoint-*"))
+    assert "key.json unreadable" in capsys.readouterr().out
