@@ -25,6 +25,7 @@ import os
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -36,13 +37,22 @@ from flows.dvc_sync import sync_lock
 from mopd.artifacts import Result, load_result
 from mopd.cluster import on_cluster, run_on_cluster
 from mopd.config import load_config
-from mopd.graph import StageSpec, build_graph, hash_inputs, levels, outside_project, static_key_inputs, with_upstream
+from mopd.graph import (
+    StageSpec,
+    build_graph,
+    hash_inputs,
+    levels,
+    outside_project,
+    static_key_inputs,
+    with_upstream,
+)
 from mopd.local_run import devices_for, stage_command
+from mopd.overrides import flatten
 from mopd.placement import acquire, inventory
 from mopd.plan import decide, forced
 from mopd.progress import ENV as PROGRESS_ENV
 from mopd.progress import RunBoard
-from mopd.security import allowed_project_dir
+from mopd.security import allowed_project_dir, redact_secrets
 
 EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
 SUMMARY_FILE = ".mopd/last_run.json"
@@ -127,19 +137,32 @@ class StageFailed(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class StageCall:
+    """What every stage task of one flow run shares: where it runs (project, pipeline), the
+    settings set at trigger time (mopd.overrides: they travel on each stage's command line), the
+    MLflow parent run and the run's board (the key of its `_RunState`)."""
+
+    project_dir: str
+    pipeline: str
+    parent_run_id: str | None
+    board_id: str
+    overrides: dict = field(default_factory=dict)
+
+
 @task(cache_policy=NO_CACHE, persist_result=False)
-def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: bool, project_dir: str,
-          pipeline: str, parent_run_id: str | None, threads: int, board_id: str, devices: int = 0) -> dict:
+def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], call: StageCall, force: bool,
+          threads: int, devices: int = 0) -> dict:
     """Decide (cached or run) once the upstream stages are done; run the stage's command line
     when needed. Returns {"result": Result dict, "action": "cached" | "computed", "reasons"}."""
     logger = get_run_logger()
-    name, project = spec.name, Path(project_dir)
-    run = _RUNS.get(board_id)
+    name, project = spec.name, Path(call.project_dir)
+    run = _RUNS.get(call.board_id)
     board = run.board if run else None
     inputs = with_upstream(base_inputs, spec, {u: Result.from_dict(r["result"]).content_hash
                                                for u, r in upstream.items()})
     key = hash_inputs(inputs)
-    decision, recorded = decide(project, spec, key, inputs, force=force)
+    decision, recorded = decide(project, spec, key, inputs, force=force, overrides=call.overrides)
     if recorded is not None:
         board and board.stage(name, "cached")
         return Completed(name="Cached", message=f"{name}: outputs match cache key {key[:12]}",
@@ -148,8 +171,8 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
     try:
         with run.slot(name, devices) if run else contextlib.nullcontext() as lease:
             board and board.stage(name, "running")
-            result = _run_stage(spec, key, project, pipeline, parent_run_id, threads, board, logger,
-                                lease.env() if lease else {}, (run.cluster, devices) if run else None)
+            result = _run_stage(spec, key, call, threads, board, logger, lease.env() if lease else {},
+                                (run.cluster, devices) if run else None)
     except BaseException:
         board and board.stage(name, "failed")
         raise
@@ -157,13 +180,10 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], force: 
     return {"result": result.to_dict(), "action": "computed", "reasons": decision.reasons}
 
 
-# why: 11 parameters: the stage and its key, where it runs (project, pipeline, MLflow parent, torch
-# threads), what reports on it (board, logger), and where it is placed (a host lease's environment,
-# or the cluster engine with the stage's device count).
-def _run_stage(spec: StageSpec, key: str, project: Path, pipeline: str, parent_run_id: str | None,
-               threads: int, board: RunBoard | None, logger, placed: dict[str, str], cluster=None) -> Result:
-    name = spec.name
-    cmd = stage_command(spec, project, pipeline)
+def _run_stage(spec: StageSpec, key: str, call: StageCall, threads: int, board: RunBoard | None, logger,
+               placed: dict[str, str], cluster=None) -> Result:
+    name, project, parent_run_id = spec.name, Path(call.project_dir), call.parent_run_id
+    cmd = stage_command(spec, project, call.pipeline, overrides=call.overrides)
     if parent_run_id:
         cmd += ["--mlflow-parent", parent_run_id]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -217,17 +237,20 @@ def _threads(parallel: int) -> int:
 
 
 @flow(name="mopd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_STAGES))
-def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: str | None = None
-         ) -> dict:
+def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: str | None = None,
+         params: dict | None = None) -> dict:
     """Run pipeline `pipeline` of pipelines.yaml; returns {"status": stage -> computed | cached |
-    failed | skipped, "parent_run_id": MLflow parent run}."""
+    failed | skipped, "parent_run_id": MLflow parent run}. `params`: params.yaml settings for this
+    run only, nested like the file (`{"distill": {"learning_rate": 1e-4}}`), validated like it and
+    part of each stage's cache key (mopd.overrides)."""
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     # project_dir is a deployment parameter any API client can set: keep it inside the roots
     # this worker allows (MOPD_PROJECT_ROOTS, default the directory it was started in).
     project = allowed_project_dir(project_dir or os.environ.get("MOPD_PROJECT_DIR", "."))
-    cfg = load_config(project, pipeline=pipeline)  # any config error fails here, before work
+    overrides = flatten(params or {})
+    cfg = load_config(project, pipeline=pipeline, overrides=overrides)  # any config error fails here, before work
     devices = inventory()  # a malformed $MOPD_DEVICES fails here too
     graph = build_graph(cfg)
     if len(graph) > MAX_STAGES:
@@ -242,21 +265,22 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
 
     parent = MLflowTracker.start(EXPERIMENT, f"mopd-{pipeline}", tracking_uri=default_tracking_uri(project),
                                  tags={"pipeline": pipeline, "kind": "pipeline"})
-    parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile})
+    parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile,
+                       **{f"override/{k}": v for k, v in redact_secrets(overrides).items()}})
     run_id = str(flow_run.get_id() or parent.run_id)
     board = RunBoard(project, run_id, pipeline, [s.name for s in graph])
     _RUNS[run_id] = _RunState(board, max_parallel(), {s.name: i for i, s in enumerate(graph)}, devices,
                               cfg.params.runtime.cluster)
     width = {s.name: len(level) for level in levels(graph) for s in level}
     futures = {}
+    call = StageCall(str(project), pipeline, parent.run_id, run_id, overrides)
     try:
         for spec in graph:
             task_ = stage.with_options(task_run_name=spec.name, tags=list(spec.tags))
             futures[spec.name] = task_.submit(
                 spec=spec, base_inputs=static_key_inputs(cfg, spec),
-                upstream={u: futures[u] for u in spec.upstream}, force=forced(rerun, spec),
-                project_dir=str(project), pipeline=pipeline, parent_run_id=parent.run_id,
-                threads=_threads(width[spec.name]), board_id=run_id, devices=devices_for(cfg, spec))
+                upstream={u: futures[u] for u in spec.upstream}, call=call, force=forced(rerun, spec),
+                threads=_threads(width[spec.name]), devices=devices_for(cfg, spec))
         status, results = _settle(graph, futures, board, parent, logger)
     except BaseException:
         board.finish("failed")

@@ -104,6 +104,7 @@ def load(path: Path, *, key: str, model, optim, py_rng: random.Random) -> Resume
     if not (path / STATE_FILE).is_file():
         return None
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -126,13 +127,20 @@ def load(path: Path, *, key: str, model, optim, py_rng: random.Random) -> Resume
         version, internal, gauss = state["python_random"]
         history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state["history"].items()}
         scalars, groups = dict(state["optimizer_scalars"]), list(state["param_groups"])
-    except Exception as e:  # safetensors raises its own error types on a truncated file
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # truncated, garbage, older format
         set_aside(path, path, f"{type(e).__name__}: {e}")
         return None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # weights that do not fit the model (another shape, missing or extra tensors) under this same
+    # cache key are damaged too: checked before anything is loaded
+    own = model.state_dict()
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise CheckpointMismatch(f"{path}/model: missing {missing}, unexpected {unexpected}")
+    missing, unexpected = sorted(set(own) - set(weights) - tied), sorted(set(weights) - set(own))
+    shapes = [k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or unexpected or shapes:
+        set_aside(path, path, f"model weights do not fit the model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, other shape {sorted(shapes)[:3]}")
+        return None
+    model.load_state_dict(weights, strict=False)
     per: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         idx, name = k.split(".", 1)

@@ -15,10 +15,11 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from mopd.config import ConfigError, load_config
+    from mopd.overrides import parse_set
     from mopd.plan import format_plan, plan
 
     try:
-        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        cfg = load_config(args.project_dir, pipeline=args.pipeline, overrides=parse_set(args.overrides))
         decisions = plan(cfg, rerun=args.rerun)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -72,9 +73,10 @@ def _watch(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from mopd.config import ConfigError, load_config
     from mopd.local_run import StageError, run_pipeline
+    from mopd.overrides import parse_set
 
     try:
-        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        cfg = load_config(args.project_dir, pipeline=args.pipeline, overrides=parse_set(args.overrides))
         status = run_pipeline(cfg, rerun=args.rerun, track=not args.no_track)
     except (ConfigError, ValueError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -87,9 +89,10 @@ def _run(args: argparse.Namespace) -> int:
 def _stage(args: argparse.Namespace) -> int:
     from mopd.config import ConfigError, load_config
     from mopd.local_run import StageError, run_one
+    from mopd.overrides import parse_set
 
     try:
-        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        cfg = load_config(args.project_dir, pipeline=args.pipeline, overrides=parse_set(args.overrides))
         run_one(cfg, args.name, force=args.force, track=not args.no_track)
     except (ConfigError, ValueError, StageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -149,6 +152,13 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a params.yaml setting for this run without editing the file, e.g. "
+                        "--set distill.learning_rate=1e-4 (dotted key, JSON or YAML value; repeatable; "
+                        "validated like the file and part of each stage's cache key)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", nargs="*", default=[], help="stages or kinds to force")
     p.add_argument("--json", action="store_true",
                    help='print [{"stage", "action": "run"|"cached", "reasons": [...]}, ...]')
+    _add_set(p)
     p.set_defaults(func=_plan)
     p = sub.add_parser("run", help="run a pipeline in the foreground, stage after stage (no Prefect)",
                        description="The flow's stages and cache decisions, sequentially in this "
@@ -168,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project-dir", default=".")
     p.add_argument("--rerun", nargs="*", default=[], help="stages or kinds to force")
     p.add_argument("--no-track", action="store_true", help="do not log the stages to MLflow")
+    _add_set(p)
     p.set_defaults(func=_run)
     p = sub.add_parser("stage", help="run one stage in the foreground, as the flow and DVC run it",
                        description="The stage's own command line, with the cache decision of the flow: "
@@ -178,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project-dir", default=".")
     p.add_argument("--force", action="store_true", help="run it even if it is cached")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    _add_set(p)
     p.set_defaults(func=_stage)
     p = sub.add_parser("results", help="a pipeline's last comparison table (avg@k with CIs, "
                                        "normalised score)")

@@ -11,6 +11,7 @@ dotted key and the offending value.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -28,6 +29,8 @@ from mopd.graph import (
     parse_entry,
 )
 from mopd.opd.settings import DistillParams, UniOPDParams
+from mopd.overrides import OverrideError, overridden
+from mopd.overrides import apply as apply_overrides
 from mopd.settings.analysis import TeacherFitParams, WeightShiftParams
 from mopd.settings.base import (
     IDENT,
@@ -61,21 +64,64 @@ from mopd.settings.difficulty import DifficultyParams
 from mopd.settings.evaluate import EvaluateParams
 from mopd.settings.grpo import GRPOParams
 from mopd.settings.merge import MergeMethod, MergeParams
-from mopd.settings.model import GGUFProfile, PretrainedProfile, Profile, RuntimeParams, TinyProfile
+from mopd.settings.model import (
+    GGUFProfile,
+    PretrainedProfile,
+    Profile,
+    RuntimeParams,
+    TinyProfile,
+)
 from mopd.settings.multiround import MultiRoundParams
 from mopd.settings.offpolicy import OffPolicyFTParams
 from mopd.settings.sft import SFTParams
 from mopd.yamlio import YamlError, read_yaml_mapping
 
 # The section models, re-exported for callers that assemble or inspect a whole configuration.
-__all__ = ["CascadeRLParams", "CoPDOPDParams", "CoPDParams", "Config", "ConfigError", "DataParams",
-           "DataSourceConfig", "DifficultyParams", "DistillParams", "DomainConfig", "EvaluateParams", "GRPOParams",
-           "HubSource", "HumanEvalSource", "LocalSource", "LocalTeacher", "MergeMethod", "MergeParams",
-           "MixRLParams", "MultiRoundParams", "OffPolicyFTParams", "Params", "PipelineConfig", "Pipelines",
-           "GGUFProfile", "PretrainedProfile",
-           "PretrainedTeacher", "Profile", "ReasoningGymSource", "RemoteTeacher", "RuntimeParams", "SFTParams",
-           "SyntheticSource", "TeacherFitParams", "TeacherSource", "TinyProfile", "UniOPDParams", "VerifierKind",
-           "WeightShiftParams", "load_config", "load_params", "load_pipelines", "validate"]
+__all__ = [
+    "CascadeRLParams",
+    "CoPDOPDParams",
+    "CoPDParams",
+    "Config",
+    "ConfigError",
+    "DataParams",
+    "DataSourceConfig",
+    "DifficultyParams",
+    "DistillParams",
+    "DomainConfig",
+    "EvaluateParams",
+    "GGUFProfile",
+    "GRPOParams",
+    "HubSource",
+    "HumanEvalSource",
+    "LocalSource",
+    "LocalTeacher",
+    "MergeMethod",
+    "MergeParams",
+    "MixRLParams",
+    "MultiRoundParams",
+    "OffPolicyFTParams",
+    "Params",
+    "PipelineConfig",
+    "Pipelines",
+    "PretrainedProfile",
+    "PretrainedTeacher",
+    "Profile",
+    "ReasoningGymSource",
+    "RemoteTeacher",
+    "RuntimeParams",
+    "SFTParams",
+    "SyntheticSource",
+    "TeacherFitParams",
+    "TeacherSource",
+    "TinyProfile",
+    "UniOPDParams",
+    "VerifierKind",
+    "WeightShiftParams",
+    "load_config",
+    "load_params",
+    "load_pipelines",
+    "validate",
+]
 
 PARAMS_FILE = "params.yaml"
 PIPELINES_FILE = "pipelines.yaml"
@@ -124,7 +170,7 @@ class Params(Strict):
     variants: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _variants_valid(self) -> "Params":
+    def _variants_valid(self) -> Params:
         for kind, named in self.variants.items():
             if kind not in VARIANT_KINDS:
                 raise ValueError(f"variants.{kind}: stage kind {kind!r} has no variants "
@@ -153,7 +199,7 @@ class Params(Strict):
         return type(base).model_validate({**base.model_dump(), **overrides})
 
     @model_validator(mode="after")
-    def _names_and_lengths(self) -> "Params":
+    def _names_and_lengths(self) -> Params:
         check_names("profiles", "profile", self.profiles, LABEL, LABEL_RULE)
         check_names("teacher", "teacher recipe", self.teacher)
         prof = self.profiles.get(self.profile)
@@ -173,7 +219,7 @@ class Params(Strict):
         return self
 
     @model_validator(mode="after")
-    def _profile_exists(self) -> "Params":
+    def _profile_exists(self) -> Params:
         if self.profile not in self.profiles:
             raise ValueError(
                 f"profile {self.profile!r} is not defined under `profiles` "
@@ -203,7 +249,7 @@ class PipelineConfig(Strict):
     stages: list[str] = Field(default_factory=lambda: list(DEFAULT_STAGES), min_length=1)
 
     @model_validator(mode="after")
-    def _entries_valid(self) -> "PipelineConfig":
+    def _entries_valid(self) -> PipelineConfig:
         dup = sorted({d for d in self.domains if self.domains.count(d) > 1})
         if dup:
             raise ValueError(f"domains {dup} listed more than once")
@@ -226,7 +272,7 @@ class Pipelines(Strict):
     pipelines: dict[str, PipelineConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _names_and_kinds(self) -> "Pipelines":
+    def _names_and_kinds(self) -> Pipelines:
         check_names("domains", "domain", self.domains)
         check_names("pipelines", "pipeline", self.pipelines)
         for name, dom in self.domains.items():
@@ -242,7 +288,7 @@ class Pipelines(Strict):
         return self
 
     @model_validator(mode="after")
-    def _benchmarks_known(self) -> "Pipelines":
+    def _benchmarks_known(self) -> Pipelines:
         for name, dom in self.domains.items():
             for bench in dom.benchmarks:
                 if dom.benchmarks.count(bench) > 1:
@@ -262,7 +308,7 @@ class Pipelines(Strict):
         return self
 
     @model_validator(mode="after")
-    def _domains_known(self) -> "Pipelines":
+    def _domains_known(self) -> Pipelines:
         for name, pipe in self.pipelines.items():
             unknown = [d for d in pipe.domains if d not in self.domains]
             if unknown:
@@ -283,8 +329,11 @@ class Config(Strict):
     pipelines: Pipelines
     pipeline: str
     project_dir: Path
+    # dotted params.yaml key -> value set at trigger time (mopd.overrides): already applied to
+    # `params`; kept to pass on to each stage's process and to name them in reasons
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
-    def for_pipeline(self, pipeline: str) -> "Config":
+    def for_pipeline(self, pipeline: str) -> Config:
         """The same configuration with another pipeline selected."""
         return self if pipeline == self.pipeline else self.model_copy(update={"pipeline": pipeline})
 
@@ -369,9 +418,7 @@ def _user_path(raw: Any, loc: tuple) -> tuple[list[str], Any]:
     keys: list[str] = []
     node: Any = raw
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         elif isinstance(node, dict) or isinstance(node, list):
             if part == loc[-1]:  # a key that should exist but does not (missing field)
@@ -387,12 +434,15 @@ def _user_path(raw: Any, loc: tuple) -> tuple[list[str], Any]:
 MAX_ERRORS = 8  # listed per file; the rest are counted
 
 
-def _format_errors(path: Path, exc: ValidationError, raw: dict) -> str:
+def _format_errors(path: Path, exc: ValidationError, raw: dict, overrides: Mapping[str, Any] = {}) -> str:
     errors = exc.errors()
-    lines = [f"{path}: {len(errors)} invalid setting(s):"]
+    lines = [f"{path}{' with --set overrides' if overrides else ''}: {len(errors)} invalid setting(s):"]
     for err in errors[:MAX_ERRORS]:
         keys, value = _user_path(raw, tuple(err["loc"]))
         key = ".".join(keys) or "<top level>"
+        by = overridden(key, overrides)
+        if by is not None:
+            key = f"{key} (from --set {by})"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (remove it or check its spelling)")
         elif isinstance(value, (dict, list)) and err["type"] in ("value_error", "assertion_error"):
@@ -404,16 +454,24 @@ def _format_errors(path: Path, exc: ValidationError, raw: dict) -> str:
     return "\n".join(lines)
 
 
-def _validate(model: type[BaseModel], path: Path, raw: dict) -> Any:
+def _validate(model: type[BaseModel], path: Path, raw: dict, overrides: Mapping[str, Any] = {}) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc, raw)) from None
+        raise ConfigError(_format_errors(path, exc, raw, overrides)) from None
 
 
-def load_params(path: Path | str) -> Params:
+def load_params(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Params:
+    """params.yaml, with ``overrides`` (dotted key -> value, :mod:`mopd.overrides`) applied to the
+    file's mapping before validation: an override is checked exactly like the file."""
     path = Path(path)
-    return _validate(Params, path, _read_yaml(path))
+    raw = _read_yaml(path)
+    if overrides:
+        try:
+            raw = apply_overrides(raw, overrides, str(path))
+        except OverrideError as exc:
+            raise ConfigError(str(exc)) from None
+    return _validate(Params, path, raw, overrides or {})
 
 
 def load_pipelines(path: Path | str) -> Pipelines:
@@ -428,17 +486,20 @@ def load_config(
     pipeline: str = "full",
     params_file: str = PARAMS_FILE,
     pipelines_file: str = PIPELINES_FILE,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Load both files and validate them against each other. Raises ConfigError before any work."""
+    """Load both files and validate them against each other, with ``overrides`` (dotted
+    params.yaml key -> value, set at trigger time) applied. Raises ConfigError before any work."""
     project_dir = Path(project_dir).resolve()
-    params = load_params(project_dir / params_file)
+    overrides = dict(overrides or {})
+    params = load_params(project_dir / params_file, overrides)
     pipes = load_pipelines(project_dir / pipelines_file)
     if pipeline not in pipes.pipelines:
         raise ConfigError(
             f"{project_dir / pipelines_file}: pipelines.{pipeline}: no such pipeline "
             f"(defined: {sorted(pipes.pipelines)})"
         )
-    cfg = Config(params=params, pipelines=pipes, pipeline=pipeline, project_dir=project_dir)
+    cfg = Config(params=params, pipelines=pipes, pipeline=pipeline, project_dir=project_dir, overrides=overrides)
     validate(cfg, project_dir / params_file, project_dir / pipelines_file)
     return cfg
 

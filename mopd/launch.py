@@ -16,6 +16,7 @@ import sys
 from mopd.config import ConfigError, load_config
 from mopd.graph import KINDS
 from mopd.local_run import devices_for, launcher
+from mopd.overrides import OverrideError, parse_set
 from mopd.placement import PlacementError, current, leased
 
 
@@ -34,15 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--project-dir", default=".")
     parser.add_argument("--pipeline", default="full")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
     known, _ = parser.parse_known_args(rest)
-    try:
-        cfg = load_config(known.project_dir, pipeline=known.pipeline)
+    try:  # the stage's own settings, overrides included (`runtime.processes` may be one)
+        cfg = load_config(known.project_dir, pipeline=known.pipeline, overrides=parse_set(known.overrides))
         # a cluster engine placed this process already (its devices, its node): no host lease
         wanted = 0 if current() is not None else devices_for(cfg, row)
         with leased(wanted, f"{module} (dvc)") as lease:
             env = {**os.environ, **(lease.env() if lease else {})}
             return subprocess.run([*launcher(cfg, row, known.project_dir), module, *rest], env=env).returncode
-    except (ConfigError, PlacementError, FileNotFoundError) as exc:
+    except (ConfigError, OverrideError, PlacementError, FileNotFoundError) as exc:
         print(f"error: {module}: {exc}", file=sys.stderr)
         return 2
 

@@ -27,12 +27,16 @@ class StageError(RuntimeError):
     pass
 
 
-def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool = True) -> list[str]:
-    """The stage's command line, as the flow, `mopd run` and DVC run it."""
+def stage_command(spec: StageSpec, project: Path, pipeline: str, *, track: bool = True,
+                  overrides: dict | None = None) -> list[str]:
+    """The stage's command line, as the flow, `mopd run` and DVC run it; ``overrides`` (settings
+    set at trigger time, mopd.overrides) travel on it as ``--set key=<json>``."""
     from mopd.config import load_config
+    from mopd.overrides import to_args
 
-    return [*launcher(load_config(project, pipeline=pipeline), spec, project), spec.module, *spec.argv,
-            "--project-dir", str(project), "--pipeline", pipeline, *([] if track else ["--no-track"])]
+    cfg = load_config(project, pipeline=pipeline, overrides=overrides)
+    return [*launcher(cfg, spec, project), spec.module, *spec.argv, "--project-dir", str(project),
+            "--pipeline", pipeline, *to_args(overrides or {}), *([] if track else ["--no-track"])]
 
 
 # A stage is a StageSpec or its kind's StageKind row (`mopd.launch` has only the row): both carry
@@ -62,7 +66,7 @@ def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None 
     cluster = cfg.params.runtime.cluster
     if on_cluster(cluster):
         env = {**os.environ, **(extra_env or {})}
-        rc, tail = run_on_cluster(cluster, stage_command(spec, cfg.project_dir, cfg.pipeline, track=track),
+        rc, tail = run_on_cluster(cluster, stage_command(spec, cfg.project_dir, cfg.pipeline, track=track, overrides=cfg.overrides),
                                   cfg.project_dir, env, kind=spec.kind, gpus=devices_for(cfg, spec), name=spec.name,
                                   module=spec.module, on_line=None if quiet else print)
         if rc != 0:
@@ -70,7 +74,7 @@ def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None 
         return
     with leased(devices_for(cfg, spec), spec.name) as lease:
         env = {**os.environ, **(extra_env or {}), **(lease.env() if lease else {})}
-        proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track), cwd=cfg.project_dir,
+        proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track, overrides=cfg.overrides), cwd=cfg.project_dir,
                               env=env, text=True, stdout=subprocess.PIPE if quiet else None,
                               stderr=subprocess.STDOUT if quiet else None)
     if proc.returncode != 0:

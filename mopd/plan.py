@@ -11,6 +11,7 @@ byte for byte: it reports its dependants as ``run``, and the flow may still find
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from mopd.artifacts import Result, load_result
 from mopd.config import Config
 from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
+from mopd.overrides import overridden
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """Why two key inputs differ, in words: config keys, upstream stages, code files."""
+def explain(old: dict[str, Any] | None, new: dict[str, Any], overrides: Iterable[str] = ()) -> list[str]:
+    """Why two key inputs differ, in words: config keys (a key set at trigger time is named as
+    its ``--set`` override, :mod:`mopd.overrides`), upstream stages, code files."""
     if not old:
         return ["the recorded result has no key inputs (made by an older mopd): key changed"]
     reasons: list[str] = []
@@ -59,8 +62,9 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     before, after = _flat(old.get("config", {}), ""), _flat(new["config"], "")
     for key in sorted(set(before) | set(after)):
         if before.get(key, "<unset>") != after.get(key, "<unset>"):
+            by = overridden(key, overrides)
             where = key.replace("pipelines:", "pipelines.yaml: ", 1) if key.startswith("pipelines:") \
-                else f"params.yaml: {key}"
+                else f"params.yaml: {key}" if by is None else f"--set {key}"
             reasons.append(f"config {where}: {_short(before.get(key, '<unset>'))} -> "
                            f"{_short(after.get(key, '<unset>'))}")
     for u in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
@@ -82,7 +86,7 @@ def explain(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
 
 
 def decide(project: Path, spec: StageSpec, key: str, inputs: dict[str, Any], *,
-           force: bool = False) -> tuple[Decision, Result | None]:
+           force: bool = False, overrides: Iterable[str] = ()) -> tuple[Decision, Result | None]:
     """Whether ``spec`` must run given the key it would have now; returns the decision and, when
     cached, the recorded Result to reuse."""
     if force:
@@ -93,7 +97,7 @@ def decide(project: Path, spec: StageSpec, key: str, inputs: dict[str, Any], *,
         missing = isinstance(exc, FileNotFoundError)
         return Decision(spec.name, "run", ["no output yet" if missing else f"unreadable result: {exc}"]), None
     if recorded.cache_key != key:
-        return Decision(spec.name, "run", explain(recorded.inputs, inputs)), None
+        return Decision(spec.name, "run", explain(recorded.inputs, inputs, overrides)), None
     problems = recorded.problems(project)
     if problems:
         return Decision(spec.name, "run", [f"output altered: {p}" for p in problems[:5]]), None
@@ -116,7 +120,7 @@ def plan(cfg: Config, rerun: list[str] | tuple[str, ...] = ()) -> list[Decision]
             continue
         inputs = key_inputs(cfg, spec, {u: hashes[u] for u in spec.upstream})
         decision, result = decide(cfg.project_dir, spec, hash_inputs(inputs), inputs,
-                                  force=forced(rerun, spec))
+                                  force=forced(rerun, spec), overrides=cfg.overrides)
         out.append(decision)
         if result is None:
             will_run.add(spec.name)

@@ -20,9 +20,9 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from mopd import placement, runtime
 from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
@@ -35,6 +35,7 @@ from mopd.graph import (
     hash_inputs,
     key_inputs,
 )
+from mopd.overrides import parse_set
 from mopd.security import redact_secrets
 from mopd.stage import StageContext, resolve_roles
 from mopd.tracking import MLflowTracker, NullTracker, default_tracking_uri
@@ -101,6 +102,8 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
             **{f"arg/{k}": v for k, v in spec.args}}
     if spec.domain:
         tags["domain"] = spec.domain
+    if cfg.overrides:  # settings set at trigger time (already in the params logged below)
+        tags["overrides"] = json.dumps(redact_secrets(cfg.overrides), sort_keys=True)[:5000]
     tracker = (MLflowTracker.start(EXPERIMENT, name, tracking_uri=default_tracking_uri(project),
                                    parent_run_id=parent_run_id, tags=tags)
                if track and main_proc else NullTracker())
@@ -193,13 +196,15 @@ def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
                                 help=f"the stage's {arg} (stage name {kind}:<{arg}>)")
     parser.add_argument("--mlflow-parent", default=None, help="MLflow run id to nest under")
     parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a params.yaml setting for this run (dotted key; repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("MOPD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = [getattr(args, a) for a in row.args]
     name = ":".join([kind, *[v for v in values if v]])
     try:
-        cfg = load_config(args.project_dir, pipeline=args.pipeline)
+        cfg = load_config(args.project_dir, pipeline=args.pipeline, overrides=parse_set(args.overrides))
         with _own_lease(cfg, name):
             result = execute(cfg, name, run, parent_run_id=args.mlflow_parent, track=not args.no_track)
     except (ConfigError, FileNotFoundError, ValueError, InjectedFault) as exc:

@@ -37,7 +37,8 @@ def _save(path: Path, tiny, step: int = 4) -> None:
               history={"loss": [(1, 0.5)]})
 
 
-@pytest.mark.parametrize("damage", ["state_empty", "state_cut", "weights_cut", "rng_missing"])
+@pytest.mark.parametrize("damage", ["state_empty", "state_cut", "weights_cut", "rng_missing", "rng_garbage",
+                                    "older_format", "other_shape"])
 def test_damaged_distill_checkpoint_is_set_aside_and_the_stage_starts_afresh(tmp_path, tiny, damage, capsys):
     path = tmp_path / ".mopd/checkpoints/distill"
     _save(path, tiny)
@@ -51,8 +52,21 @@ def test_damaged_distill_checkpoint_is_set_aside_and_the_stage_starts_afresh(tmp
     elif damage == "weights_cut":
         w = path / "model/model.safetensors"
         w.write_bytes(w.read_bytes()[:100])
-    else:
+    elif damage == "rng_missing":
         (path / "rng.safetensors").unlink()
+    elif damage == "rng_garbage":
+        (path / "rng.safetensors").write_bytes(b"\x08" + bytes(64))
+    elif damage == "older_format":  # a state without the Python RNG (an older mopd)
+        st = json.loads(state.read_text())
+        del st["python_random"]
+        state.write_text(json.dumps(st))
+    else:
+        from safetensors.torch import load_file, save_file
+
+        w = load_file(str(path / "model/model.safetensors"))
+        name = next(iter(w))
+        w[name] = w[name][..., :1].contiguous()
+        save_file(w, str(path / "model/model.safetensors"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert ckpt.load(path, key="k", model=model, optim=optim, py_rng=random.Random()) is None
     assert not path.exists()
@@ -64,8 +78,8 @@ def test_damaged_distill_checkpoint_is_set_aside_and_the_stage_starts_afresh(tmp
 
 def _trl_checkpoint(root: Path, step: int) -> Path:
     """The files transformers writes into ``checkpoint-N`` (trainer_state.json last)."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)

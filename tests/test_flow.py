@@ -456,3 +456,36 @@ def test_priority_gate_serves_waiting_stages_in_graph_order():
     for t in threads:
         t.join(10)
     assert order == [1, 3, 5, 9]
+
+
+def test_flow_params_override_is_validated_recorded_and_keyed(micro_project, prefect_env):
+    """The deployments' `params` parameter (`prefect deployment run mopd/full -p params=...`)
+    through the real Prefect engine: an unknown key fails the run naming it before any work; a
+    valid one reaches the stage process, its recorded configuration, its cache key and MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.mopd_flow import mopd
+
+    schema = mopd.to_deployment(name="x")._parameter_openapi_schema.model_dump()
+    assert "params" in schema["properties"]  # what `prefect deployment run -p` is checked against
+    state = mopd(project_dir=str(micro_project), params={"distill": {"no_such_key": 1}}, return_state=True)
+    assert state.is_failed() and "distill.no_such_key" in str(state.result(raise_on_failure=False))
+    assert not (micro_project / "artifacts").exists()
+
+    pipes = yaml.safe_load((micro_project / "pipelines.yaml").read_text())
+    pipes["pipelines"]["d"] = {"domains": ["math", "code", "if"], "stages": ["data"]}
+    (micro_project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    _, status = _run(micro_project, pipeline="d")
+    assert status == {"data": "computed"}
+    state, status = _run(micro_project, pipeline="d", params={"data": {"n_train": 40}})
+    assert state.is_completed() and status == {"data": "computed"}  # another key: not the cached one
+    assert json.loads((micro_project / "artifacts/data/stage_config.json").read_text())["data"]["n_train"] == 40
+    _, status = _run(micro_project, pipeline="d", params={"data": {"n_train": 40}})
+    assert status == {"data": "cached"}
+    client = MlflowClient(f"sqlite:///{micro_project}/.mopd/mlflow.db")
+    exp = client.get_experiment_by_name("mopd").experiment_id
+    child = [r for r in client.search_runs([exp], "tags.stage = 'data'") if "overrides" in r.data.tags]
+    assert [json.loads(r.data.tags["overrides"]) for r in child] == [{"data.n_train": 40}]
+    assert child[0].data.params["data.n_train"] == "40"
+    parents = client.search_runs([exp], "tags.kind = 'pipeline'")
+    assert sum(r.data.params.get("override/data.n_train") == "40" for r in parents) == 2
