@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -52,6 +53,13 @@ from mopd.placement import acquire, inventory
 from mopd.plan import decide, forced
 from mopd.progress import ENV as PROGRESS_ENV
 from mopd.progress import RunBoard
+from mopd.publish import (
+    TABLE_FILE,
+    cost_markdown,
+    publish_methods,
+    score_markdown,
+    score_rows,
+)
 from mopd.security import allowed_project_dir, redact_secrets
 
 EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
@@ -82,10 +90,14 @@ class _PriorityGate:
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
-    def hold(self, priority: int):
+    def hold(self, priority: int, on_wait=None):
+        """A slot for the block; ``on_wait`` is called once if the slot is not free at once."""
         with self._cond:
             self._waiting.append(priority)
             while not (self._free > 0 and min(self._waiting) == priority):
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
                 self._cond.wait()
             self._waiting.remove(priority)
             self._free -= 1
@@ -110,24 +122,82 @@ class _RunState:
         self.device_turn = _PriorityGate(1)  # one stage at a time takes devices, in graph order
 
     @contextlib.contextmanager
-    def slot(self, name: str, devices: int):
+    def slot(self, name: str, devices: int, on_wait=None):
         """Where stage ``name`` may run: a stage that runs models on a host with devices waits for
         ``devices`` of them (leased host-wide: other flows, `mopd run`, `mopd stage` and
         `dvc repro` share them) and yields the lease; every other stage takes one of the run's
         process slots (MOPD_MAX_PARALLEL) and yields None. On a cluster engine (Ray) its scheduler
-        admits and places every stage: nothing is taken here."""
+        admits and places every stage: nothing is taken here. ``on_wait``: called once when the
+        stage has to wait."""
+        waited = _Once(on_wait)
         if on_cluster(self.cluster):
             yield None
         elif devices and self.devices:
-            with self.device_turn.hold(self.order[name]):
-                lease = acquire(devices, name, devices=self.devices)
+            with self.device_turn.hold(self.order[name], waited):
+                lease = acquire(devices, name, devices=self.devices, on_wait=waited)
             try:
                 yield lease
             finally:
                 lease.release()
         else:
-            with self.gate.hold(self.order[name]):
+            with self.gate.hold(self.order[name], waited):
                 yield None
+
+
+class _Once:
+    """Call ``fn`` the first time only (None: never)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
+class _WaitState:
+    """A stage task that waits for a slot or devices shows it in Prefect: the task run goes to
+    Prefect's own `AwaitingConcurrencySlot` state (what a tag-limited task shows) while it waits,
+    and back to Running when it has them, not Running all along. Prefect 3 runs tasks with
+    client-side orchestration: its engine records a task's states as events, so this records its
+    two states the same way (the engine's `set_state`). Advisory: a failure is logged, never raised."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        self.waiting = False
+
+    def _set(self, state) -> None:
+        from prefect.context import TaskRunContext
+        from prefect.utilities.engine import emit_task_run_state_change_event
+
+        ctx = TaskRunContext.get()
+        if ctx is None or ctx.task_run is None:
+            return
+        run, last = ctx.task_run, ctx.task_run.state
+        state.state_details.task_run_id, state.state_details.flow_run_id = run.id, run.flow_run_id
+        run.state, run.state_id, run.state_type, run.state_name = state, state.id, state.type, state.name
+        emit_task_run_state_change_event(task_run=run, initial_state=last, validated_state=state)
+
+    def wait(self) -> None:
+        from prefect.states import AwaitingConcurrencySlot
+
+        try:
+            self._set(AwaitingConcurrencySlot(message="waiting for a stage slot or devices"))
+            self.waiting = True
+        except Exception as exc:  # noqa: BLE001  (advisory: the stage runs whatever the UI shows)
+            self.logger.warning("could not show the wait in Prefect: %s", exc)
+
+    def resume(self) -> None:
+        if not self.waiting:
+            return
+        from prefect.states import Running
+
+        try:
+            self._set(Running(message="got its slot"))
+        except Exception as exc:  # noqa: BLE001
+            self.logger.warning("could not show the end of the wait in Prefect: %s", exc)
+        self.waiting = False
 
 
 _RUNS: dict[str, _RunState] = {}
@@ -168,8 +238,10 @@ def stage(spec: StageSpec, base_inputs: dict, upstream: dict[str, dict], call: S
         return Completed(name="Cached", message=f"{name}: outputs match cache key {key[:12]}",
                          data={"result": recorded.to_dict(), "action": "cached", "reasons": []})
     logger.info("%s: to run (%s)", name, "; ".join(decision.reasons))
+    shown = _WaitState(logger)
     try:
-        with run.slot(name, devices) if run else contextlib.nullcontext() as lease:
+        with run.slot(name, devices, shown.wait) if run else contextlib.nullcontext() as lease:
+            shown.resume()
             board and board.stage(name, "running")
             result = _run_stage(spec, key, call, threads, board, logger, lease.env() if lease else {},
                                 (run.cluster, devices) if run else None)
@@ -295,7 +367,7 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
                "dvc": sync_lock(project, [s for s in results if status[s] == "computed"]) if in_project
                else "skipped (storage.artifacts is outside the project)"}
     logger.info("dvc.lock: %s", summary["dvc"])
-    _finish(parent, project, pipeline, results, summary)
+    _finish(parent, project, pipeline, results, summary, graph)
     failed = [k for k, v in status.items() if v == "failed"]
     board.finish("failed" if failed else "completed")
     _RUNS.pop(run_id, None)
@@ -337,9 +409,7 @@ def _log_cached(parent, spec: StageSpec, res: Result) -> None:
     child.end("FINISHED")
 
 
-def _finish(parent, project: Path, pipeline: str, results: dict[str, Result], summary: dict) -> None:
-    (project / SUMMARY_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (project / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+def _finish(parent, project: Path, pipeline: str, results: dict[str, Result], summary: dict, graph) -> None:
     parent.set_tags({f"stage/{k}": v for k, v in summary["status"].items()})
     report = results.get(f"report:{pipeline}")
     if report is not None:
@@ -347,6 +417,28 @@ def _finish(parent, project: Path, pipeline: str, results: dict[str, Result], su
         for name in ("avg_at_k.csv", "normalized.csv", "avg_at_k.png", "normalized.png"):
             if (out / name).is_file():
                 parent.log_artifact(out / name)
-        parent.log_metrics({k: v for k, v in report.metrics.items()
-                            if k.startswith(("normalized/", "avg_at_k/", "teacher_cost/"))})
+        # the parent's metrics name no method: each method is a child run (mopd.publish), so
+        # MLflow's compare view puts methods side by side on the same keys
+        parent.log_metrics({k: v for k, v in report.metrics.items() if k.startswith("teacher_gain")})
+        summary["registered"] = publish_methods(parent, project, pipeline, graph, results)
+        _prefect_artifacts(project / report.out_dir / TABLE_FILE, pipeline)
+    (project / SUMMARY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (project / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     parent.end("FAILED" if "failed" in summary["status"].values() else "FINISHED")
+
+
+def _prefect_artifacts(table_file: Path, pipeline: str) -> None:
+    """The score table (rows and markdown) and the teacher-cost ledger as artifacts of this
+    flow run: what a Prefect user opens (the flow run's Artifacts tab, or the Artifacts page by
+    key, which keeps each run's version)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    table = json.loads(table_file.read_text())
+    key = re.sub(r"[^a-z0-9-]+", "-", pipeline.lower())
+    create_table_artifact(score_rows(table), key=f"{key}-score-table",
+                          description=f"Pipeline {pipeline}: every method's avg@k / pass@k per benchmark "
+                                      f"with bootstrap CIs, and its normalised score (MOPD 4.1)")
+    create_markdown_artifact(score_markdown(table, pipeline), key=f"{key}-scores",
+                             description=f"Pipeline {pipeline}: the comparison table")
+    create_markdown_artifact(cost_markdown(table, pipeline), key=f"{key}-teacher-cost",
+                             description=f"Pipeline {pipeline}: teacher cost and rollout budget per method")

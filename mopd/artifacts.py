@@ -15,6 +15,9 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 MODELS_FILE = "models.json"  # in a model stage's output: {method label: model dir inside it}
+# a stage's headline metrics (result.json's, less run-varying timings): dvc.yaml's top-level
+# `metrics`, so `dvc metrics show/diff` and `dvc exp show` list them
+METRICS_FILE = "metrics.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -3,7 +3,8 @@
 One DVC stage per mopd stage (a stage shared by several pipelines appears once); its `cmd` is
 the stage module's command line, its `deps` the stage's code (its import closure,
 :func:`mopd.codedeps.import_closure`) and its upstream stages' output folders, its `params` the
-exact `params.yaml` / `pipelines.yaml` keys it reads, its `outs` its output folder. The file is
+exact `params.yaml` / `pipelines.yaml` keys it reads, its `outs` its output folder; at the top
+level, each stage's `metrics.json` (`metrics`) and the figures it draws (`plots`). The file is
 committed; a test fails when it is stale.
 
 DVC stage names cannot hold `:`, so `teacher:math` is `teacher-math` there (mopd's names are
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
+from mopd.artifacts import METRICS_FILE
 from mopd.codedeps import import_closure, project_root
 from mopd.config import PIPELINES_FILE, Config
-from mopd.graph import all_stages, finished_teachers, outside_project
+from mopd.graph import KINDS, all_stages, finished_teachers, outside_project
 
 DVC_FILE = "dvc.yaml"
 HEADER = """\
@@ -58,7 +60,12 @@ def build(cfg: Config) -> dict:
             entry["params"] = params
         entry["outs"] = [spec.out_dir]
         out[dvc_name(name)] = entry
-    return {"stages": out}
+    # every stage's headline metrics (`dvc metrics show/diff`, the columns of `dvc exp show`) and
+    # the figures it draws (`dvc plots show/diff`): files inside the stages' outputs, listed at the
+    # top level (DVC 3), so the outputs stay one folder per stage
+    metrics = [f"{spec.out_dir}/{METRICS_FILE}" for _, spec in stages.values()]
+    plots = [f"{spec.out_dir}/{f}" for _, spec in stages.values() for f in KINDS[spec.kind].plots]
+    return {"stages": out, "metrics": metrics, "plots": plots}
 
 
 def _finished_teachers(cfg: Config, spec) -> list[str]:

@@ -123,6 +123,8 @@ class StageKind:
     # params.yaml keys of generation lengths: each plus the longest prompt must fit a tiny
     # profile's context (`teacher.*` = every recipe's)
     length_keys: tuple[str, ...] = ()
+    # figures the stage draws in its output folder (file names): dvc.yaml's top-level `plots`
+    plots: tuple[str, ...] = ()
 
 
 def _one(ctx: _Ctx) -> list[dict]:
@@ -272,6 +274,7 @@ def _report_upstream(ctx: _Ctx, a: dict) -> tuple[str, ...]:
 
 # The stage table. Its order is a topological order of the kinds: a kind's upstream rule may
 # only name kinds above it.
+CURVES = ("training_curves.png",)  # tasks.plotting.log_curves (its points: curves.csv)
 KINDS: dict[str, StageKind] = {k.kind: k for k in (
     StageKind("data", "tasks.data", _one, lambda ctx, a: ("seed", "data"),
               lambda a: f"{ARTIFACTS}/data",
@@ -281,7 +284,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/base", upstream=lambda ctx, a: ("data",)),
     StageKind("sft", "tasks.sft", _one, lambda ctx, a: ("seed", "sft"), lambda a: f"{ARTIFACTS}/sft",
               upstream=lambda ctx, a: ("data", "base"), tags=("gpu",), data_parallel=True,
-              models=lambda ctx, a: (("sft", "model"),),
+              models=lambda ctx, a: (("sft", "model"),), plots=CURVES,
               roles=lambda ctx, a: {"base": "base"}),
     # MOPD 3.1: one GRPO teacher per domain whose teacher is trained here (remote ones are not).
     StageKind("teacher", "tasks.teacher",
@@ -291,7 +294,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",),
               tags=("gpu", "teacher"), models=lambda ctx, a: ((f"teacher:{a['domain']}", "model"),),
-              length_keys=("teacher.*.max_completion_length",), data_parallel=True, samples=True,
+              length_keys=("teacher.*.max_completion_length",), data_parallel=True, samples=True, plots=CURVES,
               roles=_student("sft")),
     # Uni-OPD A.1: difficulty is scored with the student, so it needs only data + SFT and runs
     # beside the teachers; distillation then trains on its balanced prompt set.
@@ -308,7 +311,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
                                        *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=_distill_models,
-              samples=True, data_parallel=True, length_keys=("distill.max_new_tokens",),
+              samples=True, data_parallel=True, length_keys=("distill.max_new_tokens",), plots=CURVES,
               roles=_distill_roles),
     # Multi-round MOPD (MOPD §4.4.3): round r's teachers start from round r-1's student and train
     # with the domain's recipe; then MOPD again over those domains from that student.
@@ -319,14 +322,14 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               per_domain=True, upstream=_round_teacher_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu", "teacher"),
               models=lambda ctx, a: ((f"teacher:{a['domain']}:round{a['round']}", "model"),),
-              listed_as="multiround", data_parallel=True, samples=True,
+              listed_as="multiround", data_parallel=True, samples=True, plots=CURVES,
               roles=lambda ctx, a: {"student": MultiRoundParams.student_stage(int(a["round"]) - 1)}),
     StageKind("multiround", "tasks.multiround", lambda ctx: [{"round": str(r)} for r in _rounds(ctx)],
               lambda ctx, a: ("seed", "distill", "multiround"),
               lambda a: f"{ARTIFACTS}/rounds/{a['round']}/distill", args=("round",),
               upstream=_round_distill_upstream, pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=lambda ctx, a: ((f"{DEFAULT_DISTILL_METHOD}:round{a['round']}", "model"),),
-              samples=True, data_parallel=True,
+              samples=True, data_parallel=True, plots=CURVES,
               roles=_round_distill_roles),
     # Integration baselines (MOPD Table 2, ALGORITHMS §9). Mix-RL: one GRPO run on the pooled
     # prompts, each rewarded by its domain's verifier.
@@ -334,7 +337,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/mix_rl", upstream=lambda ctx, a: ("data", "sft"),
               pipeline_keys=_domain_keys("verifier"), tags=("gpu",),
               models=lambda ctx, a: (("mix_rl", "model"),),
-              length_keys=("mix_rl.max_completion_length",), data_parallel=True, samples=True,
+              length_keys=("mix_rl.max_completion_length",), data_parallel=True, samples=True, plots=CURVES,
               roles=_student("sft")),
     # Cascade RL: GRPO per domain in `cascade_rl.order`, each from the previous step's model.
     StageKind("cascade_rl", "tasks.cascade_rl",
@@ -343,7 +346,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/baselines/cascade_rl/{a['domain']}", args=("domain",),
               per_domain=True, upstream=_cascade_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
-              models=_cascade_models, data_parallel=True, samples=True,
+              models=_cascade_models, data_parallel=True, samples=True, plots=CURVES,
               roles=lambda ctx, a: {"student": _cascade_upstream(ctx, a)[1]}),
     # Off-policy fine-tuning: SFT of the student on its teachers' correct rollouts.
     StageKind("offpolicy_ft", "tasks.offpolicy_ft", _one, lambda ctx, a: ("seed", "offpolicy_ft"),
@@ -351,7 +354,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               upstream=lambda ctx, a: ("data", "sft", *_teachers(ctx)),
               pipeline_keys=_domain_keys("verifier", "teacher"), tags=("gpu",),
               models=lambda ctx, a: (("offpolicy_ft", "model"),),
-              length_keys=("offpolicy_ft.max_new_tokens",),
+              length_keys=("offpolicy_ft.max_new_tokens",), plots=CURVES,
               roles=lambda ctx, a: {"student": "sft", "teachers": _local_teachers(ctx)}),
     # CoPD (ALGORITHMS §6): each branch-cycle-phase is a stage, so a failure in cycle n reruns
     # only cycle n onward; the final branches merged through mergekit are the method `copd`.
@@ -359,7 +362,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               lambda a: f"{ARTIFACTS}/copd/{a['cycle']}/{a['phase']}/{a['domain']}",
               args=("cycle", "phase", "domain"), per_domain=True, upstream=_copd_upstream,
               pipeline_keys=lambda ctx, a: (f"domains.{a['domain']}.verifier",), tags=("gpu",),
-              length_keys=("copd.opd.max_new_tokens",),
+              length_keys=("copd.opd.max_new_tokens",), plots=CURVES,
               roles=_copd_roles),
     StageKind("copd_merge", "tasks.copd_merge", _one,
               lambda ctx, a: ("seed", "copd.merge_method", "copd.task_arithmetic_lambda", "copd.density"),
@@ -372,6 +375,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
                               "copd.opd.temperature", "weight_shift"),
               lambda a: f"{ARTIFACTS}/analysis/copd_monitor",
               upstream=lambda ctx, a: ("data", "sft", *ctx.names("copd")), tags=("gpu",), listed_as="copd",
+              plots=("monitor.png", "weight_shift.png"),
               roles=_copd_monitor_roles),
     # Param-Merge baselines (MOPD 4.1, M2RL): mergekit, base = SFT, only local teachers.
     StageKind("merge", "tasks.merge", _one, lambda ctx, a: ("seed", "merge"),
@@ -380,7 +384,7 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
               roles=lambda ctx, a: {"base": "sft", "teachers": _local_teachers(ctx)}),
     # Analysis (M2RL 3.3): the teachers' changed-weight overlaps against SFT.
     StageKind("weight_shift", "tasks.weight_shift", _one, lambda ctx, a: ("weight_shift",),
-              lambda a: f"{ARTIFACTS}/analysis/weight_shift", upstream=lambda ctx, a: ("sft", *_teachers(ctx)),
+              lambda a: f"{ARTIFACTS}/analysis/weight_shift", upstream=lambda ctx, a: ("sft", *_teachers(ctx)), plots=("jaccard.png",),
               roles=lambda ctx, a: {"base": "sft", "teachers": _local_teachers(ctx)}),
     # Analysis (§8): every method's reverse KL / top-k overlap to each domain's teacher along its
     # own rollouts; named by its pipeline (it compares that pipeline's models, as the report).
@@ -403,14 +407,14 @@ KINDS: dict[str, StageKind] = {k.kind: k for k in (
     StageKind("budget_curve", "tasks.budget_curve", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("seed", "evaluate"), lambda a: f"{ARTIFACTS}/analysis/budget_curve/{a['pipeline']}",
               args=("pipeline",), upstream=lambda ctx, a: ("data", *_curve_stages(ctx), *_curve_references(ctx)),
-              pipeline_keys=_domain_keys("verifier", "benchmarks", "teacher"), tags=("gpu",), samples=True,
+              pipeline_keys=_domain_keys("verifier", "benchmarks", "teacher"), tags=("gpu",), samples=True, plots=("budget_curve.png",),
               roles=lambda ctx, a: {"curves": {n: n for n in _curve_stages(ctx)},
                                     "evaluations": {n: n for n in _curve_references(ctx)}}),
     # ... and the pipeline's comparison table over them (MOPD 4.1 normalised score, §8).
     StageKind("report", "tasks.report", lambda ctx: [{"pipeline": ctx.cfg.pipeline}],
               lambda ctx, a: ("evaluate",), lambda a: f"{ARTIFACTS}/report/{a['pipeline']}",
               args=("pipeline",), upstream=_report_upstream,
-              pipeline_keys=_domain_keys("benchmarks", "teacher"), listed_as="evaluate",
+              pipeline_keys=_domain_keys("benchmarks", "teacher"), listed_as="evaluate", plots=("avg_at_k.png", "normalized.png"),
               roles=lambda ctx, a: {"evaluations": {n: n for n in ctx.names("evaluate")}}),
 )}
 

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,10 @@ def holders(devices: list[str]) -> dict[str, str]:
     return out
 
 
-def acquire(n: int, who: str, *, devices: list[str] | None = None, poll: float = 0.5) -> Lease:
-    """Wait for ``n`` devices. A stage that asks for more devices than the host has fails at once,
-    naming the setting."""
+def acquire(n: int, who: str, *, devices: list[str] | None = None, poll: float = 0.5,
+            on_wait: Callable[[], None] | None = None) -> Lease:
+    """Wait for ``n`` devices (``on_wait`` is called once if they are not free at once). A stage
+    that asks for more devices than the host has fails at once, naming the setting."""
     devices = inventory() if devices is None else devices
     if n > len(devices):
         raise PlacementError(f"{who} asks for {n} device(s) (runtime.devices_per_stage, or one per "
@@ -153,6 +154,8 @@ def acquire(n: int, who: str, *, devices: list[str] | None = None, poll: float =
         if not told:
             log.info("%s: waiting for %d device(s); held: %s", who, n, holders(devices))
             told = True
+            if on_wait is not None:
+                on_wait()
         time.sleep(poll)
 
 

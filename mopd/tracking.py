@@ -62,6 +62,11 @@ class Tracker(Protocol):
 
     def child(self, name: str, **tags: Any) -> Tracker: ...
 
+    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None: ...
+
+    def register_model(self, name: str, source: str, tags: Mapping[str, Any],
+                       description: str = "") -> str | None: ...
+
     def flush(self) -> None: ...
 
     def end(self, status: str = "FINISHED") -> None: ...
@@ -181,6 +186,13 @@ class NullTracker:
             self.children[name] = child
             return child
 
+    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
+        self.artifacts.append((Path(name), None))
+
+    def register_model(self, name: str, source: str, tags: Mapping[str, Any],
+                       description: str = "") -> str | None:
+        return None
+
     def flush(self) -> None:
         return None
 
@@ -236,8 +248,10 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-# MLflow 3's UI opens an experiment on its GenAI "Traces" view unless the experiment says it holds
-# training runs; ours does (stages, metrics, artifacts), so it opens on the runs table.
+# The experiment holds training runs (stages, metrics, artifacts), and says so. MLflow 3.17's UI
+# does not read this tag to pick an experiment's first page: its per-browser GenAI / Model
+# training toggle decides (mlflow/mlflow#24498), so `make ui` prints a runs URL
+# (?workflowType=machine_learning; benchmarks/ui_check.py). Kept for clients that read it.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -390,6 +404,39 @@ class MLflowTracker:
         return MLflowTracker.start(
             exp_name, name, tracking_uri=self.tracking_uri, parent_run_id=self._run_id, tags=tags
         )
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
+        """``rows`` (dicts with the same keys) as an MLflow table artifact ``name`` (.json): the
+        UI's artifact view shows it as a table and ``mlflow.load_table`` reads it back."""
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        data = {c: [r.get(c) for r in rows] for c in columns}
+        with self._store_lock:
+            self._client.log_table(self._run_id, data=data, artifact_file=name)
+
+    def register_model(self, name: str, source: str, tags: Mapping[str, Any],
+                       description: str = "") -> str | None:
+        """A version of registered model ``name`` (created if missing) pointing at the model
+        folder ``source``, made by this run, with ``tags``. No new version when the newest one
+        has the same ``content_hash`` tag (a rerun that found the stage cached). Returns the
+        version (the existing one in that case)."""
+        from mlflow.exceptions import MlflowException
+
+        str_tags = {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}
+        with self._store_lock:
+            try:
+                self._client.create_registered_model(name, description=description or None)
+            except MlflowException as e:  # already registered (by an earlier run)
+                if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
+                    raise
+            versions = self._client.search_model_versions(f"name = '{name}'")
+            newest = max(versions, key=lambda v: int(v.version), default=None)
+            if newest is not None and str_tags.get("content_hash") and \
+                    newest.tags.get("content_hash") == str_tags["content_hash"]:
+                return str(newest.version)
+            version = self._client.create_model_version(name, source=source, run_id=self._run_id, tags=str_tags,
+                                                        description=description or None)
+        logger.info("MLflow: registered %s version %s (%s)", name, version.version, source)
+        return str(version.version)
 
     def flush(self) -> None:
         """Send all buffered metrics, at most 1000 per ``log_batch`` call."""

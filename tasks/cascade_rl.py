@@ -24,7 +24,7 @@ def run(ctx: StageContext) -> Result:
     history = train_grpo(prev / "model", records, cfg.domain(domain).verifier, out_dir,
                          cfg.params.teacher[domain], cfg.params.seed, tracker,
                          fmt=ctx.prompt_format, **ctx.checkpoint)
-    log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}")
+    log_curves(tracker, history, f"Cascade RL step {i + 1}/{len(order)}: {domain}", out_dir)
     metrics = reward_quarters(history) | rollout_budget(history, cfg.params.teacher[domain].batch_size)
     return ctx.result(metrics)
 

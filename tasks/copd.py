@@ -32,7 +32,7 @@ def run(ctx: StageContext) -> Result:
         recipe = cfg.params.teacher[domain].model_copy(update={"max_steps": c.rl_steps})
         history = train_grpo(init / "model", records, kind, out_dir, recipe, seed, tracker,
                              fmt=ctx.prompt_format, **ctx.checkpoint)
-        log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}")
+        log_curves(tracker, history, f"CoPD cycle {n} Phase I (GRPO): {domain}", out_dir)
         return ctx.result(reward_quarters(history) | rollout_budget(history, recipe.batch_size))
     if phase != "opd":
         raise ValueError(f"stage {name}: phase must be 'rl' or 'opd', got {phase!r}")
@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> Result:
                   [prompts[d][0]["prompt"] for d in sorted(prompts)], tracker, seed=seed)
     history = train_copd_opd(ctx.role("student") / "model", partners, prompts, domain, score,
                              out_dir, c.opd, c.opd_steps, seed, tracker, fmt=ctx.prompt_format)
-    log_curves(tracker, history, f"CoPD cycle {n} Phase II (mutual OPD): {domain} <- {sorted(partners)}")
+    log_curves(tracker, history, f"CoPD cycle {n} Phase II (mutual OPD): {domain} <- {sorted(partners)}", out_dir)
     metrics = {}
     for key in ("copd/native_reward", *(f"copd/reverse_kl_to_{j}" for j in partners)):
         vals = [v for _, v in history[key]]

@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> Result:
                    if runtime.current().rollout == "vllm" else None)
         history = train_distill(student, teachers, prompts, ctx.out_dir, params, cfg.params.seed, ctx.tracker,
                                 fmt=ctx.prompt_format, score_fn=score, rollout=rollout, **ctx.checkpoint)
-    log_curves(ctx.tracker, history, "MOPD distillation" + (f" round {round}" if round else ""))
+    log_curves(ctx.tracker, history, "MOPD distillation" + (f" round {round}" if round else ""), ctx.out_dir)
     n = max(1, len(history["distill/reverse_kl"]) // 4)
     kl = [v for _, v in history["distill/reverse_kl"]]
     metrics = {"reverse_kl_first_quarter": sum(kl[:n]) / n, "reverse_kl_last_quarter": sum(kl[-n:]) / n,

@@ -27,7 +27,7 @@ def run(ctx: StageContext) -> Result:
     tracker.log_params({f"mix_rl/prompts_{d}": counts[d] for d in domains})
     history = train_grpo(ctx.role("student") / "model", stream, None, out_dir, params, cfg.params.seed,
                          tracker, fmt=ctx.prompt_format, ordered=True, **ctx.checkpoint)
-    log_curves(tracker, history, "Mix-RL")
+    log_curves(tracker, history, "Mix-RL", out_dir)
     metrics = ({f"prompts_{d}": float(counts[d]) for d in domains} | reward_quarters(history)
                | rollout_budget(history, params.batch_size))
     return ctx.result(metrics)

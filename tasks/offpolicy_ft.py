@@ -85,7 +85,7 @@ def run(ctx: StageContext) -> Result:
     metrics |= stage_totals(ledger.totals(), student_tokens)
     history = train_sft(ctx.role("student") / "model", kept, out_dir, params.sft, cfg.params.seed, tracker,
                         fmt=ctx.prompt_format, **ctx.checkpoint)
-    log_curves(tracker, history, "off-policy fine-tuning")
+    log_curves(tracker, history, "off-policy fine-tuning", out_dir)
     return ctx.result(metrics)
 
 

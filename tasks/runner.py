@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -25,7 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from mopd import placement, runtime
-from mopd.artifacts import MODELS_FILE, Result, load_result, write_result
+from mopd.artifacts import (
+    METRICS_FILE,
+    MODELS_FILE,
+    Result,
+    load_result,
+    sha256_file,
+    write_result,
+)
 from mopd.config import Config, ConfigError, load_config
 from mopd.graph import (
     KINDS,
@@ -51,6 +59,7 @@ FAIL_ENV = "MOPD_FAIL_STAGES"
 # orchestrator starts meanwhile. Never set in normal runs.
 HOLD_ENV = "MOPD_HOLD_STAGES"
 CONFIG_FILE = "stage_config.json"
+RUN_VARYING = {"stage_seconds"}  # in result.json only: never in a file DVC or a cache key hashes
 
 StageFn = Callable[..., Result]
 
@@ -128,6 +137,10 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                      cache_key=key, inputs=key_in, placement=_placement(t0))
     if not main_proc:
         return result
+    headline = {k: (v if math.isfinite(v) else None) for k, v in sorted(result.metrics.items())
+                if k not in RUN_VARYING}
+    (out_dir / METRICS_FILE).write_text(json.dumps(headline, indent=1) + "\n")
+    result = replace(result, files={**result.files, METRICS_FILE: sha256_file(out_dir / METRICS_FILE)})
     write_result(out_dir, result)
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,

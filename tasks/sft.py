@@ -18,7 +18,7 @@ def run(ctx: StageContext) -> Result:
     random.Random(cfg.params.seed).shuffle(records)
     history = train_sft(ctx.role("base") / "model", records, out_dir, cfg.params.sft,
                         cfg.params.seed, tracker, fmt=ctx.prompt_format, **ctx.checkpoint)
-    log_curves(tracker, history, "SFT")
+    log_curves(tracker, history, "SFT", out_dir)
     metrics = {"final_loss": history["train/loss"][-1][1]} if history.get("train/loss") else {}
     return ctx.result(metrics)
 

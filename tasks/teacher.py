@@ -18,7 +18,7 @@ def run(ctx: StageContext) -> Result:
     kind = cfg.domain(domain).verifier
     history = train_grpo(ctx.role("student") / "model", records, kind, ctx.out_dir, cfg.params.teacher[domain],
                          cfg.params.seed, ctx.tracker, fmt=ctx.prompt_format, **ctx.checkpoint)
-    log_curves(ctx.tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""))
+    log_curves(ctx.tracker, history, f"teacher {domain}" + (f" round {round}" if round else ""), ctx.out_dir)
     return ctx.result(reward_quarters(history) | rollout_budget(history, cfg.params.teacher[domain].batch_size))
 
 

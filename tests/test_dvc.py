@@ -3,6 +3,7 @@ reproduces pipelines from it."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,38 @@ def test_dvc_repro_runs_then_does_nothing(dvc_project: Path):
     # The default remote is the local one in the project's state directory.
     _sh([dvc, "push", "--with-deps", *targets], dvc_project, env)
     assert any((dvc_project / ".mopd" / "dvc-remote").rglob("*"))
+
+    # every stage's headline metrics (dvc.yaml's top-level `metrics`): what `dvc metrics show`,
+    # `dvc metrics diff` and the columns of `dvc exp show` read
+    shown = _metrics(_sh([dvc, "metrics", "show", "--json"], dvc_project, env))
+    assert "reverse_kl_last_quarter" in shown["artifacts/distill/mopd/metrics.json"], shown
+    assert not any("stage_seconds" in m for m in shown.values())  # run-varying: not in what DVC hashes
+    # `dvc exp run -S`: a changed distillation setting reruns the distill family only, with the
+    # value DVC wrote (the data-parallel launcher reads params.yaml when it runs)
+    _sh(["git", "add", "-A"], dvc_project)
+    _sh(["git", "commit", "-qm", "baseline"], dvc_project)
+    exp = _sh([dvc, "exp", "run", "-n", "lr", "-S", "distill.learning_rate=0.0001", *targets], dvc_project, env)
+    ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage '")}
+    family = {dvcgen.dvc_name(n) for n in need if n.split(":")[0] in ("distill", "round_teacher", "multiround")}
+    assert ran == family, (sorted(ran), sorted(family))
+    assert load_config(dvc_project).params.distill.learning_rate == 1e-4
+    # `dvc exp show`: the experiment beside its baseline, with the setting and the metrics as columns
+    import csv
+
+    table = subprocess.run([dvc, "exp", "show", "--no-pager", "--csv"], cwd=dvc_project, env=env, check=True,
+                           capture_output=True, text=True).stdout
+    rows = {r["Experiment"] or r["rev"]: r for r in csv.DictReader(table.splitlines())}
+    kl = "artifacts/distill/mopd/metrics.json:reverse_kl_last_quarter"
+    base = next(r for r in rows.values() if r["typ"] == "baseline" and r["rev"] != "workspace")  # the commit
+    assert rows["lr"]["distill.learning_rate"] == "0.0001", rows.keys()
+    assert base["distill.learning_rate"] != "0.0001" and base[kl] not in ("", "-")
+    assert rows["lr"][kl] != base[kl]  # the experiment's own distillation
+
+
+def _metrics(text: str) -> dict[str, dict]:
+    """`dvc metrics show --json` -> {file: {metric: value}} of the workspace."""
+    import json
+
+    data, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])  # DVC's warnings may follow
+    (rev,) = data.values()
+    return {path: entry.get("data", {}) for path, entry in rev.get("data", {}).items()}

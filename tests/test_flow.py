@@ -150,6 +150,23 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     # dvc.lock records Prefect's work, so DVC does not call every stage stale (the other
     # pipelines' stages in dvc.yaml have not run yet).
     assert "up to date" in _dvc(project, "status", "--with-deps", "report-full")
+    # `dvc metrics show` lists every method's scores (the report's metrics.json) ...
+    from tests.test_dvc import _metrics
+
+    shown = _metrics(_dvc(project, "metrics", "show", "--json"))["artifacts/report/full/metrics.json"]
+    table_methods = json.loads((project / "artifacts/report/full/table.json").read_text())["methods"]
+    assert {f"avg_at_k/{m}/math" for m in table_methods} <= set(shown), sorted(shown)
+    # ... and the flow run carries the score table and the teacher-cost ledger as Prefect artifacts
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["full-score-table", "full-scores", "full-teacher-cost"])))
+    assert {a.key for a in arts} == {"full-score-table", "full-scores", "full-teacher-cost"}
+    assert {str(a.flow_run_id) for a in arts} == {str(state.state_details.flow_run_id)}
+    rows = json.loads(next(a for a in arts if a.key == "full-score-table").data)
+    assert {r["method"] for r in rows} == set(table_methods)
     # The watchable progress record: every stage ended, with its step counts.
     from mopd.progress import latest_run, render
 
@@ -292,7 +309,30 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
         "math/histogram.png", "math/balanced.parquet", "math/stats.json"}
     arts = {a.path for a in client.list_artifacts(last.info.run_id)}
     assert {"avg_at_k.csv", "normalized.csv", "avg_at_k.png"} <= arts
-    assert any(k.startswith("avg_at_k/mopd/") for k in last.data.metrics)
+    # the parent's metric keys name no method; each method of the comparison is a child run of
+    # the pipeline run (kind comparison) with the same keys, and its model is registered
+    methods_ran = set(json.loads((project / "artifacts/report/full/table.json").read_text())["methods"])
+    assert not [k for k in last.data.metrics if any(m in k.split("/") for m in methods_ran)], last.data.metrics
+    rows = {r.data.tags["method"]: r for r in children if r.data.tags.get("kind") == "comparison"}
+    assert set(rows) == methods_ran
+    assert set(rows["mopd"].data.metrics) >= {"avg_at_k/math", "avg_at_k_ci_lo/math", "pass_at_k/code",
+                                              "normalized/score", "teacher_cost/seconds_per_student_token"}
+    assert set(rows["sft"].data.metrics) >= {k for k in rows["mopd"].data.metrics if k.startswith("avg_at_k")}
+    assert "score_table.json" in {a.path for a in client.list_artifacts(last.info.run_id)}
+    from mopd.config import load_config
+    from mopd.graph import build_graph
+    from mopd.publish import registered_name
+
+    graph = {s.name: s for s in build_graph(load_config(project))}
+    for m in methods_ran:  # a version per content of each method's model, the newest the current one
+        versions = client.search_model_versions(f"name = '{registered_name('full', m)}'")
+        hashes = [v.tags["content_hash"] for v in versions]
+        newest = max(versions, key=lambda v: int(v.version))
+        assert len(set(hashes)) == len(hashes), (m, hashes)  # a cached rerun registers nothing new
+        assert newest.tags["content_hash"] == load_result(project / graph[rows[m].data.tags["stage"]].out_dir).content_hash
+    mopd = max(client.search_model_versions(f"name = '{registered_name('full', 'mopd')}'"), key=lambda v: int(v.version))
+    assert mopd.source.endswith("artifacts/distill/mopd/model") and mopd.tags["stage"] == "distill"
+    assert mopd.tags["dvc_lock_md5"] != "not in dvc.lock"
     # every method has a run with the same metric names: the UI's comparison lines them up
     methods = {r.data.tags["method"]: set(r.data.metrics)
                for r in client.search_runs([exp.experiment_id], "tags.kind = 'method'")}
@@ -309,7 +349,7 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert all(sum(h[i].value for h in per_step.values()) >= 1 for i in range(2))  # every step asked a teacher
     assert distill.data.metrics["result/teacher_cost/all/requests"] == sum(m.value for h in per_step.values() for m in h)
     assert distill.data.metrics["result/teacher_cost/all/seconds_per_student_token"] > 0
-    assert last.data.metrics["teacher_cost/mopd/seconds_per_student_token"] > 0
+    assert rows["mopd"].data.metrics["teacher_cost/seconds_per_student_token"] > 0
     costs = {m: e["teacher_cost"] for m, e in
              json.loads((project / "artifacts/report/alt/table.json").read_text())["methods"].items()}
     assert costs["distill:fast"]["prefill_tokens"] > 0 and costs["offpolicy_ft"]["generated_tokens"] > 0
@@ -330,6 +370,22 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     spans = sorted((p["leased_at"], p["ended"], tuple(p["devices"])) for p in _teacher_placements(project).values())
     assert {s[2] for s in spans} == {("0",)}
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # one after another
+    #    A teacher waiting for the device shows Prefect's AwaitingConcurrencySlot, not Running.
+    waited = _task_state_names(state, TEACHERS)
+    assert sum("AwaitingConcurrencySlot" in names for names in waited.values()) >= 2, waited
+    assert all(names[-1] == "Completed" for names in waited.values()), waited
+
+
+def _task_state_names(state, tasks) -> dict[str, list[str]]:
+    """Task run name -> the names of its states in order, for the tasks ``tasks`` of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    time.sleep(2)  # task states are recorded from events, a moment after the flow ends
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        return {r.name: [s.name for s in sorted(client.read_task_run_states(r.id), key=lambda s: s.timestamp)]
+                for r in runs if r.name in tasks}
 
 
 def _teacher_placements(project) -> dict[str, dict]:

@@ -76,6 +76,8 @@ class HTTPTeacher:
     pause before going back to an endpoint is ``min(backoff * 2**(attempt - 1), backoff_max)``
     seconds plus up to ``backoff`` of jitter."""
 
+    # why: 10 parameters, all but the endpoint set keyword-only with defaults: the HTTP client's
+    # settings (model, token, timeout, batch) and the retry policy's (attempts, backoff, cap, deadline)
     def __init__(self, domain: str, endpoints: Sequence[str], *, model: str | None = None,
                  token: str | None = None, timeout: float = 120.0, max_attempts: int | None = None,
                  max_batch: int = 64, backoff: float = 0.5, backoff_max: float = 30.0,
