@@ -265,6 +265,14 @@ def _run_stage(spec: StageSpec, key: str, call: StageCall, threads: int, board: 
     if board:
         env[PROGRESS_ENV] = str(board.progress_file(name))
     logger.info("%s: %s", name, " ".join(cmd))
+    with _StageProgress(name, board.progress_file(name) if board else None, logger):
+        return _launch(spec, key, cmd, project, env, logger, cluster)
+
+
+# why: 7 parameters: the stage and its key (to check its record), the command and where it runs
+# (project, environment), what reports on it (logger), the cluster engine, if any
+def _launch(spec: StageSpec, key: str, cmd: list[str], project: Path, env: dict, logger, cluster) -> Result:
+    name = spec.name
     if cluster is not None and on_cluster(cluster[0]):  # a Ray task on a node with what it asks for
         rc, tail = run_on_cluster(cluster[0], cmd, project, env, kind=spec.kind, gpus=cluster[1], name=name,
                                   module=spec.module, on_line=lambda line: line.strip() and logger.info("[%s] %s", name, line[-2000:]))
@@ -288,6 +296,69 @@ def _run_stage(spec: StageSpec, key: str, call: StageCall, threads: int, board: 
     if proc.wait() != 0:
         raise StageFailed(f"stage {name} exited with {proc.returncode}:\n" + "\n".join(tail))
     return _checked_result(project, spec, key)
+
+
+class _StageProgress:
+    """The stage's progress (the step/total its process writes to its progress file,
+    mopd.progress) as a Prefect progress artifact of its task run, updated every PROGRESS_EVERY
+    seconds by a thread while the stage runs, 100 when it ends well. Advisory: a failure to
+    update is logged once, never raised."""
+
+    def __init__(self, name: str, progress_file: Path | None, logger):
+        self.name, self.file, self.logger = name, progress_file, logger
+        self.id = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.file is None:
+            return self
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.id = create_progress_artifact(0.0, description=f"{self.name}: starting")
+        except Exception as exc:  # noqa: BLE001  (advisory)
+            self.logger.warning("%s: no Prefect progress artifact: %s", self.name, exc)
+            return self
+        self.thread = threading.Thread(target=self._poll, name=f"progress-{self.name}", daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self) -> tuple[float, str] | None:
+        try:
+            d = json.loads(self.file.read_text())
+            step, total = int(d["step"]), int(d["total"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if total <= 0:
+            return None
+        return 100.0 * min(step, total) / total, f"{self.name}: {step}/{total} {d.get('what', 'steps')}"
+
+    def _update(self, progress: float, text: str) -> bool:
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self.id, progress, description=text)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            self.logger.warning("%s: progress artifact not updated: %s", self.name, exc)
+            return False
+
+    def _poll(self) -> None:
+        last = None
+        while not self.stop.wait(PROGRESS_EVERY):
+            now = self._read()
+            if now is not None and now != last:
+                if not self._update(*now):
+                    return
+                last = now
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        if self.id is not None and exc_type is None:
+            self._update(100.0, f"{self.name}: done")
 
 
 def _checked_result(project: Path, spec: StageSpec, key: str) -> Result:

@@ -133,14 +133,14 @@ def publish_methods(parent, project: Path, pipeline: str, graph, results: dict) 
         spec, folder = folders.get(m, (None, None))
         made = results.get(spec.name) if spec is not None else None
         tags = {"kind": "comparison", "method": m, "pipeline": pipeline}
-        if made is not None:
-            tags |= {"stage": spec.name, "cache_key": made.cache_key or "", "content_hash": made.content_hash}
+        if made is not None:  # (`model_stage`: `stage` names a stage's own run)
+            tags |= {"model_stage": spec.name, "cache_key": made.cache_key or "", "content_hash": made.content_hash}
         child = parent.child(f"method:{m}", **tags)
         child.log_metrics(method_metrics(entry))
         if made is not None and folder is not None and folder.is_dir():
             name = registered_name(pipeline, m)
             version = child.register_model(name, str(folder.resolve()), {
-                **tags, "dvc_lock_md5": dvc_lock_hash(project, dvc_name(spec.name)) or "not in dvc.lock"},
+                **tags, "stage": spec.name, "dvc_lock_md5": dvc_lock_hash(project, dvc_name(spec.name)) or "not in dvc.lock"},
                 description=f"method {m} of pipeline {pipeline}: {folder} (stage {spec.name})")
             if version is not None:
                 registered[m] = name
