@@ -96,15 +96,17 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(STATE)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/$(STATE)/mlartifacts --host 127.0.0.1 --port 5000
 
-# Headless Chromium (Debian's `chromium`, installed here when root) opens `make ui`'s pages on this
-# project's store and checks they name the newest pipeline run and all its stage runs; with
-# PREFECT_UI (e.g. http://127.0.0.1:4200) also the newest `mopd` flow run's page and its score-table
-# artifact. Screenshots go to docs/images/ (UI_CHECK_ARGS: more options, benchmarks/ui_check.py).
+# Headless Chromium (Debian's `chromium`, installed here when root) checks what the UIs show of a
+# finished pipeline: a micro pipeline run by the flow on a real Prefect server (temporary project
+# and Prefect home), then MLflow's runs table / run comparison (pipeline run, every stage run) and
+# Prefect's flow-run page (its score-table artifact); screenshots in docs/images/ (~5 min). On this
+# project's own store instead (after `make demo`): UI_PROJECT=1 (+ PREFECT_UI=http://127.0.0.1:4200
+# with `make server` running). benchmarks/ui_e2e.py, benchmarks/ui_check.py
 ui-check: install
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else echo "mopd: chromium is missing: install it (sudo apt-get install chromium)" >&2; exit 1; fi; }
-	$(BIN)/python benchmarks/ui_check.py --project-dir $(CURDIR) $(if $(PREFECT_UI),--prefect-url $(PREFECT_UI)) $(UI_CHECK_ARGS)
+	$(if $(UI_PROJECT),$(BIN)/python benchmarks/ui_check.py --project-dir $(CURDIR) $(if $(PREFECT_UI),--prefect-url $(PREFECT_UI)) $(UI_CHECK_ARGS),$(BIN)/python benchmarks/ui_e2e.py $(UI_CHECK_ARGS))
 
 # A worker for the `mopd/<pipeline>` deployments on a work pool (POOL, default mopd; created as a
 # process pool if missing): `prefect deployment run mopd/full` from any machine reaching the

@@ -11,6 +11,7 @@ dotted key and the offending value.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -216,6 +217,16 @@ class Params(Strict):
             if self.sft.max_length > ctx:
                 raise ValueError(f"sft.max_length = {self.sft.max_length} exceeds profile "
                                  f"{self.profile!r}'s context (max_position_embeddings = {ctx})")
+            # a top-k over more tokens than the vocabulary has (a pretrained model's vocabulary
+            # is known once loaded: torch's topk refuses it then)
+            topks = {"distill.topk": self.distill.topk, "teacher_fit.topk": self.teacher_fit.topk,
+                     "copd.monitor_topk": self.copd.monitor_topk,
+                     **{f"variants.distill.{v}.topk": o["topk"] for v, o in self.variants.get("distill", {}).items()
+                        if isinstance(o, dict) and isinstance(o.get("topk"), int)}}
+            for key, k in topks.items():
+                if k > prof.vocab_size:
+                    raise ValueError(f"{key} = {k} exceeds profile {self.profile!r}'s vocabulary "
+                                     f"(vocab_size = {prof.vocab_size}): a top-k is over the vocabulary's tokens")
         return self
 
     @model_validator(mode="after")
@@ -459,6 +470,9 @@ def _validate(model: type[BaseModel], path: Path, raw: dict, overrides: Mapping[
         return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc, raw, overrides)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: a value nested too deeply (lists or mappings hundreds of levels "
+                          f"deep); a configuration is a few levels deep") from None
 
 
 def load_params(path: Path | str, overrides: Mapping[str, Any] | None = None) -> Params:
@@ -527,6 +541,12 @@ def validate(cfg: Config, params_file: Path, pipelines_file: Path) -> None:
         if nodes > 1 and procs % nodes:
             raise ConfigError(f"{params_file}: runtime.cluster.nodes.{kind} = {nodes} does not divide "
                               f"runtime.processes for {kind!r} ({procs}): each node runs an equal share")
+    stray = sorted(set(params.teacher) - set(pipes.domains))  # a typo (`maht`) would be ignored
+    if stray:
+        near = difflib.get_close_matches(stray[0], list(pipes.domains), n=1)
+        raise ConfigError(f"{params_file}: teacher.{stray[0]}: a recipe for a domain {pipelines_file} does not "
+                          f"declare (domains: {sorted(pipes.domains)})"
+                          + (f"; did you mean teacher.{near[0]}?" if near else ""))
     unknown = [d for d in [*params.copd.branches, params.copd.hub] if d is not None and d not in pipes.domains]
     if unknown:
         raise ConfigError(f"{params_file}: copd.{'hub' if params.copd.hub in unknown else 'branches'}: "

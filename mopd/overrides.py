@@ -22,6 +22,7 @@ import yaml
 KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-:]+)*$")
 MAX_OVERRIDES = 200
 MAX_DEPTH = 16
+MAX_VALUE_CHARS = 100_000
 
 
 class OverrideError(ValueError):
@@ -31,14 +32,20 @@ class OverrideError(ValueError):
 def parse_value(text: str) -> Any:
     """A command-line value: JSON first (so ``1e-4`` is a number, ``[1, 2]`` a list, ``null``
     None), else YAML's safe scalar rules (``true``, plain words), else the text itself."""
+    if len(text) > MAX_VALUE_CHARS:
+        raise OverrideError(f"a --set value of {len(text):,} characters: at most {MAX_VALUE_CHARS:,}")
     try:
         return json.loads(text)
     except ValueError:
         pass
+    except RecursionError:
+        raise OverrideError("a --set value nested too deeply") from None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise OverrideError("a --set value nested too deeply") from None
     return text if value is None and text.strip() not in ("", "~", "null") else value
 
 
@@ -83,6 +90,8 @@ def check(overrides: Mapping[str, Any]) -> dict[str, Any]:
         json.dumps(dict(overrides), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise OverrideError(f"overrides must be plain JSON values: {exc}") from None
+    except RecursionError:
+        raise OverrideError("an override's value is nested too deeply") from None
     return dict(overrides)
 
 

@@ -107,11 +107,18 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         from mopd.security import redact_text
 
         raise YamlError(f"{path}: not valid YAML: {redact_text(str(exc))[:600]}") from None
+    except RecursionError:
+        raise YamlError(f"{path}: nested too deeply (lists or mappings inside each other hundreds of "
+                        f"levels deep); a configuration is a few levels deep") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
         raise YamlError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    _dvc_can_read(path, text)
+    try:
+        _dvc_can_read(path, text)
+    except RecursionError:
+        raise YamlError(f"{path}: nested too deeply for DVC's YAML reader; a configuration is a few "
+                        f"levels deep") from None
     return data
 
 

@@ -178,6 +178,35 @@ def _mutations():
     ]
     for i, (key, fn) in enumerate(pipe_sem):
         add(f"pipes:semantic:{i}", "pipelines.yaml", key, pipes=pipes_with(fn))
+    for i, url in enumerate(["http://", "http:// ", "https://a b", "http://h:99999", "http://:8000",
+                             "https://h:0"]):  # parsed, not matched by prefix (issue 29)
+        add(f"pipes:endpoint:{i}", "pipelines.yaml", "endpoints", pipes=pipes_with(
+            lambda d, u=url: d["domains"]["math"].update(teacher={"source": "remote", "endpoints": [u]})))
+
+    # Issue 29: what a careless edit produces that loaded before.
+    def params_with(fn):
+        d = copy.deepcopy(PARAMS)
+        fn(d)
+        return d
+
+    huge = [("sft", "max_steps"), ("data", "n_train"), ("distill", "prompts_per_step"), ("evaluate", "n"),
+            ("teacher", "math", "batch_size"), ("mix_rl", "max_steps"), ("difficulty", "max_prompts")]
+    for i, path in enumerate(huge):
+        for j, value in enumerate([10**30, 10**9 + 1]):
+            add(f"params:huge:{i}:{j}", "params.yaml", path[-1],
+                params=params_with(lambda d, p=path, v=value: _set(d, p, v)))
+    for i, (field, value) in enumerate([("hidden_size", 10**30), ("hidden_size", 100_000),
+                                        ("num_hidden_layers", 10_000), ("intermediate_size", 10**7)]):
+        add(f"params:tiny-size:{i}", "params.yaml", field,
+            params=params_with(lambda d, f=field, v=value: d["profiles"]["tiny"].update({f: v})))
+    for i, (path, value) in enumerate([(("distill", "topk"), 100_000), (("teacher_fit", "topk"), 513),
+                                       (("copd", "monitor_topk"), 10**6)]):
+        add(f"params:topk:{i}", "params.yaml", path[-1], params=params_with(lambda d, p=path, v=value: _set(d, p, v)))
+    add("params:merge-methods-empty", "params.yaml", "merge.methods",
+        params=params_with(lambda d: d["merge"].update(methods=[])))
+    for i, typo in enumerate(["maht", "cod", "chemistry"]):
+        add(f"params:teacher-typo:{i}", "params.yaml", f"teacher.{typo}",
+            params=params_with(lambda d, t=typo: d["teacher"].update({t: copy.deepcopy(d["teacher"]["math"])})))
 
     # Text-level attacks on either file.
     params_text = (ROOT / "params.yaml").read_text()
@@ -199,6 +228,8 @@ def _mutations():
         ("pipelines.yaml", "mapping", None, "just a string\n"),
         ("params.yaml", "bytes", "# " + "x" * (1 << 20) + "\n" + params_text, None),
         ("params.yaml", "alias", "a: &a [1, *a]\n" + params_text, None),
+        ("params.yaml", "nested", params_text + "deep: " + "[" * 3000 + "]" * 3000 + "\n", None),
+        ("pipelines.yaml", "nested", None, pipes_text + "deep: " + "{a: " * 2000 + "1" + "}" * 2000 + "\n"),
     ]
     for i, (file, key, ptext, qtext) in enumerate(texts):
         add(f"text:{i}", file, key, ptext if ptext is not None else None,

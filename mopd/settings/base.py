@@ -8,11 +8,23 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 from mopd.security import redact_secrets
 
-PosInt = Annotated[int, Field(gt=0)]
+# Every count, size and batch of the configuration is at most this: a larger step count, dataset
+# size or batch is no run a machine finishes or holds (`sft.max_steps: 1e30` is a typo, not a plan)
+MAX_COUNT = 10**9
+
+
+def _at_most_max_count(v: int) -> int:
+    if v > MAX_COUNT:
+        raise ValueError(f"{v:,} is over {MAX_COUNT:,}: no step count, size or batch that large fits what "
+                         f"a machine can run or hold")
+    return v
+
+
+PosInt = Annotated[int, Field(gt=0), AfterValidator(_at_most_max_count)]
 PosFloat = Annotated[float, Field(gt=0)]
 Prob = Annotated[float, Field(ge=0, le=1)]
 

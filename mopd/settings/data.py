@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from mopd.settings.base import PosInt, Prob, Strict
 
@@ -107,13 +107,31 @@ class LocalTeacher(Strict):
     source: Literal["local"] = "local"
 
 
+def _endpoint_url(url: str) -> str:
+    """An http(s) URL with a host (and a port in range): what an HTTP client can connect to."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or any(c.isspace() for c in url):
+        raise ValueError("an endpoint URL holds no spaces")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be http(s)://host[:port][/path]")
+    if port == 0:
+        raise ValueError("port 0 is no server's port")
+    return url
+
+
 class RemoteTeacher(Strict):
     """Prefill endpoints already serving the teacher (`mopd serve-teacher` or `vllm serve`):
     requests go round-robin across replicas, failing over to the next on error. No teacher stage
     runs for this domain."""
 
     source: Literal["remote"]
-    endpoints: list[Annotated[str, Field(pattern=r"^https?://")]] = Field(min_length=1)
+    endpoints: list[Annotated[str, AfterValidator(_endpoint_url)]] = Field(min_length=1)
     model: str | None = None  # the `model` field sent to the server (vLLM needs its served name)
     token_env: str | None = None  # environment variable holding a bearer token
 

@@ -12,6 +12,6 @@ MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_li
 
 
 class MergeParams(Strict):
-    methods: list[MergeMethod] = Field(default_factory=lambda: ["linear", "task_arithmetic"])
+    methods: list[MergeMethod] = Field(default_factory=lambda: ["linear", "task_arithmetic"], min_length=1)
     task_arithmetic_lambda: PosFloat = 0.5
     density: Annotated[float, Field(gt=0, le=1)] = 0.2

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from mopd.settings.base import PosInt, Strict
+from mopd.settings.base import Strict
+
+
+def _tiny(cap: int):
+    """A tiny profile's size, at most ``cap``: the model is built in this process's memory from
+    these numbers, each bound keeps one of its matrices within a few GB (a large model is a
+    `pretrained` or `gguf` profile, not a tiny one)."""
+    def check(v: int) -> int:
+        if v > cap:
+            raise ValueError(f"{v:,} is over {cap:,}: a tiny profile is built here, in memory (a large "
+                             f"model is a `pretrained` profile)")
+        return v
+    return Annotated[int, Field(gt=0), AfterValidator(check)]
 
 
 class TinyProfile(Strict):
@@ -15,13 +27,13 @@ class TinyProfile(Strict):
 
     source: Literal["tiny"] = "tiny"
     vocab_size: Annotated[int, Field(ge=300, le=65536)] = 512
-    hidden_size: PosInt = 64
-    intermediate_size: PosInt = 192
-    num_hidden_layers: PosInt = 2
-    num_attention_heads: PosInt = 4
-    num_key_value_heads: PosInt = 2
-    head_dim: PosInt = 16
-    max_position_embeddings: PosInt = 256
+    hidden_size: _tiny(16384) = 64
+    intermediate_size: _tiny(65536) = 192
+    num_hidden_layers: _tiny(256) = 2
+    num_attention_heads: _tiny(256) = 4
+    num_key_value_heads: _tiny(256) = 2
+    head_dim: _tiny(1024) = 16
+    max_position_embeddings: _tiny(131072) = 256
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyProfile":
