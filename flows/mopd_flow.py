@@ -48,6 +48,7 @@ from mopd.graph import (
     with_upstream,
 )
 from mopd.local_run import devices_for, stage_command
+from mopd.runtime import PARENT_ENV
 from mopd.overrides import flatten
 from mopd.placement import acquire, inventory
 from mopd.plan import decide, forced
@@ -279,7 +280,9 @@ def _launch(spec: StageSpec, key: str, cmd: list[str], project: Path, env: dict,
         if rc != 0:
             raise StageFailed(f"stage {name} exited with {rc}:\n{tail}")
         return _checked_result(project, spec, key)
-    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
+    # the stage dies with this process (mopd.runtime.die_with_parent): a killed or cancelled flow
+    # run leaves no stage writing outputs
+    proc = subprocess.Popen(cmd, cwd=project, env={**env, PARENT_ENV: str(os.getpid())}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: list[str] = []
     last_bar = 0.0

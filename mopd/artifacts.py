@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,14 @@ class Result:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def problems(self, project_dir: Path) -> list[str]:
-        """Why these outputs cannot be trusted any more (missing or changed files); [] if intact."""
+        """Why these outputs cannot be trusted any more (missing, changed or unrecorded files); []
+        if intact."""
         base = project_dir / self.out_dir
         out = []
+        if base.is_dir():  # a file the record does not list (DVC would see the folder changed)
+            extra = sorted(str(p.relative_to(base)) for p in base.rglob("*")
+                           if p.is_file() and p.name != RESULT_FILE and str(p.relative_to(base)) not in self.files)
+            out += [f"{base / rel}: not in the record (added since)" for rel in extra[:5]]
         for rel, digest in self.files.items():
             path = base / rel
             if not path.is_file():
@@ -75,12 +81,46 @@ class Result:
         return out
 
 
+class RecordError(ValueError):
+    """A result.json that is not a record of the expected shape (damaged, edited, another
+    format): its stage is not done, and runs again."""
+
+
 def write_result(out_dir: Path, result: Result) -> None:
-    (out_dir / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    """result.json, written to a temporary file and renamed into place: a kill leaves the old
+    record or the new one, never half of one."""
+    tmp = out_dir / f".{RESULT_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / RESULT_FILE)
+
+
+def _check_record(data: Any) -> None:
+    """Raise RecordError unless ``data`` has result.json's shape (the fields every reader uses)."""
+    if not isinstance(data, dict):
+        raise RecordError(f"top level is a {type(data).__name__}, not a mapping")
+    for name, types, required in (("stage", str, True), ("out_dir", str, True), ("files", dict, True),
+                                  ("metrics", dict, False), ("cache_key", (str, type(None)), False),
+                                  ("inputs", (dict, type(None)), False), ("placement", (dict, type(None)), False)):
+        if required and name not in data:
+            raise RecordError(f"no {name!r}")
+        if name in data and not isinstance(data[name], types):
+            raise RecordError(f"{name!r} is a {type(data[name]).__name__}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data["files"].items()):
+        raise RecordError("'files' must map file names to sha256 strings")
+    if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+               for k, v in (data.get("metrics") or {}).items()):
+        raise RecordError("'metrics' must map names to numbers")
 
 
 def load_result(out_dir: Path) -> Result:
+    """The stage's record. FileNotFoundError when there is none; RecordError (a ValueError)
+    naming the file when it is not a readable record of the expected shape."""
     path = out_dir / RESULT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no result; run the stage that produces {out_dir} first")
-    return Result.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+        _check_record(data)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RecordError(f"{path}: record unreadable: {exc}") from None
+    return Result.from_dict(data)

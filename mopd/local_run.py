@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mopd.config import Config
 from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
 from mopd.placement import leased, wanted
 from mopd.plan import decide, forced
-from mopd.runtime import launch_prefix
+from mopd.runtime import PARENT_ENV, launch_prefix
 
 
 class StageError(RuntimeError):
@@ -74,12 +75,59 @@ def run_stage(cfg: Config, spec: StageSpec, *, extra_env: dict[str, str] | None 
         return
     with leased(devices_for(cfg, spec), spec.name) as lease:
         env = {**os.environ, **(extra_env or {}), **(lease.env() if lease else {})}
-        proc = subprocess.run(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track, overrides=cfg.overrides), cwd=cfg.project_dir,
-                              env=env, text=True, stdout=subprocess.PIPE if quiet else None,
-                              stderr=subprocess.STDOUT if quiet else None)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout or "").splitlines()[-20:])
-        raise StageError(f"stage {spec.name} exited with {proc.returncode}\n{tail}")
+        rc, out = run_child(stage_command(spec, cfg.project_dir, cfg.pipeline, track=track, overrides=cfg.overrides),
+                            cfg.project_dir, env, quiet)
+    if rc != 0:
+        tail = "\n".join((out or "").splitlines()[-20:])
+        raise StageError(f"stage {spec.name} exited with {rc}\n{tail}")
+
+
+GRACE = 10.0  # seconds a stage has to end after SIGTERM before its process group is killed
+
+
+def run_child(cmd: list[str], cwd: Path, env: dict[str, str], quiet: bool = False) -> tuple[int, str | None]:
+    """Run a stage's command in its own process group and wait for it: SIGTERM, SIGINT or SIGHUP
+    to this process is passed to the whole group (the stage, an `accelerate launch` and its
+    workers), which gets GRACE seconds to end before SIGKILL; once it has ended this process exits
+    with 128 + the signal. The stage process itself dies with this one even when this one is
+    SIGKILLed ($MOPD_PARENT_PID: :func:`mopd.runtime.die_with_parent`): no stage keeps writing
+    outputs after the command that started it is gone. Returns (exit status, output if quiet)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**env, PARENT_ENV: str(os.getpid())}, text=True,
+                            stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None,
+                            start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, frame):  # only signals: the wait below goes on and reaps the group's leader
+        got.append(signum)
+        _signal_group(proc.pid, signum)
+        timer = threading.Timer(GRACE, _signal_group, (proc.pid, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        out, _ = proc.communicate()
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        raise SystemExit(128 + got[0])
+    return proc.returncode, out
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):  # the group has ended
+        pass
 
 
 def run_pipeline(cfg: Config, *, rerun: list[str] | tuple[str, ...] = (), quiet: bool = False,

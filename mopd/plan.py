@@ -95,7 +95,7 @@ def decide(project: Path, spec: StageSpec, key: str, inputs: dict[str, Any], *,
         recorded = load_result(project / spec.out_dir)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         missing = isinstance(exc, FileNotFoundError)
-        return Decision(spec.name, "run", ["no output yet" if missing else f"unreadable result: {exc}"]), None
+        return Decision(spec.name, "run", ["no output yet" if missing else str(exc)]), None
     if recorded.cache_key != key:
         return Decision(spec.name, "run", explain(recorded.inputs, inputs, overrides)), None
     problems = recorded.problems(project)

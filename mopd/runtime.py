@@ -167,6 +167,22 @@ def parent_death_signal() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+PARENT_ENV = "MOPD_PARENT_PID"  # set by mopd's launchers: the process a stage must not outlive
+
+
+def die_with_parent() -> None:
+    """A stage process started by `mopd stage` / `mopd run` / the flow ($MOPD_PARENT_PID): it dies
+    when that process does, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``), so it never goes on
+    writing outputs for a command that is gone; a parent already gone ends it at once. Under
+    `accelerate launch`, :func:`die_with_launcher` instead (the launcher is the parent)."""
+    want = os.environ.pop(PARENT_ENV, None)  # not inherited by what this process starts
+    if want is None or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    parent_death_signal()
+    if str(os.getppid()) != want:
+        os._exit(137)
+
+
 def die_with_launcher() -> None:
     """Under `accelerate launch`: this process dies when its launcher does. torchrun starts each
     process in its own session, outside the stage's process group, so killing the stage (SIGKILL,

@@ -22,7 +22,9 @@ def snapshot_staging(checkpoint: Path | None, out_dir: Path) -> Path:
 
 
 def keep_snapshots(staging: Path, out_dir: Path) -> None:
-    """Move the staged snapshots into ``out_dir/snapshots`` and remove the staging folder."""
+    """Copy the staged snapshots into ``out_dir/snapshots``. The staging folder stays, with the
+    in-stage checkpoint, until the stage's record is written (:func:`drop_staged`): a kill before
+    that resumes from the checkpoint and still has every snapshot."""
     import shutil
 
     if staging == out_dir:
@@ -33,5 +35,14 @@ def keep_snapshots(staging: Path, out_dir: Path) -> None:
         dst.mkdir(parents=True, exist_ok=True)
         for d in sorted(src.iterdir()):
             shutil.rmtree(dst / d.name, ignore_errors=True)
-            shutil.move(str(d), dst / d.name)
-    shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(d, dst / d.name)
+
+
+def drop_staged(checkpoint: Path) -> None:
+    """A finished stage's in-stage checkpoint and staged snapshots, removed once its record is
+    written (tasks.runner), never before: a kill between its last weights and its record resumes
+    from the last checkpoint, not from step 0."""
+    import shutil
+
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(snapshot_staging(checkpoint, checkpoint), ignore_errors=True)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -45,6 +46,7 @@ from mopd.graph import (
 )
 from mopd.overrides import parse_set
 from mopd.security import redact_secrets
+from mopd.snapshots import drop_staged
 from mopd.stage import StageContext, resolve_roles
 from mopd.tracking import MLflowTracker, NullTracker, default_tracking_uri
 
@@ -58,6 +60,9 @@ FAIL_ENV = "MOPD_FAIL_STAGES"
 # `.mopd/hold/<stage>.release` exists (or MOPD_HOLD_SECONDS pass), so a test can see what the
 # orchestrator starts meanwhile. Never set in normal runs.
 HOLD_ENV = "MOPD_HOLD_STAGES"
+# Fault injection: stages listed here are SIGKILLed after their work, before their record is
+# written (the rerun must resume from the in-stage checkpoint). Never set in normal runs.
+KILL_ENV = "MOPD_KILL_BEFORE_RECORD"
 CONFIG_FILE = "stage_config.json"
 RUN_VARYING = {"stage_seconds"}  # in result.json only: never in a file DVC or a cache key hashes
 
@@ -71,6 +76,7 @@ class InjectedFault(RuntimeError):
 def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None = None,
             track: bool = True) -> Result:
     runtime.die_with_launcher()  # a data-parallel process: killed with the stage, never orphaned
+    runtime.die_with_parent()  # a stage process: killed with the command that started it
     spec = get_spec(cfg, name)
     project = cfg.project_dir
     graph = {s.name: s for s in build_graph(cfg)}
@@ -79,9 +85,9 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     key_in = key_inputs(cfg, spec, {u: r.content_hash for u, r in upstream.items()})
     key = hash_inputs(key_in)
 
-    if name in {s.strip() for s in os.environ.get(FAIL_ENV, "").split(",")}:
+    if name in _names(FAIL_ENV):
         raise InjectedFault(f"stage {name}: failure injected through ${FAIL_ENV}")
-    if name in {s.strip() for s in os.environ.get(HOLD_ENV, "").split(",")}:
+    if name in _names(HOLD_ENV):
         _hold(project, name)
 
     # where this stage's models run (mopd.runtime); a device this host lacks fails here, before
@@ -141,12 +147,19 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
                 if k not in RUN_VARYING}
     (out_dir / METRICS_FILE).write_text(json.dumps(headline, indent=1) + "\n")
     result = replace(result, files={**result.files, METRICS_FILE: sha256_file(out_dir / METRICS_FILE)})
+    if name in _names(KILL_ENV):  # fault injection: a kill between the last weights and the record
+        os.kill(os.getpid(), signal.SIGKILL)
     write_result(out_dir, result)
+    drop_staged(ctx.checkpoint["checkpoint"])  # in-stage checkpoints only now: the record is on disk
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,
                       **{f"sha256/{rel}"[:250]: digest for rel, digest in list(result.files.items())[:50]}})
     tracker.end("FINISHED")
     return result
+
+
+def _names(env: str) -> set[str]:
+    return {s.strip() for s in os.environ.get(env, "").split(",") if s.strip()}
 
 
 def _placement(started: float) -> dict:

@@ -120,3 +120,34 @@ def test_unreadable_key_mark_sets_the_checkpoints_aside(tmp_path, capsys):
     assert json.loads((root / "key.json").read_text()) == {"key": "key"}
     assert not list(root.glob("checkpoint-*"))
     assert "key.json unreadable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("record", ["[]", '{"stage": "data", "out_dir": "artifacts/data", "files": null}',
+                                    "{", '"text"', '{"stage": "data"}', '{"stage": "data", "out_dir": "x", '
+                                    '"files": {"a": 1}}', '{"stage": 1, "out_dir": "x", "files": {}}'])
+def test_a_damaged_record_makes_its_stage_run_with_the_reason(micro_project, record):
+    """`mopd plan` never crashes on a damaged result.json: that stage is `run`, the reason says
+    `record unreadable`, and so are the stages after it."""
+    import subprocess
+    import sys
+
+    out_dir = micro_project / "artifacts" / "data"
+    out_dir.mkdir(parents=True)
+    (out_dir / "result.json").write_text(record)
+    proc = subprocess.run([sys.executable, "-m", "mopd.cli", "plan", "--json"], cwd=micro_project,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = {d["stage"]: d for d in json.loads(proc.stdout)}["data"]
+    assert data["action"] == "run" and "record unreadable" in data["reasons"][0], data
+
+
+def test_an_unrecorded_file_in_an_output_folder_makes_its_stage_run(tmp_path):
+    from mopd.artifacts import Result, hash_tree, load_result, write_result
+
+    out = tmp_path / "artifacts" / "x"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"w")
+    write_result(out, Result(stage="x", out_dir="artifacts/x", files=hash_tree(out)))
+    assert load_result(out).problems(tmp_path) == []
+    (out / "chat_template.jinja").write_text("{{ messages }}")
+    assert load_result(out).problems(tmp_path) == [f"{out / 'chat_template.jinja'}: not in the record (added since)"]

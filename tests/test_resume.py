@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 EVERY, STEPS = 4, 48
 
 
-def _stage(project: Path, name: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "MOPD_THREADS": "1"}
+def _stage(project: Path, name: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    env = {**(env or os.environ), "MOPD_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "mopd.cli", "stage", name, "--pipeline", "p"], cwd=project,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -144,6 +144,53 @@ def test_killed_distill_resumes_from_its_checkpoint_byte_identical(upstream_done
     assert _sha(killed / "artifacts/distill/mopd/model/model.safetensors") == want
     assert not checkpoint_dir(killed, "distill").exists()
     assert _tags(killed, "distill") == [str(step)]
+
+
+def test_kill_between_final_weights_and_record_resumes_from_the_last_checkpoint(upstream_done, tmp_path):
+    """A distill killed after writing its final weights but before its result.json (fault
+    injection: MOPD_KILL_BEFORE_RECORD) keeps its in-stage checkpoint: the rerun resumes from the
+    last one (step STEPS - EVERY), not from step 0, and ends with the same weights."""
+    if not (upstream_done / "artifacts/teachers/if/result.json").exists():
+        _stage(upstream_done, "teacher:if").communicate()
+    project = tmp_path / "p"
+    shutil.copytree(upstream_done, project)
+    env = {**os.environ, "MOPD_KILL_BEFORE_RECORD": "distill"}
+    proc = _stage(project, "distill", env=env)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0, out[-2000:]
+    weights = project / "artifacts/distill/mopd/model/model.safetensors"
+    assert weights.is_file() and not (project / "artifacts/distill/mopd/result.json").exists()
+    killed = _sha(weights)
+    state = checkpoint_dir(project, "distill") / STATE_FILE
+    assert json.loads(state.read_text())["step"] == STEPS - EVERY  # the last checkpoint is kept
+    out = _stage(project, "distill").communicate(timeout=600)[0]
+    assert f"resumed from step {STEPS - EVERY}" in out, out[-3000:]
+    assert _sha(weights) == killed and (project / "artifacts/distill/mopd/result.json").is_file()
+    assert not checkpoint_dir(project, "distill").exists()  # removed once the record was written
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopping_mopd_stage_stops_its_stage(upstream_done, tmp_path, how):
+    """SIGTERM to `mopd stage` reaches the stage's process group (SIGKILL after a grace period);
+    SIGKILL of `mopd stage` (nothing can be forwarded) takes the stage process with it: either way
+    no process of the stage is left 2 s later to go on writing its outputs."""
+    if not (upstream_done / "artifacts/teachers/if/result.json").exists():
+        _stage(upstream_done, "teacher:if").communicate()
+    project = tmp_path / "p"
+    shutil.copytree(upstream_done, project)
+    proc = subprocess.Popen([sys.executable, "-m", "mopd.cli", "stage", "distill", "--pipeline", "p", "--no-track"],
+                            cwd=project, env={**os.environ, "MOPD_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # not a group of its own: only it gets the signal
+    state = checkpoint_dir(project, "distill") / STATE_FILE
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not state.is_file():
+        time.sleep(0.05)
+    assert len(_processes_of(project)) >= 2, "the stage did not start"  # `mopd stage` and the stage
+    proc.send_signal(getattr(signal, how))
+    proc.communicate(timeout=60)
+    time.sleep(2)
+    assert _processes_of(project) == [], _processes_of(project)
+    assert not (project / "artifacts/distill/mopd/result.json").exists()
 
 
 def _history(project: Path, stage: str, key: str) -> tuple[dict, list[float]]:

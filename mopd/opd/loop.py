@@ -144,8 +144,6 @@ def train_loop(student: Student, optim, rollout, ledger: Ledger, tracker, out_di
         from mopd.lora import plain_model
 
         save_checkpoint(plain_model(student.model), student.tokenizer, out_dir / "model")  # LoRA: merged
-        keep_snapshots(staging, out_dir)
-        if plan.checkpoint:
-            ckpt.remove(plan.checkpoint)
+        keep_snapshots(staging, out_dir)  # the checkpoint stays until the record is written (tasks.runner)
     runtime.barrier()  # the other processes return once the model is on disk
     return history

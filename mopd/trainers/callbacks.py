@@ -153,9 +153,7 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
         save_checkpoint(plain_model(trainer.model), tokenizer, out_dir / "model")  # LoRA: merged weights
     if main:
         shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
-        keep_snapshots(staging, Path(out_dir))
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        keep_snapshots(staging, Path(out_dir))  # checkpoints stay until the record is written (tasks.runner)
     runtime.barrier()
     return callback.history
 
