@@ -107,8 +107,17 @@ def pipeline_models(tmp_path_factory):
     return cfg, art / "sft" / "model", art / "teachers" / "math" / "model", art / "data"
 
 
+# The longest tests (minutes each), started first: `make test` runs the suite on two pytest-xdist
+# workers, and one long test started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_flow_caches_reruns_and_recovers", "test_dvc_repro_runs_then_does_nothing",
+                 "test_copd_killed_during_cycle_2_resumes_from_cycle_2")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where torch sees a CUDA device (never in CI: it has none)."""
+    """The longest tests first (LONGEST_FIRST); `gpu` tests run only where torch sees a CUDA device
+    (never in CI: it has none)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.originalname, len(rank)))  # stable: the rest keep their order
     gpu = [item for item in items if "gpu" in item.keywords]
     if not gpu:
         return

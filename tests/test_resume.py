@@ -21,7 +21,8 @@ import yaml
 from mopd.checkpoint import STATE_FILE, checkpoint_dir
 from tests.conftest import micro_params, write_params
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs them all: they share the module's upstream project (built once)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
 EVERY, STEPS = 4, 48
 
