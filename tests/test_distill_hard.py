@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 
 # about 2 minutes on 2 cores: its own make target (`make test-learning`, run by CI after `make test`)
-pytestmark = pytest.mark.learning
+# one xdist worker: the session's pipeline_models project (SFT + a math teacher) is built once,
+# shared with tests/test_trl_parallel.py
+pytestmark = [pytest.mark.learning, pytest.mark.xdist_group("pipeline_models")]
 STEPS = 100
 OLD_DEFAULT_LR = 5e-4
 

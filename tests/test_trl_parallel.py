@@ -119,6 +119,7 @@ def test_grpo_vllm_arguments_and_trl_server_command(tmp_path):
 
 
 @pytest.mark.learning
+@pytest.mark.xdist_group("pipeline_models")  # with tests/test_distill_hard.py: the fixture is built once
 def test_grpo_teacher_under_two_processes_learns(pipeline_models, tmp_path):
     """teacher:math of the pipeline's own SFT under `accelerate launch` with 2 CPU processes
     (gloo), each with half of the 64-completion batch: it completes, its reward rises over the
