@@ -82,7 +82,7 @@ test: install system
 
 # Learning checks on the pipeline's own SFT and teacher (about 2 minutes; CI runs them after `make test`).
 test-learning: install system
-	$(BIN)/python -m pytest -q $(XDIST) -m learning
+	$(BIN)/python -m pytest -q -p no:xdist -m learning
 
 test-fast: install system
 	$(BIN)/python -m pytest -q -m "not slow and not learning and not cluster"
