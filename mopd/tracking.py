@@ -426,7 +426,7 @@ class MLflowTracker:
             try:
                 self._client.create_registered_model(name, description=description or None)
             except MlflowException as e:  # already registered (by an earlier run)
-                if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code if hasattr(e, "error_code") else e):
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             versions = self._client.search_model_versions(f"name = '{name}'")
             newest = max(versions, key=lambda v: int(v.version), default=None)
