@@ -12,6 +12,7 @@ import yaml
 
 MAX_BYTES = 1 << 20  # a configuration file is a few KB; 1 MiB is generous
 MAX_NODES = 100_000  # YAML nodes after alias expansion
+MAX_DEPTH = 64  # lists/mappings inside each other; a configuration is a few levels deep
 
 
 class YamlError(ValueError):
@@ -22,6 +23,21 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys."""
 
     path = "<yaml>"
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        # why: PyYAML composes recursively; a 3,000-deep "[[[...]]]" otherwise runs into Python's
+        # recursion limit slowly (seconds) before failing. Stop at MAX_DEPTH, naming the line.
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise YamlError(f"{self.path}: line {mark.line + 1}: nested more than {MAX_DEPTH} "
+                                f"levels deep (lists or mappings inside each other); a configuration "
+                                f"is a few levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):

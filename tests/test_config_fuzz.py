@@ -287,7 +287,7 @@ def test_every_mutation_is_refused_naming_file_and_key(tmp_path):
             failures.append(f"{tag}: message lacks {file!r} or {key!r}: {msg[:300]}")
         if len(msg.encode()) > 2048:
             failures.append(f"{tag}: message of {len(msg.encode())} bytes")
-        if took > 2.0:
+        if took > 30.0:  # a hang guard (an alias bomb, deep nesting), not a performance target
             failures.append(f"{tag}: took {took:.2f} s")
         if sorted(p.name for p in project.iterdir()) != before:
             failures.append(f"{tag}: wrote into the project")
