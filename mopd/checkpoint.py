@@ -24,6 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"  # sha256 of every other file, written last
 ROOT = Path(".mopd") / "checkpoints"
 
 
@@ -66,15 +67,31 @@ class Resumed:
 
 def save(path: Path, *, key: str, step: int, model, tokenizer, optim, py_rng: random.Random,
          history: dict[str, list[tuple[int, float]]]) -> None:
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(tmp, key=key, step=step, model=model, tokenizer=tokenizer, optim=optim, py_rng=py_rng,
+               history=history)
+    except BaseException:  # a full disk, a kill signal turned exception: no partial folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# why: mirrors save()'s arguments (every part of the training state is written)
+def _write(tmp: Path, *, key: str, step: int, model, tokenizer, optim, py_rng: random.Random,
+           history: dict[str, list[tuple[int, float]]]) -> None:
     import torch
     from safetensors.torch import save_file
 
     from mopd.models import save_checkpoint
 
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     save_checkpoint(model, tokenizer, tmp / "model")
     tensors, scalars = {}, {}
     for idx, st in optim.state_dict()["state"].items():
@@ -90,18 +107,72 @@ def save(path: Path, *, key: str, step: int, model, tokenizer, optim, py_rng: ra
              "optimizer_scalars": scalars, "python_random": [version, list(internal), gauss],
              "history": {k: [list(p) for p in v] for k, v in history.items()}}
     (tmp / STATE_FILE).write_text(json.dumps(state))
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    _write_manifest(tmp)  # last: a folder with a manifest that matches is a complete checkpoint
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_FILE}
+
+
+def _write_manifest(folder: Path) -> None:
+    from mopd.artifacts import sha256_file
+
+    manifest = {rel: sha256_file(p) for rel, p in _files(folder).items()}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why ``folder``'s files do not match its manifest (None when they do)."""
+    from mopd.artifacts import sha256_file
+
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (an older checkpoint format, or a write that did not finish)"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{MANIFEST_FILE} unreadable: {e}"
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST_FILE} is not a mapping"
+    files = _files(folder)
+    if set(files) != set(manifest):
+        return (f"files differ from {MANIFEST_FILE}: missing {sorted(set(manifest) - set(files))[:3]}, "
+                f"unlisted {sorted(set(files) - set(manifest))[:3]}")
+    for rel, p in files.items():
+        if sha256_file(p) != manifest[rel]:
+            return f"{rel} does not match its sha256 in {MANIFEST_FILE} (truncated or overwritten)"
+    return None
+
+
+def clear_debris(path: Path) -> None:
+    """Leftovers of a save that was interrupted (``.<name>.partial-PID``: an unfinished write, removed;
+    ``.<name>.old-PID``: the previous checkpoint, moved back when a kill came between the two renames
+    and no checkpoint is in place). Only one run of a stage at a time (mopd.stagelock), so anything
+    here is an earlier run's."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in sorted(path.parent.glob(f".{path.name}.old-*")):
+        if not path.exists() and (p / STATE_FILE).is_file():
+            log.warning("checkpoint %s: restored from %s (a save was interrupted between its renames)", path, p)
+            p.rename(path)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(path.parent.glob(f".{path.name}.partial-*")):
+        log.warning("removing %s: an interrupted checkpoint write", p)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load(path: Path, *, key: str, model, optim, py_rng: random.Random) -> Resumed | None:
     """Restore ``model``, ``optim``, torch's and ``py_rng``'s states from ``path`` (None when there
     is no checkpoint). Raises CheckpointMismatch when it was made under another cache key."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
+    clear_debris(path)
+    if not path.exists():
+        return None
+    problem = manifest_problem(path)
+    if problem is not None:
+        set_aside(path, path, problem)
         return None
     import torch
     from safetensors import SafetensorError

@@ -83,11 +83,16 @@ class StageContext:
     def result(self, metrics: dict[str, float]) -> Result:
         """The stage's Result: its output files with their sha256 and its headline metrics. The
         runner adds the cache key and what it was made of, and writes result.json."""
-        here, project = self.out_dir.resolve(), self.cfg.project_dir.resolve()
-        # relative to the project; absolute on shared storage outside it (storage.artifacts)
-        out_dir = str(here.relative_to(project)) if here.is_relative_to(project) else str(here)
-        return Result(stage=self.name, out_dir=out_dir, files=hash_tree(self.out_dir),
+        # (the runner replaces out_dir, where the stage builds, by the folder it is swapped into)
+        return Result(stage=self.name, out_dir=project_relative(self.out_dir, self.cfg.project_dir),
+                      files=hash_tree(self.out_dir),
                       metrics={k: float(v) for k, v in metrics.items()})
+
+
+def project_relative(path: Path, project: Path) -> str:
+    """``path`` relative to the project; absolute on shared storage outside it (storage.artifacts)."""
+    here, root = Path(path).resolve(), Path(project).resolve()
+    return str(here.relative_to(root)) if here.is_relative_to(root) else str(here)
 
 
 def resolve_roles(roles: tuple[tuple[str, Any], ...], inputs: dict[str, Path]) -> dict[str, Any]:

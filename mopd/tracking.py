@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from mopd import trackstore
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +245,18 @@ def _store_lock(tracking_uri: str) -> threading.RLock:
         return _STORE_LOCKS.setdefault(tracking_uri, threading.RLock())
 
 
+def _gap_text(missing: list[str]) -> str:
+    shown = ", ".join(dict.fromkeys(missing))
+    return f"not logged (the store failed): {shown[:MAX_TAG_VAL_LENGTH - 100]}"
+
+
+def _close_gap(client, entry: dict[str, Any]) -> None:
+    """Close a run a tracking gap left open (mopd.trackstore.close_pending)."""
+    run_id = str(entry["run_id"])
+    client.set_tag(run_id, trackstore.GAP_TAG, _gap_text(list(entry.get("missing") or ["status"])))
+    client.set_terminated(run_id, status=_check_status(str(entry["status"])))
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient  # lazy: mlflow import costs ~1-2 s
 
@@ -279,7 +294,8 @@ class MLflowTracker:
     :meth:`start` to create a run and :meth:`attach` to reopen one by id.
     """
 
-    def __init__(self, client, run_id: str, experiment_id: str, tracking_uri: str) -> None:
+    def __init__(self, client, run_id: str, experiment_id: str, tracking_uri: str,
+                 gap_file: Path | None = None) -> None:
         self._client = client
         self._run_id = run_id
         self.experiment_id = experiment_id
@@ -289,6 +305,10 @@ class MLflowTracker:
         self._lock = threading.Lock()
         self._store_lock = _store_lock(tracking_uri)
         self._ended = False
+        # tracking gaps (mopd.trackstore): with a gap file, a store that fails after the run started
+        # costs the rest of the run's tracking, never the stage's work
+        self._gap_file = gap_file
+        self._missing: list[str] = []  # what was not logged, once the store failed
 
     # -- construction ------------------------------------------------------------------------
 
@@ -302,10 +322,14 @@ class MLflowTracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         artifact_location: str | None = None,
+        gap_file: Path | None = None,
     ) -> MLflowTracker:
         """Create a run in ``experiment`` (created if missing, with ``artifact_location`` or, for
         a local SQLite store, ``<db dir>/mlartifacts``). ``tracking_uri`` None means
-        ``default_tracking_uri(Path.cwd())``. ``parent_run_id`` nests the run under that run."""
+        ``default_tracking_uri(Path.cwd())``. ``parent_run_id`` nests the run under that run.
+        Raises :class:`mopd.trackstore.TrackingError` naming the store when it stays unreachable.
+        With ``gap_file``, later store failures are tracking gaps (mopd.trackstore), and runs left
+        open by earlier gaps are closed first."""
         if not experiment:
             raise ValueError("experiment must be a non-empty name")
         if not run_name:
@@ -315,13 +339,18 @@ class MLflowTracker:
         run_tags = {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()}
         if parent_run_id is not None:
             run_tags[PARENT_TAG] = parent_run_id
-        with _store_lock(uri):
+        def create():
             exp_id = _get_or_create_experiment(
                 client, experiment, artifact_location or default_artifact_location(uri)
             )
-            run = client.create_run(exp_id, run_name=run_name, tags=run_tags)
+            return exp_id, client.create_run(exp_id, run_name=run_name, tags=run_tags)
+
+        with _store_lock(uri):
+            exp_id, run = trackstore.call(uri, f"creating run {run_name!r}", create)
+            if gap_file is not None:
+                trackstore.close_pending(gap_file, uri, lambda e: _close_gap(client, e))
         logger.info("MLflow run %s (%s) started in experiment %r at %s", run_name, run.info.run_id, experiment, uri)
-        return cls(client, run.info.run_id, exp_id, uri)
+        return cls(client, run.info.run_id, exp_id, uri, gap_file)
 
     @classmethod
     def attach(cls, run_id: str, tracking_uri: str | None = None) -> MLflowTracker:
@@ -348,8 +377,7 @@ class MLflowTracker:
 
         items = [Param(k, v) for k, v in flatten_params(params).items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            with self._store_lock:
-                self._client.log_batch(self._run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self._call("params", self._client.log_batch, self._run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Buffer one value per metric at ``step`` (None: one past that metric's last auto step)."""
@@ -378,40 +406,48 @@ class MLflowTracker:
 
         items = [RunTag(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            with self._store_lock:
-                self._client.log_batch(self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self._call("tags", self._client.log_batch, self._run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"log_artifact: no such file or directory: {path}")
-        with self._store_lock:
-            if path.is_dir():
-                self._client.log_artifacts(self._run_id, str(path), artifact_path)
-            else:
-                self._client.log_artifact(self._run_id, str(path), artifact_path)
+        if path.is_dir():
+            self._call(f"artifacts {path.name}", self._client.log_artifacts, self._run_id, str(path), artifact_path)
+        else:
+            self._call(f"artifact {path.name}", self._client.log_artifact, self._run_id, str(path), artifact_path)
 
     def log_figure(self, fig: Any, name: str) -> None:
         """Save a matplotlib figure as ``figures/<name>`` (``.png`` added if no suffix)."""
         file = name if Path(name).suffix else f"{name}.png"
-        with self._store_lock:
-            self._client.log_figure(self._run_id, fig, f"figures/{file}")
+        self._call(f"figure {file}", self._client.log_figure, self._run_id, fig, f"figures/{file}")
 
     def child(self, name: str, **tags: Any) -> MLflowTracker:
         """A nested run in the same experiment (tag ``mlflow.parentRunId`` = this run)."""
-        with self._store_lock:
-            exp_name = self._client.get_experiment(self.experiment_id).name
+        if self._gap_file is not None:  # a child that cannot be created is a gap of this run
+            try:
+                if self._missing:
+                    raise trackstore.TrackingError(f"MLflow tracking store {self.tracking_uri}: unreachable earlier")
+                return MLflowTracker.start(self._experiment_name(), name, tracking_uri=self.tracking_uri,
+                                           parent_run_id=self._run_id, tags=tags, gap_file=self._gap_file)
+            except trackstore.TrackingError as exc:
+                self._gap(f"child run {name}", exc)
+                return NullTracker(name)  # type: ignore[return-value]
         return MLflowTracker.start(
-            exp_name, name, tracking_uri=self.tracking_uri, parent_run_id=self._run_id, tags=tags
+            self._experiment_name(), name, tracking_uri=self.tracking_uri, parent_run_id=self._run_id, tags=tags
         )
+
+    def _experiment_name(self) -> str:
+        with self._store_lock:
+            return trackstore.call(self.tracking_uri, "reading the experiment",
+                                   lambda: self._client.get_experiment(self.experiment_id).name)
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
         """``rows`` (dicts with the same keys) as an MLflow table artifact ``name`` (.json): the
         UI's artifact view shows it as a table and ``mlflow.load_table`` reads it back."""
         columns = list(dict.fromkeys(k for r in rows for k in r))
         data = {c: [r.get(c) for r in rows] for c in columns}
-        with self._store_lock:
-            self._client.log_table(self._run_id, data=data, artifact_file=name)
+        self._call(f"table {name}", self._client.log_table, self._run_id, data=data, artifact_file=name)
 
     def register_model(self, name: str, source: str, tags: Mapping[str, Any],
                        description: str = "") -> str | None:
@@ -419,22 +455,24 @@ class MLflowTracker:
         folder ``source``, made by this run, with ``tags``. No new version when the newest one
         has the same ``content_hash`` tag (a rerun that found the stage cached). Returns the
         version (the existing one in that case)."""
+        str_tags = {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}
+        return self._call(f"model version of {name}", self._register, name, source, str_tags, description)
+
+    def _register(self, name: str, source: str, str_tags: dict[str, str], description: str) -> str:
         from mlflow.exceptions import MlflowException
 
-        str_tags = {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}
-        with self._store_lock:
-            try:
-                self._client.create_registered_model(name, description=description or None)
-            except MlflowException as e:  # already registered (by an earlier run)
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            versions = self._client.search_model_versions(f"name = '{name}'")
-            newest = max(versions, key=lambda v: int(v.version), default=None)
-            if newest is not None and str_tags.get("content_hash") and \
-                    newest.tags.get("content_hash") == str_tags["content_hash"]:
-                return str(newest.version)
-            version = self._client.create_model_version(name, source=source, run_id=self._run_id, tags=str_tags,
-                                                        description=description or None)
+        try:
+            self._client.create_registered_model(name, description=description or None)
+        except MlflowException as e:  # already registered (by an earlier run)
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        versions = self._client.search_model_versions(f"name = '{name}'")
+        newest = max(versions, key=lambda v: int(v.version), default=None)
+        if newest is not None and str_tags.get("content_hash") and \
+                newest.tags.get("content_hash") == str_tags["content_hash"]:
+            return str(newest.version)
+        version = self._client.create_model_version(name, source=source, run_id=self._run_id, tags=str_tags,
+                                                    description=description or None)
         logger.info("MLflow: registered %s version %s (%s)", name, version.version, source)
         return str(version.version)
 
@@ -443,20 +481,62 @@ class MLflowTracker:
         with self._lock:
             pending, self._buffer = self._buffer, []
         for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            with self._store_lock:
-                self._client.log_batch(self._run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
+            self._call(f"{len(pending[i : i + MAX_METRICS_PER_BATCH])} metric values", self._client.log_batch,
+                       self._run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
 
     def end(self, status: str = "FINISHED") -> None:
-        """Flush and mark the run terminated. A second call is a no-op."""
+        """Flush and mark the run terminated. A second call is a no-op. After a tracking gap the
+        final status is tried once more, and left in the gap file when the store refuses it."""
         _check_status(status)
         if self._ended:
             return
+        self._ended = True
         try:
             self.flush()
         finally:
+            self._terminate(status)
+
+    def _terminate(self, status: str) -> None:
+        def close():
+            if self._missing:
+                self._client.set_tag(self._run_id, trackstore.GAP_TAG, _gap_text(self._missing))
+            self._client.set_terminated(self._run_id, status=status)
+
+        try:
             with self._store_lock:
-                self._client.set_terminated(self._run_id, status=status)
-            self._ended = True
+                trackstore.call(self.tracking_uri, f"ending the run as {status}", close)
+        except trackstore.TrackingError as exc:
+            if self._gap_file is None:
+                raise
+            self._gap(f"status {status}", exc)
+            trackstore.record_gap(self._gap_file, uri=self.tracking_uri, run_id=self._run_id, status=status,
+                                  missing=self._missing, error=str(exc))
+            logger.warning("MLflow run %s stays RUNNING until the store %s answers again; its status %s is kept "
+                           "in %s and set by the next mopd run that reaches the store", self._run_id,
+                           self.tracking_uri, status, self._gap_file)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """One store call, retried (mopd.trackstore.call). With a gap file a failure is a gap: said
+        once, and the store is not called again by this run (except to end it)."""
+        if self._missing and self._gap_file is not None:
+            self._missing.append(what)
+            return None
+        try:
+            with self._store_lock:
+                return trackstore.call(self.tracking_uri, f"logging {what}", lambda: fn(*args, **kwargs))
+        except trackstore.TrackingError as exc:
+            if self._gap_file is None:
+                raise
+            self._gap(what, exc)
+            return None
+
+    def _gap(self, what: str, exc: BaseException) -> None:
+        if not self._missing:
+            msg = (f"tracking gap: {exc}. The stage goes on; what it would log to MLflow run {self._run_id} "
+                   f"from here is not logged (docs/tracking.md, \"When the tracking store fails\")")
+            logger.warning(msg)
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+        self._missing.append(what)
 
     def __enter__(self) -> MLflowTracker:
         return self

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -26,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from mopd import placement, runtime
+from mopd import outputs, placement, runtime, trackstore
 from mopd.artifacts import (
     METRICS_FILE,
     MODELS_FILE,
+    RecordError,
     Result,
     load_result,
     sha256_file,
@@ -47,7 +47,8 @@ from mopd.graph import (
 from mopd.overrides import parse_set
 from mopd.security import redact_secrets
 from mopd.snapshots import drop_staged
-from mopd.stage import StageContext, resolve_roles
+from mopd.stage import StageContext, project_relative, resolve_roles
+from mopd.stagelock import stage_lock
 from mopd.tracking import MLflowTracker, NullTracker, default_tracking_uri
 
 log = logging.getLogger("mopd.stage")
@@ -98,30 +99,57 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     runtime.activate(rt)
     runtime.init_distributed()  # under `accelerate launch` (runtime.processes > 1): join the group
     main_proc = runtime.is_main()  # ... where only process 0 writes files, MLflow and result.json
-    out_dir = project / spec.out_dir
-    if main_proc:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-    runtime.barrier()
+    # one run of a stage at a time (process 0 holds the lock for the data-parallel group)
+    with stage_lock(project, name) if main_proc else contextlib.nullcontext(False) as waited:
+        if waited and runtime.world_size() == 1:
+            done = _finished_meanwhile(project, spec.out_dir, key)
+            if done is not None:
+                log.info("%s: the run that held the lock finished it under the same cache key; not redone", name)
+                return done
+        return _execute_locked(cfg, spec, run, key=key, key_in=key_in, inputs=inputs, rt=rt,
+                               parent_run_id=parent_run_id, track=track and main_proc)
+
+
+def _finished_meanwhile(project: Path, out_dir: Path, key: str) -> Result | None:
+    """The record of a stage another run completed while this one waited for its lock, when it
+    was made under ``key`` and its files are intact; else None."""
+    try:
+        done = load_result(project / out_dir)
+    except (FileNotFoundError, RecordError):
+        return None
+    return done if done.cache_key == key and not done.problems(project) else None
+
+
+# why: one straight sequence (scratch folder, tracker, run, record, swap, tracker end) that reads
+# best in order; its parts are named helpers where they stand alone
+def _execute_locked(cfg: Config, spec, run: StageFn, *, key: str, key_in: dict, inputs: dict[str, Path], rt,
+                    parent_run_id: str | None, track: bool) -> Result:
+    name, project, main_proc = spec.name, cfg.project_dir, runtime.is_main()
+    final = project / spec.out_dir
     # Provenance: every output carries the configuration it was made with, so a changed setting
     # changes the stage's content hash (and reruns what depends on it) even when the weights
     # happen to come out identical (e.g. a GRPO run whose groups all had equal rewards).
     sections = redact_secrets(config_sections(cfg, spec))  # no URL credentials in files or MLflow
-    if main_proc:
-        (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
-        if spec.models:  # what an evaluation of this stage finds in it: method label -> model dir
-            (out_dir / MODELS_FILE).write_text(json.dumps(dict(spec.models), indent=2) + "\n")
-
     tags = {"stage": name, "kind": spec.kind, "pipeline": cfg.pipeline, "cache_key": key,
             **{f"arg/{k}": v for k, v in spec.args}}
     if spec.domain:
         tags["domain"] = spec.domain
     if cfg.overrides:  # settings set at trigger time (already in the params logged below)
         tags["overrides"] = json.dumps(redact_secrets(cfg.overrides), sort_keys=True)[:5000]
+    # The tracker first: a store that cannot be reached fails the stage before any work
+    # (docs/tracking.md "When the tracking store fails"); later failures are tracking gaps.
     tracker = (MLflowTracker.start(EXPERIMENT, name, tracking_uri=default_tracking_uri(project),
-                                   parent_run_id=parent_run_id, tags=tags)
-               if track and main_proc else NullTracker())
+                                   parent_run_id=parent_run_id, tags=tags,
+                                   gap_file=project / ".mopd" / trackstore.GAPS_FILE)
+               if track else NullTracker())
+    # The stage builds in a scratch folder; its previous outputs stay until the new ones are
+    # complete and recorded (mopd.outputs).
+    out_dir = outputs.begin(final) if main_proc else outputs.building_dir(final)
+    runtime.barrier()
+    if main_proc:
+        (out_dir / CONFIG_FILE).write_text(json.dumps(sections, indent=2, sort_keys=True) + "\n")
+        if spec.models:  # what an evaluation of this stage finds in it: method label -> model dir
+            (out_dir / MODELS_FILE).write_text(json.dumps(dict(spec.models), indent=2) + "\n")
     tracker.log_params(sections)
     lease = placement.current()
     tracker.set_tags({"torch_threads": _set_threads(), "runtime/device": rt.device, "runtime/dtype": rt.dtype,
@@ -134,12 +162,15 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
         result = run(ctx)
     except BaseException:
         tracker.end("FAILED")
+        if main_proc:
+            outputs.abandon(out_dir)
         raise
     placed = runtime.placements()
     if placed:  # the models the stage actually placed, as device/dtype (+amp for trained ones)
         log.info("%s: models on %s", name, ", ".join(f"{p} x{placed.count(p)}" for p in dict.fromkeys(placed)))
         tracker.set_tags({"runtime/models": ",".join(dict.fromkeys(placed)), "runtime/n_models": len(placed)})
-    result = replace(result, stage=name, metrics={**result.metrics, "stage_seconds": time.time() - t0},
+    result = replace(result, stage=name, out_dir=project_relative(final, project),
+                     metrics={**result.metrics, "stage_seconds": time.time() - t0},
                      cache_key=key, inputs=key_in, placement=_placement(t0))
     if not main_proc:
         return result
@@ -150,7 +181,8 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     if name in _names(KILL_ENV):  # fault injection: a kill between the last weights and the record
         os.kill(os.getpid(), signal.SIGKILL)
     write_result(out_dir, result)
-    drop_staged(ctx.checkpoint["checkpoint"])  # in-stage checkpoints only now: the record is on disk
+    outputs.swap_in(out_dir, final)
+    drop_staged(ctx.checkpoint["checkpoint"])  # in-stage checkpoints only now: the record is in place
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,
                       **{f"sha256/{rel}"[:250]: digest for rel, digest in list(result.files.items())[:50]}})
@@ -235,6 +267,10 @@ def main(kind: str, run: StageFn, argv: list[str] | None = None) -> int:
             result = execute(cfg, name, run, parent_run_id=args.mlflow_parent, track=not args.no_track)
     except (ConfigError, FileNotFoundError, ValueError, InjectedFault) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
+        return 2
+    except trackstore.TrackingError as exc:  # before any work (docs/tracking.md)
+        print(f"error: {name}: {exc}. Nothing was done: the stage's previous outputs and record are "
+              f"unchanged.", file=sys.stderr)
         return 2
     if not runtime.is_main():  # one line per stage, from process 0
         return 0

@@ -159,14 +159,18 @@ def test_kill_between_final_weights_and_record_resumes_from_the_last_checkpoint(
     proc = _stage(project, "distill", env=env)
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode != 0, out[-2000:]
-    weights = project / "artifacts/distill/mopd/model/model.safetensors"
-    assert weights.is_file() and not (project / "artifacts/distill/mopd/result.json").exists()
-    killed = _sha(weights)
+    # the final weights were written in the stage's scratch folder, never swapped in (mopd.outputs)
+    built = project / "artifacts/distill/.mopd.building/model/model.safetensors"
+    assert built.is_file() and not (project / "artifacts/distill/mopd").exists()
+    killed = _sha(built)
     state = checkpoint_dir(project, "distill") / STATE_FILE
     assert json.loads(state.read_text())["step"] == STEPS - EVERY  # the last checkpoint is kept
     out = _stage(project, "distill").communicate(timeout=600)[0]
     assert f"resumed from step {STEPS - EVERY}" in out, out[-3000:]
+    assert "artifacts/distill/.mopd.building: left by an earlier run" in out, out[-3000:]  # the debris, said
+    weights = project / "artifacts/distill/mopd/model/model.safetensors"
     assert _sha(weights) == killed and (project / "artifacts/distill/mopd/result.json").is_file()
+    assert not built.parent.parent.exists()
     assert not checkpoint_dir(project, "distill").exists()  # removed once the record was written
 
 
