@@ -142,10 +142,10 @@ def check_pipeline(device: str) -> None:
             print(proc.stdout[-4000:], proc.stderr[-4000:])
             raise SystemExit(f"pipeline: failed with exit {proc.returncode} after {wall:.0f} s")
         print(f"pipeline: {wall:.0f} s for the micro pipeline on {device}")
-        for result in sorted(project.glob("artifacts/**/result.json")):
-            r = json.loads(result.read_text())
+        for record in sorted(project.glob(".mopd/runs/*.json")):  # the run records (placement, timings)
+            r = json.loads(record.read_text())
             where = (r.get("placement") or {}).get("devices")
-            print(f"pipeline:   {r.get('stage', result.parent.name):16} devices {where} "
+            print(f"pipeline:   {r.get('stage', record.stem):16} devices {where} "
                   f"{r.get('metrics', {}).get('stage_seconds', float('nan')):7.1f} s")
         table = next(project.glob("artifacts/**/*.csv"), None)
         if table is not None:

@@ -19,6 +19,18 @@ from mopd.dvcgen import dvc_name
 log = logging.getLogger(__name__)
 
 
+def to_record(graph, status: dict[str, str]) -> list[str]:
+    """The stages a run must record in dvc.lock: those it computed, and the cached stages
+    downstream of them (their inputs' files changed on disk even when mopd found the content it
+    keys on unchanged: recording them keeps `dvc status` in step with `mopd plan`)."""
+    computed = {s.name for s in graph if status.get(s.name) == "computed"}
+    touched = set(computed)
+    for spec in graph:  # (the graph is in topological order)
+        if status.get(spec.name) == "cached" and touched & set(spec.upstream):
+            touched.add(spec.name)
+    return [s.name for s in graph if s.name in touched]
+
+
 def sync_lock(project: Path, completed: list[str]) -> str:
     """Record ``completed`` stages in dvc.lock; returns what happened, in words."""
     if not (project / ".dvc").is_dir() or not (project / "dvc.yaml").is_file():

@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dvc_sync import sync_lock
+from flows.dvc_sync import sync_lock, to_record
 from flows.prefect_report import (
     PROGRESS_EVERY,
     StageProgress,
@@ -328,11 +328,11 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
         _RUNS.pop(run_id, None)
         raise
 
-    # Stages computed by this run; cached ones were recorded by the run (or `dvc repro`) that made
-    # them, and `dvc commit` rehashes every output it is given (seconds per stage).
+    # Stages computed by this run and what depends on them; other cached ones were recorded by the
+    # run (or `dvc repro`) that made them, and `dvc commit` rehashes every output it is given.
     in_project = not outside_project(cfg)
     summary = {"status": status, "parent_run_id": parent.run_id, "pipeline": pipeline,
-               "dvc": sync_lock(project, [s for s in results if status[s] == "computed"]) if in_project
+               "dvc": sync_lock(project, to_record(graph, status)) if in_project
                else "skipped (storage.artifacts is outside the project)"}
     logger.info("dvc.lock: %s", summary["dvc"])
     _finish(parent, project, pipeline, results, summary, graph)

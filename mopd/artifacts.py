@@ -47,7 +47,8 @@ class Result:
     cache_key: str | None = None
     # what the cache key was made of (mopd.graph.key_inputs): lets `mopd plan` say what changed
     inputs: dict[str, Any] | None = None
-    # where it ran (mopd.placement): devices leased, host, lease and end times; not hashed
+    # where it ran (mopd.placement): devices leased, host, lease and end times. Run-varying, so
+    # never in result.json (DVC hashes it): kept in the run record (load_run_record)
     placement: dict[str, Any] | None = None
 
     @property
@@ -92,6 +93,34 @@ def write_result(out_dir: Path, result: Result) -> None:
     tmp = out_dir / f".{RESULT_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out_dir / RESULT_FILE)
+
+
+RUNS_DIR = Path(".mopd") / "runs"  # per stage: where and how long its last computation ran
+
+
+def run_record_path(project: Path, stage: str) -> Path:
+    return Path(project) / RUNS_DIR / (stage.replace(":", "__") + ".json")
+
+
+def write_run_record(project: Path, stage: str, record: dict[str, Any]) -> None:
+    """What varies from run to run of a stage (placement, timings): beside the project's state,
+    outside the output folder DVC hashes, so a recomputation with the same content leaves
+    ``result.json`` (and ``dvc.lock``) unchanged."""
+    path = run_record_path(project, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_run_record(project: Path, stage: str) -> dict[str, Any] | None:
+    """The last computation's run record of ``stage`` (None when there is none or it is unreadable:
+    it is information, never a reason to recompute)."""
+    try:
+        data = json.loads(run_record_path(project, stage).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _check_record(data: Any) -> None:

@@ -84,6 +84,7 @@ def merge(
     weights: list[float] | None = None,
     params: dict[str, Any] | None = None,
     overwrite: bool = False,
+    paths_from: Path | None = None,
 ) -> Path:
     """Merge ``models`` (the teachers) relative to ``base`` (the SFT checkpoint) into ``out_dir``.
 
@@ -93,6 +94,10 @@ def merge(
     any work: an unknown method, key, out-of-range value, missing checkpoint or mismatched
     architecture raises ValueError naming it. Runs on CPU; writes safetensors, ``config.json``,
     the base's tokenizer files and ``merge_config.yaml``. Returns ``out_dir``.
+
+    ``paths_from`` (the project folder): the written ``merge_config.yaml`` names the models under
+    it by paths relative to it, so the record (and the stage's content hash) is the same wherever
+    the project is copied; models elsewhere keep their absolute paths.
     """
     base, models, out_dir = Path(base), [Path(m) for m in models], Path(out_dir)
     resolved = resolve_params(method, params)
@@ -102,7 +107,11 @@ def merge(
         raise ValueError(f"out_dir {out_dir} exists and is not empty; pass overwrite=True to replace it")
 
     config = build_config(method, base=base, models=models, weights=weights, params=resolved)
-    config_yaml = config.to_yaml() + "\n"  # before run_merge, which rewrites the config in place
+    recorded = config if paths_from is None else build_config(
+        method, base=_relative(base, paths_from), models=[_relative(m, paths_from) for m in models],
+        weights=weights, params=resolved, resolve=False)
+    config_yaml = (("# model paths relative to the project folder\n" if paths_from is not None else "")
+                   + recorded.to_yaml() + "\n")  # before run_merge, which rewrites the config in place
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -159,9 +168,11 @@ def resolve_params(method: str, params: dict[str, Any] | None) -> dict[str, Any]
 
 
 def build_config(
-    method: str, *, base: Path, models: list[Path], weights: list[float] | None, params: dict[str, Any]
+    method: str, *, base: Path, models: list[Path], weights: list[float] | None, params: dict[str, Any],
+    resolve: bool = True,
 ):
-    """The mergekit ``MergeConfiguration`` for a merge (``params`` as from :func:`resolve_params`)."""
+    """The mergekit ``MergeConfiguration`` for a merge (``params`` as from :func:`resolve_params`);
+    model paths made absolute unless ``resolve`` is False (the record's relative paths)."""
     from mergekit.config import MergeConfiguration
 
     mk_name, defaults, _ = METHODS[method]
@@ -172,16 +183,22 @@ def build_config(
             p["weight"] = 1.0 if weights is None else float(weights[i])
         if "density" in defaults:
             p["density"] = float(params["density"])
-        per_model.append({"model": str(path.resolve()), "parameters": p or None})
+        per_model.append({"model": str(path.resolve() if resolve else path), "parameters": p or None})
     shared = {k: params[k] for k in defaults if k != "density"}
     if "lambda" in shared:
         shared["lambda"] = float(shared["lambda"])
     cfg: dict[str, Any] = {"merge_method": mk_name, "models": per_model, "parameters": shared or None}
     if method != "linear":  # linear averages the teachers only (see module docstring)
-        cfg["base_model"] = str(base.resolve())
+        cfg["base_model"] = str(base.resolve() if resolve else base)
     if params["dtype"] is not None:
         cfg["dtype"] = params["dtype"]
     return MergeConfiguration.model_validate(cfg)
+
+
+def _relative(path: Path, root: Path) -> Path:
+    """``path`` relative to ``root`` when it lies under it (else absolute)."""
+    here, top = Path(path).resolve(), Path(root).resolve()
+    return here.relative_to(top) if here.is_relative_to(top) else here
 
 
 def _check_weights(method: str, weights: list[float] | None, n_models: int) -> list[float] | None:

@@ -167,6 +167,37 @@ def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message names the file and the stage that
+    made it."""
+
+
+def made_by(path: str | Path) -> str:
+    """Which stage made the folder holding ``path``, in words (from the nearest result.json)."""
+    import json
+
+    here = Path(path).resolve()
+    for folder in [here, *here.parents][:5]:
+        record = folder / "result.json"
+        if record.is_file():
+            try:
+                stage = json.loads(record.read_text()).get("stage")
+            except (OSError, ValueError, AttributeError):
+                stage = None
+            if isinstance(stage, str):
+                return (f"it was made by stage {stage} ({record}); if its files were damaged since, `mopd plan` "
+                        f"calls it `run` and `mopd stage {stage} --force` makes it again")
+            return f"its record {record} is unreadable"
+    return "no mopd stage made it (a folder or hub id given in params.yaml)"
+
+
+def _load_failure(what: str, path_or_id: str | Path, exc: BaseException) -> str:
+    files = sorted(p.name for p in Path(path_or_id).glob("*")) if Path(path_or_id).is_dir() else []
+    shown = f" (holds {', '.join(files[:8])})" if files else ""
+    reason = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:400]
+    return f"{path_or_id}{shown}: cannot load the {what}: {reason}; {made_by(path_or_id)}"
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -178,6 +209,7 @@ def load_model(path_or_id: str | Path, *, dtype: str | None = None, revision: st
     frozen model is loaded in the compute dtype, a ``trained`` one in float32 (its forwards
     autocast; see mopd.runtime). The placement is recorded for the stage's run (``record=False``:
     the caller records it, e.g. once a TRL trainer has placed the model)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from mopd import runtime
@@ -189,9 +221,12 @@ def load_model(path_or_id: str | Path, *, dtype: str | None = None, revision: st
     local = Path(path_or_id)
     if not local.exists() and (str(path_or_id).startswith((".", "/")) or local.suffix):
         raise FileNotFoundError(f"model path {local} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path_or_id), dtype=_DTYPES[dtype], revision=revision, use_safetensors=True
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path_or_id), dtype=_DTYPES[dtype], revision=revision, use_safetensors=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        raise ModelLoadError(_load_failure("model", path_or_id, exc)) from exc
     model = model.to(device if device is not None else rt.device)
     if record:
         runtime.record(model, amp=rt.dtype if trained and rt.mixed else None)
@@ -201,7 +236,10 @@ def load_model(path_or_id: str | Path, *, dtype: str | None = None, revision: st
 def load_tokenizer(path_or_id: str | Path, *, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path_or_id), revision=revision)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path_or_id), revision=revision)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(_load_failure("tokenizer", path_or_id, exc)) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -17,7 +17,7 @@ def run(ctx: StageContext) -> Result:
     params = method_params(c.merge_method, task_arithmetic_lambda=c.task_arithmetic_lambda, density=c.density,
                            seed=cfg.params.seed)
     merge(c.merge_method, base=ctx.role("base") / "model", models=branches, out_dir=out_dir / "model",
-          params=params, overwrite=True)
+          params=params, overwrite=True, paths_from=cfg.project_dir)
     tracker.log_params({"copd/merge_method": c.merge_method, "copd/branches": ",".join(cfg.copd_branches)})
     return ctx.result({"n_branches": float(len(branches))})
 

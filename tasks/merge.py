@@ -18,7 +18,8 @@ def run(ctx: StageContext) -> Result:
     for method in p.methods:
         merge(method, base=ctx.role("base") / "model", models=teachers, out_dir=out_dir / method,
               params=method_params(method, task_arithmetic_lambda=p.task_arithmetic_lambda,
-                                   density=p.density, seed=cfg.params.seed))
+                                   density=p.density, seed=cfg.params.seed),
+              paths_from=cfg.project_dir)
     metrics = {"n_merges": len(p.methods)}
     tracker.log_metrics(metrics)
     return ctx.result(metrics)

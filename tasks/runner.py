@@ -34,6 +34,7 @@ from mopd.artifacts import (
     load_result,
     sha256_file,
     write_result,
+    write_run_record,
 )
 from mopd.config import Config, ConfigError, load_config
 from mopd.graph import (
@@ -65,7 +66,7 @@ HOLD_ENV = "MOPD_HOLD_STAGES"
 # written (the rerun must resume from the in-stage checkpoint). Never set in normal runs.
 KILL_ENV = "MOPD_KILL_BEFORE_RECORD"
 CONFIG_FILE = "stage_config.json"
-RUN_VARYING = {"stage_seconds"}  # in result.json only: never in a file DVC or a cache key hashes
+RUN_VARYING = {"stage_seconds"}  # in the run record (.mopd/runs) only: never in a file DVC or a cache key hashes
 
 StageFn = Callable[..., Result]
 
@@ -180,8 +181,14 @@ def _execute_locked(cfg: Config, spec, run: StageFn, *, key: str, key_in: dict, 
     result = replace(result, files={**result.files, METRICS_FILE: sha256_file(out_dir / METRICS_FILE)})
     if name in _names(KILL_ENV):  # fault injection: a kill between the last weights and the record
         os.kill(os.getpid(), signal.SIGKILL)
-    write_result(out_dir, result)
+    # result.json holds what the outputs are, never how this run went: placement and timings go
+    # to the run record (.mopd/runs), so DVC's hash of the folder is the same for the same content
+    write_result(out_dir, replace(result, placement=None,
+                                  metrics={k: v for k, v in result.metrics.items() if k not in RUN_VARYING}))
     outputs.swap_in(out_dir, final)
+    write_run_record(project, name, {"stage": name, "cache_key": key, "content_hash": result.content_hash,
+                                     "placement": result.placement,
+                                     "metrics": {k: v for k, v in result.metrics.items() if k in RUN_VARYING}})
     drop_staged(ctx.checkpoint["checkpoint"])  # in-stage checkpoints only now: the record is in place
     tracker.log_metrics({f"result/{k}": v for k, v in result.metrics.items()})
     tracker.set_tags({"out_dir": result.out_dir, "content_hash": result.content_hash,

@@ -137,9 +137,9 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     where = _teacher_placements(project)
     assert len({d for p in where.values() for d in p["devices"]}) == 3, where  # pairwise disjoint
     assert max(p["leased_at"] for p in where.values()) < min(p["ended"] for p in where.values()), where  # at once
-    from mopd.artifacts import load_result
+    from mopd.artifacts import load_result, load_run_record
 
-    assert load_result(project / "artifacts/data").placement["devices"] == []  # runs no model
+    assert load_run_record(project, "data")["placement"]["devices"] == []  # runs no model
     # The difficulty stage scores a subset but hands every training prompt to distillation.
     import pandas as pd
 
@@ -399,9 +399,9 @@ def _task_state_names(state, tasks) -> dict[str, list[str]]:
 
 
 def _teacher_placements(project) -> dict[str, dict]:
-    from mopd.artifacts import load_result
+    from mopd.artifacts import load_run_record
 
-    return {t: load_result(project / f"artifacts/teachers/{t.split(':')[1]}").placement for t in TEACHERS}
+    return {t: load_run_record(project, t)["placement"] for t in TEACHERS}
 
 
 def test_copd_killed_during_cycle_2_resumes_from_cycle_2(micro_project, prefect_env):
