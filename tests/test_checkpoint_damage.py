@@ -84,7 +84,7 @@ def _trl_checkpoint(root: Path, step: int) -> Path:
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
     save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
-    (path / "optimizer.pt").write_bytes(b"x")
+    torch.save({"state": {}, "param_groups": []}, path / "optimizer.pt")  # (a zip, as transformers writes it)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
     return path
 
@@ -151,3 +151,73 @@ def test_an_unrecorded_file_in_an_output_folder_makes_its_stage_run(tmp_path):
     assert load_result(out).problems(tmp_path) == []
     (out / "chat_template.jinja").write_text("{{ messages }}")
     assert load_result(out).problems(tmp_path) == [f"{out / 'chat_template.jinja'}: not in the record (added since)"]
+
+
+def test_a_changed_byte_only_the_manifest_sees_sets_the_checkpoint_aside(tmp_path, tiny, capsys):
+    """A flipped byte inside the optimiser's tensors parses fine (header intact): the sha256
+    manifest, written last, is what catches it."""
+    path = tmp_path / ".mopd/checkpoints/distill"
+    _save(path, tiny)
+    f = path / "optimizer.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    model, _, optim = tiny
+    assert ckpt.load(path, key="k", model=model, optim=optim, py_rng=random.Random()) is None
+    assert "optimizer.safetensors does not match its sha256" in capsys.readouterr().out
+
+
+def test_interrupted_saves_leave_no_debris_and_an_interrupted_swap_is_restored(tmp_path, tiny, monkeypatch):
+    model, _, optim = tiny
+    path = tmp_path / ".mopd/checkpoints/distill"
+    _save(path, tiny, step=8)
+    # a kill between the two renames of a save: the previous checkpoint sits at .old-PID, none in place
+    path.rename(path.parent / ".distill.old-4242")
+    (path.parent / ".distill.partial-4242").mkdir()  # ... and the unfinished new one
+    assert ckpt.load(path, key="k", model=model, optim=optim, py_rng=random.Random()).step == 8
+    assert sorted(p.name for p in path.parent.iterdir()) == ["distill"]
+    # a full disk during a save: the error propagates, no partial folder stays, the old one is intact
+
+    def full(*a, **k):
+        (a[0] / "model").mkdir(parents=True)
+        (a[0] / "model" / "model.safetensors").write_bytes(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write", full)
+    with pytest.raises(OSError, match="No space left"):
+        _save(path, tiny, step=12)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["distill"]
+    monkeypatch.undo()
+    assert ckpt.load(path, key="k", model=model, optim=optim, py_rng=random.Random()).step == 8
+
+
+@pytest.mark.parametrize("damage", ["optimizer_cut", "rng_garbage", "weights_data_cut", "other_shape"])
+def test_damaged_trainer_checkpoint_parts_set_it_aside(tmp_path, capsys, damage):
+    """Each file transformers resumes from is checked before `resume_from_checkpoint`: the torch
+    files read back whole (zip CRCs), the weights hold every byte their header promises and fit
+    the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / ".mopd/checkpoints/teacher__if"
+    for step in (4, 8):
+        path = _trl_checkpoint(root, step)
+        torch.save({"python": [1, 2, 3]}, path / "rng_state.pth")
+    bad = root / "checkpoint-8"
+    if damage == "optimizer_cut":
+        f = bad / "optimizer.pt"
+        f.write_bytes(f.read_bytes()[:-40])
+    elif damage == "rng_garbage":
+        (bad / "rng_state.pth").write_bytes(b"garbage" * 10)
+    elif damage == "weights_data_cut":
+        save_file({"w": torch.zeros(4096)}, str(bad / "model.safetensors"))
+        f = bad / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    elif damage == "other_shape":
+        save_file({"w": torch.zeros(3)}, str(bad / "model.safetensors"))
+    expected = {"w": (2,)}
+    assert _resume_point(root, "key", main=True, expected=expected) == str(root / "checkpoint-4")
+    out = capsys.readouterr().out
+    assert f"{bad} is damaged" in out, out
+    assert {"optimizer_cut": "optimizer.pt", "rng_garbage": "rng_state.pth", "weights_data_cut": "truncated",
+            "other_shape": "other shape ['w']"}[damage] in out, out

@@ -123,7 +123,8 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
     last = None
     if checkpoint is not None and trainer.args.save_strategy != "no":
         checkpoint = Path(checkpoint)
-        last = _resume_point(checkpoint, key, main)
+        expected = {k: tuple(v.shape) for k, v in trainer.model.state_dict().items()}  # what a checkpoint must fit
+        last = _resume_point(checkpoint, key, main, expected)
     from mopd.snapshots import keep_snapshots, snapshot_staging
 
     staging = snapshot_staging(None if checkpoint is None else Path(checkpoint), Path(out_dir))
@@ -158,7 +159,7 @@ def fit_and_save(trainer, tokenizer, out_dir, callback: TrackerCallback, *, chec
     return callback.history
 
 
-def _resume_point(checkpoint, key: str, main: bool) -> str | None:
+def _resume_point(checkpoint, key: str, main: bool, expected: dict[str, tuple[int, ...]] | None = None) -> str | None:
     """The checkpoint to resume from (None: start afresh), after checking that the folder's
     checkpoints were made under ``key`` (CheckpointMismatch otherwise) and marking it with it."""
     import json
@@ -185,17 +186,20 @@ def _resume_point(checkpoint, key: str, main: bool) -> str | None:
     if main:
         checkpoint.mkdir(parents=True, exist_ok=True)
         mark.write_text(json.dumps({"key": key}))
-        _last_complete(checkpoint)  # removes what a kill left half-written, sets aside what is damaged
+        _last_complete(checkpoint, expected=expected)  # removes what a kill left half-written, sets aside what is damaged
     runtime.barrier()
-    return _last_complete(checkpoint, remove=False)
+    return _last_complete(checkpoint, remove=False, expected=expected)
 
 
-def _checkpoint_problem(path) -> str | None:
+def _checkpoint_problem(path, expected: dict[str, tuple[int, ...]] | None = None) -> str | None:
     """Why transformers' checkpoint folder ``path`` cannot be resumed from (None: it can).
     ``trainer_state.json`` is the last file transformers writes, but not atomically: a kill while
-    it is written leaves it empty or cut short, so it must parse and name the folder's step; the
-    weights' safetensors header must parse too."""
+    it is written leaves it empty or cut short, so it must parse and name the folder's step. The
+    weights' safetensors files must hold every byte their header promises and, given ``expected``
+    (the model's tensor shapes), fit the model; the torch files (optimiser, scheduler, RNG states)
+    must read back whole (their zip CRCs)."""
     import json
+    import zipfile
 
     try:
         state = json.loads((path / "trainer_state.json").read_text())
@@ -207,19 +211,48 @@ def _checkpoint_problem(path) -> str | None:
     weights = [p for p in path.glob("*.safetensors") if not p.name.startswith(("optimizer", "rng"))]
     if not weights and not (path / "adapter_model.safetensors").is_file():
         return "no model weights (*.safetensors)"
+    shapes: dict[str, tuple[int, ...]] = {}
     for w in weights:
         try:
-            with open(w, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or n > 100_000_000 or w.stat().st_size < 8 + n:
-                    raise ValueError("truncated")
-                json.loads(f.read(n))
-        except (OSError, ValueError) as e:
+            shapes |= _safetensors_shapes(w)
+        except (OSError, ValueError, TypeError, KeyError) as e:
             return f"{w.name}: {type(e).__name__}: {e}"
+    if expected and not (path / "adapter_model.safetensors").is_file():
+        missing = sorted(set(expected) - set(shapes) - {"lm_head.weight"})  # (tied to the embeddings)
+        unexpected = sorted(set(shapes) - set(expected))
+        other = sorted(k for k in set(shapes) & set(expected) if shapes[k] != tuple(expected[k]))
+        if missing or unexpected or other:
+            return (f"model weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                    f"other shape {other[:3]}")
+    for f in sorted(path.glob("*.pt")) + sorted(path.glob("*.pth")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{f.name}: member {bad} fails its CRC"
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            return f"{f.name}: {type(e).__name__}: {e}"
     return None
 
 
-def _last_complete(checkpoint, remove: bool = True) -> str | None:
+def _safetensors_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header; ValueError when the file is cut short."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100_000_000 or size < 8 + n:
+            raise ValueError("truncated header")
+        header = json.loads(f.read(n))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if size < 8 + n + end:
+        raise ValueError(f"truncated: {size} bytes, the header promises {8 + n + end}")
+    return {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+
+
+def _last_complete(checkpoint, remove: bool = True, expected: dict[str, tuple[int, ...]] | None = None) -> str | None:
     """The newest ``checkpoint-N`` that transformers finished writing and that reads back; with
     ``remove``, a folder a kill left before its last file (``trainer_state.json``) is removed and
     one whose files do not read back (cut short by a kill, or damaged since) is set aside."""
@@ -235,7 +268,7 @@ def _last_complete(checkpoint, remove: bool = True) -> str | None:
             if remove:
                 shutil.rmtree(path, ignore_errors=True)
             continue
-        problem = _checkpoint_problem(path)
+        problem = _checkpoint_problem(path, expected)
         if problem is None:
             done.append((int(path.name.split("-")[-1]), path))
         elif remove:
