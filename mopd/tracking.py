@@ -335,11 +335,14 @@ class MLflowTracker:
         if not run_name:
             raise ValueError("run_name must be a non-empty name")
         uri = tracking_uri or default_tracking_uri(Path.cwd())
-        client = _client(uri)
         run_tags = {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()}
         if parent_run_id is not None:
             run_tags[PARENT_TAG] = parent_run_id
+        client = None
+
         def create():
+            nonlocal client
+            client = client or _client(uri)  # (a SQLite store is opened, and its tables read, here)
             exp_id = _get_or_create_experiment(
                 client, experiment, artifact_location or default_artifact_location(uri)
             )

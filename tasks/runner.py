@@ -89,8 +89,6 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
 
     if name in _names(FAIL_ENV):
         raise InjectedFault(f"stage {name}: failure injected through ${FAIL_ENV}")
-    if name in _names(HOLD_ENV):
-        _hold(project, name)
 
     # where this stage's models run (mopd.runtime); a device this host lacks fails here, before
     # the output folder is touched
@@ -102,6 +100,8 @@ def execute(cfg: Config, name: str, run: StageFn, *, parent_run_id: str | None =
     main_proc = runtime.is_main()  # ... where only process 0 writes files, MLflow and result.json
     # one run of a stage at a time (process 0 holds the lock for the data-parallel group)
     with stage_lock(project, name) if main_proc else contextlib.nullcontext(False) as waited:
+        if name in _names(HOLD_ENV):  # (holding the stage's lock, as a stage at work does)
+            _hold(project, name)
         if waited and runtime.world_size() == 1:
             done = _finished_meanwhile(project, spec.out_dir, key)
             if done is not None:
