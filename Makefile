@@ -9,7 +9,7 @@ export PREFECT_HOME := $(CURDIR)/$(STATE)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MOPD_PROJECT_DIR := $(CURDIR)
 
-.PHONY: install lock system demo real test test-learning test-fast test-cluster worker ui ui-check server repro bench clean distclean plan dvc-yaml study
+.PHONY: install lock system demo real test test-learning test-faults test-fast test-cluster worker ui ui-check server repro bench clean distclean plan dvc-yaml study
 
 # pyproject.toml declares ranges; requirements.lock pins what gets installed (exact versions and
 # sha256 hashes: mopd[dev], CPython 3.11, Linux x86_64, CPU torch). docs/running.md#installs
@@ -78,14 +78,18 @@ real: install system
 PYTEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadgroup)
 test: install system
-	$(BIN)/python -m pytest -q $(XDIST) -m "not learning and not cluster"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not learning and not cluster and not faults"
 
 # Learning checks on the pipeline's own SFT and teacher (about 2 minutes; CI runs them after `make test`).
 test-learning: install system
 	$(BIN)/python -m pytest -q -p no:xdist -m learning
 
+# Every kind of checkpoint damage on real distill and teacher runs (about 5 minutes).
+test-faults: install system
+	$(BIN)/python -m pytest -q -p no:xdist tests/test_faults.py
+
 test-fast: install system
-	$(BIN)/python -m pytest -q -m "not slow and not learning and not cluster"
+	$(BIN)/python -m pytest -q -m "not slow and not learning and not cluster and not faults"
 
 # Stages on a Ray cluster of two nodes started on this machine (the `cluster` extra: ray).
 test-cluster: install system

@@ -2,11 +2,13 @@
 or a test. (The `mopd` command line is :mod:`mopd.cli`; this is what each stage's command runs.)
 
 `execute` resolves the stage in the pipeline graph, checks its upstream results, computes its cache
-key, clears its output directory, opens an MLflow run (a child of the pipeline's parent run when
-one is given), calls the stage's `run(ctx)` with a :class:`mopd.stage.StageContext` (name, key,
-output folder, upstream outputs by stage and by role, table arguments, tracker), and writes
-`result.json` (files + sha256 + metrics + cache key) once, last: a directory without
-`result.json` is not a finished stage.
+key, takes the stage's lock (mopd.stagelock: one run of a stage at a time), opens an MLflow run (a
+child of the pipeline's parent run when one is given; mopd.trackstore says what a store failure
+does), calls the stage's `run(ctx)` with a :class:`mopd.stage.StageContext` (name, key, a scratch
+output folder, upstream outputs by stage and by role, table arguments, tracker), writes
+`result.json` (files + sha256 + metrics + cache key) there, last, and swaps the folder in for the
+previous outputs (mopd.outputs): a directory without `result.json` is not a finished stage, and
+a stage that fails leaves the previous one as it was.
 """
 
 from __future__ import annotations

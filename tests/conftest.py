@@ -86,6 +86,36 @@ def dvc_project(micro_project: Path) -> Path:
     return micro_project
 
 
+RESUME_EVERY, RESUME_STEPS = 4, 48  # distill's and teacher:if's checkpoints in resume_upstream
+
+
+@pytest.fixture(scope="session")
+def resume_upstream(tmp_path_factory):
+    """A micro project (pipeline `p`) whose data, base, SFT and math and code teachers are built:
+    distill's upstream but teacher:if, for the resume and fault-injection tests (one xdist group,
+    `resume`, so built once). Distill and teacher:if checkpoint every RESUME_EVERY steps."""
+    import os
+    import subprocess
+    import sys
+
+    project = tmp_path_factory.mktemp("resume") / "project"
+    project.mkdir()
+    params = micro_params()
+    params["distill"].update(max_steps=RESUME_STEPS, checkpoint_every=RESUME_EVERY)
+    params["teacher"]["if"].update(max_steps=40, checkpoint_every=RESUME_EVERY)
+    write_params(project, params)
+    pipes = yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+    pipes["pipelines"] = {"p": {"domains": ["math", "code", "if"],
+                                "stages": ["data", "base", "sft", "teacher", "distill"]}}
+    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
+    env = {**os.environ, "MOPD_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("data", "base", "sft", "teacher:math", "teacher:code"):
+        subprocess.run([sys.executable, "-m", "mopd.cli", "stage", name, "--pipeline", "p", "--no-track"],
+                       cwd=project, env=env, check=True, capture_output=True)
+    return project
+
+
 @pytest.fixture(scope="session")
 def pipeline_models(tmp_path_factory):
     """SFT and teacher:math built by the pipeline's own stages (shorter runs than the shipped), for

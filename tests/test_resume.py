@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from mopd.checkpoint import STATE_FILE, checkpoint_dir
-from tests.conftest import micro_params, write_params
+from tests.conftest import RESUME_EVERY, RESUME_STEPS, micro_params, write_params
 
 # one xdist worker runs them all: they share the module's upstream project (built once)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
-EVERY, STEPS = 4, 48
+EVERY, STEPS = RESUME_EVERY, RESUME_STEPS
 
 
 def _stage(project: Path, name: str, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -39,25 +39,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def upstream_done(tmp_path_factory):
-    """A micro project whose data, base, SFT and teachers are built (distill's upstream)."""
-    project = tmp_path_factory.mktemp("resume") / "project"
-    project.mkdir()
-    params = micro_params()
-    params["distill"].update(max_steps=STEPS, checkpoint_every=EVERY)
-    params["teacher"]["if"].update(max_steps=40, checkpoint_every=EVERY)
-    write_params(project, params)
-    pipes = yaml.safe_load((Path(__file__).parents[1] / "pipelines.yaml").read_text())
-    pipes["pipelines"] = {"p": {"domains": ["math", "code", "if"],
-                                "stages": ["data", "base", "sft", "teacher", "distill"]}}
-    (project / "pipelines.yaml").write_text(yaml.safe_dump(pipes))
-    env = {**os.environ, "MOPD_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for name in ("data", "base", "sft", "teacher:math", "teacher:code"):
-        subprocess.run([sys.executable, "-m", "mopd.cli", "stage", name, "--pipeline", "p", "--no-track"],
-                       cwd=project, env=env, check=True, capture_output=True)
-    return project
+@pytest.fixture
+def upstream_done(resume_upstream):
+    return resume_upstream
 
 
 def test_killed_teacher_resumes_from_its_last_checkpoint(upstream_done):

@@ -50,3 +50,36 @@ def test_mlflow_ui_opens_on_the_runs_and_names_every_stage(tmp_path: Path) -> No
     renamed = replace(runs, stages=(*runs.stages[:-1], (runs.stages[-1][0], "teacher:nope")))
     with pytest.raises(ui_check.UICheckFailed, match=r"(?s)compare page .*missing \['teacher:nope'\] of 5"):
         ui_check.verify_mlflow_pages(base, renamed, {"compare": compare})
+
+
+def test_prefect_flow_run_page_shows_the_score_table(tmp_path: Path) -> None:
+    """A Prefect server with its UI (SQLite, a temporary home), one flow run that publishes a micro
+    pipeline's comparison (tests/data/report_table_micro.json, a real `report:full` output) through
+    flows.prefect_report, as the pipeline's flow does; the flow-run page's Artifacts tab, rendered
+    by Chromium, shows the run and its score table. `make ui-check` does it on a whole pipeline."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.ui_e2e import prefect_server
+
+    table = Path(__file__).parent / "data" / "report_table_micro.json"
+    home = tmp_path / "prefect"
+    home.mkdir()
+    with prefect_server(home, tmp_path / "prefect.log") as url:
+        code = ("import json, pathlib\nfrom prefect import flow\nfrom flows.prefect_report import comparison_artifacts\n"
+                "@flow(name='mopd')\ndef publish():\n"
+                f"    comparison_artifacts(pathlib.Path({str(table)!r}), 'micro')\n"
+                "state = publish(return_state=True)\nprint(json.dumps(str(state.state_details.flow_run_id)))\n")
+        env = {**os.environ, "PREFECT_API_URL": f"{url}/api", "PREFECT_HOME": str(home),
+               "PREFECT_LOGGING_LEVEL": "WARNING"}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run_id = json.loads(proc.stdout.strip().splitlines()[-1])
+        page = ui_check.check_prefect(url, run_id, artifact_key="micro-score-table", out_dir=tmp_path / "shots")
+        with pytest.raises(ui_check.UICheckFailed, match="has no artifact 'micro-nope'"):
+            ui_check.check_prefect(url, run_id, artifact_key="micro-nope", out_dir=None)
+    assert (tmp_path / "shots" / "prefect-flow-run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.missing(["micro-score-table", "micro-teacher-cost"]) == []
