@@ -78,12 +78,30 @@ def _runs(project: Path, stage: str):
     return client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'", order_by=["attributes.start_time ASC"])
 
 
-@pytest.fixture
-def base_done(micro_project):
+@pytest.fixture(scope="module")
+def _built(tmp_path_factory):
+    import shutil
+
+    from tests.conftest import ROOT, micro_params, write_params
+
+    project = tmp_path_factory.mktemp("tracking") / "project"
+    project.mkdir()
+    write_params(project, micro_params())
+    shutil.copy(ROOT / "pipelines.yaml", project / "pipelines.yaml")
     for name in ("data", "base"):
-        out = _stage(micro_project, name, "--pipeline", "full")
+        out = _stage(project, name, "--pipeline", "full")
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return micro_project
+    return project
+
+
+@pytest.fixture
+def base_done(_built, tmp_path):
+    """A micro project with `data` and `base` done and tracked (a copy per test; built once)."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(_built, project, symlinks=True)
+    return project
 
 
 def test_store_locked_before_the_work_fails_the_stage_and_changes_nothing(base_done):

@@ -29,17 +29,19 @@ class TrackerCallback(TrainerCallback):
             self.tracker.log_metrics(metrics, step=state.global_step)
 
 
+KEEP_CHECKPOINTS = 2  # transformers' save_total_limit for the TRL stages' in-stage checkpoints
+
 def common_args(out_dir, max_steps: int, learning_rate: float, seed: int, *, checkpoint=None,
                 checkpoint_every: int | None = None) -> dict:
     """TrainingArguments shared by every TRL trainer mopd runs: no hub pushes, no external
     reporters (mopd logs to MLflow through its tracker, with explicit run ids), deterministic
     seed. With ``checkpoint`` and ``checkpoint_every``: transformers' own checkpoints (model in
     safetensors, optimiser / scheduler / RNG states read back with ``weights_only=True``) every
-    that many steps into ``checkpoint``, the last one kept; otherwise none (the stage saves one
-    safetensors model itself)."""
+    that many steps into ``checkpoint``, the last two kept (a newest one found damaged falls back
+    one checkpoint, not to step 0); otherwise none (the stage saves one safetensors model itself)."""
     saving = dict(save_strategy="no")
     if checkpoint is not None and checkpoint_every:
-        saving = dict(save_strategy="steps", save_steps=checkpoint_every, save_total_limit=1)
+        saving = dict(save_strategy="steps", save_steps=checkpoint_every, save_total_limit=KEEP_CHECKPOINTS)
     return dict(
         output_dir=str(checkpoint if checkpoint is not None and checkpoint_every else out_dir),
         max_steps=max_steps,
