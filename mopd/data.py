@@ -18,6 +18,16 @@ from mopd.settings.data import DataParams, DomainConfig, HubSource, LocalSource
 
 log = logging.getLogger(__name__)
 
+# The splits this process read (path -> (domain, split)): the stage runner logs them as the MLflow
+# run's dataset inputs (training or evaluation), so the UI's "Datasets used" names what each
+# stage trained and was scored on.
+_READ: dict[Path, tuple[str, str]] = {}
+
+
+def datasets_read() -> list[tuple[Path, str, str]]:
+    """``(file, domain, split)`` of every split read in this process, in the order first read."""
+    return [(path, domain, split) for path, (domain, split) in _READ.items()]
+
 SPLITS = ("train", "eval")
 EVAL_SEED_OFFSET = 1_000_003  # evaluation prompts come from a different random stream
 
@@ -82,6 +92,7 @@ def read_split(data_dir: Path, domain: str, split: str) -> list[dict]:
     path = data_dir / domain / f"{split}.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {split} data for domain {domain!r}")
+    _READ.setdefault(path, (domain, split))
     return pd.read_parquet(path).to_dict("records")
 
 
@@ -101,4 +112,5 @@ def read_balanced(difficulty_dir: Path, domain: str) -> list[dict]:
     path = difficulty_dir / domain / BALANCED_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no balanced prompt set for domain {domain!r}")
+    _READ.setdefault(path, (domain, "balanced"))
     return pd.read_parquet(path).to_dict("records")

@@ -67,6 +67,8 @@ class Tracker(Protocol):
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None: ...
 
+    def log_dataset(self, path: str | Path, name: str, context: str) -> None: ...
+
     def register_model(self, name: str, source: str, tags: Mapping[str, Any],
                        description: str = "") -> str | None: ...
 
@@ -145,6 +147,7 @@ class NullTracker:
     artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
     children: dict[str, NullTracker] = field(default_factory=dict)
+    datasets: list[tuple[Path, str, str]] = field(default_factory=list)
     status: str | None = None
     _auto_step: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -191,6 +194,9 @@ class NullTracker:
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
         self.artifacts.append((Path(name), None))
+
+    def log_dataset(self, path: str | Path, name: str, context: str) -> None:
+        self.datasets.append((Path(path), name, context))
 
     def register_model(self, name: str, source: str, tags: Mapping[str, Any],
                        description: str = "") -> str | None:
@@ -444,6 +450,19 @@ class MLflowTracker:
         with self._store_lock:
             return trackstore.call(self.tracking_uri, "reading the experiment",
                                    lambda: self._client.get_experiment(self.experiment_id).name)
+
+    def log_dataset(self, path: str | Path, name: str, context: str) -> None:
+        """The parquet file ``path`` as a dataset input of this run (MLflow's dataset tracking:
+        name, digest of its content, schema, source; tag ``mlflow.data.context`` = ``context``,
+        e.g. ``training`` or ``eval``): the runs table's "Datasets used" column."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        path = Path(path)
+        dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path.resolve()), name=name)
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self._call(f"dataset {name}", self._client.log_inputs, self._run_id, datasets=[entity])
 
     def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
         """``rows`` (dicts with the same keys) as an MLflow table artifact ``name`` (.json): the

@@ -168,6 +168,10 @@ def _execute_locked(cfg: Config, spec, run: StageFn, *, key: str, key_in: dict, 
         if main_proc:
             outputs.abandon(out_dir)
         raise
+    from mopd.data import datasets_read
+
+    for path, domain, split in datasets_read():  # what it trained and was scored on, as MLflow datasets
+        tracker.log_dataset(path, f"{domain}-{split}", "eval" if split == "eval" else "training")
     placed = runtime.placements()
     if placed:  # the models the stage actually placed, as device/dtype (+amp for trained ones)
         log.info("%s: models on %s", name, ", ".join(f"{p} x{placed.count(p)}" for p in dict.fromkeys(placed)))

@@ -340,6 +340,10 @@ def test_flow_caches_reruns_and_recovers(dvc_project, prefect_env, monkeypatch):
     assert teacher.data.params["teacher.code.learning_rate"] == str(params["teacher"]["code"]["learning_rate"])
     history = client.get_metric_history(teacher.info.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2]  # per-step metrics, one point per GRPO step
+    #    the splits each stage read are its MLflow dataset inputs ("Datasets used"), with their context
+    used = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
+            for i in client.get_run(teacher.info.run_id).inputs.dataset_inputs}
+    assert used == {"code-train": "training"}, used
     difficulty = [r for r in client.search_runs([exp.experiment_id], "tags.stage = 'difficulty'")
                   if r.data.tags.get("cache") != "hit"][0]
     assert {a.path for a in client.list_artifacts(difficulty.info.run_id, "math")} >= {

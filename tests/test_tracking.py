@@ -195,3 +195,26 @@ def test_mlflow_attach_unknown_run(store):
     uri, _, _ = store
     with pytest.raises(ValueError, match="no MLflow run with id 'deadbeef'"):
         MLflowTracker.attach("deadbeef", tracking_uri=uri)
+
+
+def test_a_dataset_input_is_logged_with_its_context_and_digest(tmp_path):
+    """A stage's splits as MLflow dataset inputs (the runs table's "Datasets used"): name, source,
+    a digest of the content (another content, another digest) and the training/eval context."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = tmp_path / "math"
+    data.mkdir()
+    pd.DataFrame({"prompt": ["1+1=", "2+2="], "reference": ["2", "4"]}).to_parquet(data / "train.parquet")
+    pd.DataFrame({"prompt": ["3+3="], "reference": ["6"]}).to_parquet(data / "eval.parquet")
+    run = MLflowTracker.start("mopd", "teacher:math", tracking_uri=uri)
+    run.log_dataset(data / "train.parquet", "math-train", "training")
+    run.log_dataset(data / "eval.parquet", "math-eval", "eval")
+    run.end()
+    inputs = MlflowClient(tracking_uri=uri).get_run(run.run_id).inputs.dataset_inputs
+    got = {i.dataset.name: (i.dataset.source, i.dataset.digest, {t.key: t.value for t in i.tags}) for i in inputs}
+    assert set(got) == {"math-train", "math-eval"}
+    assert str(data / "train.parquet") in got["math-train"][0]
+    assert got["math-train"][2]["mlflow.data.context"] == "training" and got["math-eval"][2]["mlflow.data.context"] == "eval"
+    assert got["math-train"][1] != got["math-eval"][1]  # a digest of the content
