@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,7 +461,9 @@ class MLflowTracker:
         from mlflow.entities import DatasetInput, InputTag
 
         path = Path(path)
-        dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path.resolve()), name=name)
+        with warnings.catch_warnings():  # MLflow 3.17 registers its local source twice, and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(path.resolve()), name=name)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self._call(f"dataset {name}", self._client.log_inputs, self._run_id, datasets=[entity])
 

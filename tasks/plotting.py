@@ -14,7 +14,9 @@ def log_curves(tracker, history: dict[str, list[tuple[int, float]]], title: str,
     `dvc plots show/diff` draws (dvc.yaml's top-level plots, mopd.dvcgen). Nothing without curves."""
     keep = {k: v for k, v in history.items()
             if any(w in k for w in ("loss", "reward", "kl", "advantage", "entropy")) and len(v) > 1}
-    if not keep:
+    from mopd import runtime
+
+    if not keep or not runtime.is_main():  # (data-parallel: process 0 writes the stage's files)
         return
     from mopd.plots import training_curves
 

@@ -168,6 +168,7 @@ def _execute_locked(cfg: Config, spec, run: StageFn, *, key: str, key_in: dict, 
         if main_proc:
             outputs.abandon(out_dir)
         raise
+    runtime.barrier()  # every process is done with the scratch folder before process 0 swaps it in
     from mopd.data import datasets_read
 
     for path, domain, split in datasets_read():  # what it trained and was scored on, as MLflow datasets
