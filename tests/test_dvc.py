@@ -80,6 +80,10 @@ def test_dvc_repro_runs_then_does_nothing(dvc_project: Path):
     assert ran == wanted, (sorted(wanted - ran), sorted(ran - wanted))
     assert {"teacher-math", "round_teacher-2-math", "weight_shift", "multiround-2"} <= ran, sorted(ran)
     assert (dvc_project / "artifacts" / "rounds" / "2" / "distill" / "model" / "model.safetensors").is_file()
+    from mopd.artifacts import load_result  # round 2's teachers start from round 1's student
+
+    r2 = load_result(dvc_project / "artifacts/rounds/2/teachers/math")
+    assert r2.inputs["upstream"]["distill"] == load_result(dvc_project / "artifacts/distill/mopd").content_hash
     assert (dvc_project / "dvc.lock").is_file()
     second = _sh([dvc, "repro", *targets], dvc_project, env)
     assert "Running stage" not in second, second
