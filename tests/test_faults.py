@@ -7,7 +7,7 @@ previous checkpoint when it was intact, from step 0 otherwise.
 The uninterrupted run is the first run itself: it is killed after its final weights and before its
 record (MOPD_KILL_BEFORE_RECORD), which leaves both the weights it ended with (in the stage's
 scratch folder) and its in-stage checkpoints. Every case starts from a copy of that project.
-`make test-faults` runs them (14 cases, about 5 minutes on 2 cores)."""
+`make test-faults` runs them (14 cases, 266 s on 2 cores)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mopd.checkpoint import MANIFEST_FILE, STATE_FILE, checkpoint_dir
 
-# `make test-faults` (about 5 minutes; not in `make test`, whose 20 minutes it does not fit: there,
+# `make test-faults` (about 4.5 minutes; not in `make test`, whose 20 minutes it does not fit: there,
 # tests/test_checkpoint_damage.py checks every damage kind on the checkpoint code itself); on the
 # resume tests' xdist worker when run with them: they share its upstream project (built once)
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.xdist_group("resume")]
