@@ -62,7 +62,7 @@ from mopd.publish import (
     TABLE_FILE,
     publish_methods,
 )
-from mopd.runtime import PARENT_ENV
+from mopd.runtime import PARENT_ENV, death_with_parent_preexec
 from mopd.security import allowed_project_dir, redact_secrets
 
 EXPERIMENT = os.environ.get("MOPD_EXPERIMENT", "mopd")
@@ -237,10 +237,12 @@ def _launch(spec: StageSpec, key: str, cmd: list[str], project: Path, env: dict,
         if rc != 0:
             raise StageFailed(f"stage {name} exited with {rc}:\n{tail}")
         return _checked_result(project, spec, key)
-    # the stage dies with this process (mopd.runtime.die_with_parent): a killed or cancelled flow
-    # run leaves no stage writing outputs
+    # the stage dies with this process (mopd.runtime.die_with_parent; the preexec for a launcher
+    # such as `accelerate launch`, which runs no mopd code): a killed or cancelled flow run leaves
+    # no stage writing outputs
     proc = subprocess.Popen(cmd, cwd=project, env={**env, PARENT_ENV: str(os.getpid())}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")
+                            stderr=subprocess.STDOUT, text=True, errors="replace",
+                            preexec_fn=death_with_parent_preexec())
     tail: list[str] = []
     last_bar = 0.0
     for line in proc.stdout:  # stream the stage's own log into Prefect's

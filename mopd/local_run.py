@@ -21,7 +21,7 @@ from mopd.config import Config
 from mopd.graph import StageSpec, build_graph, hash_inputs, key_inputs
 from mopd.placement import leased, wanted
 from mopd.plan import decide, forced
-from mopd.runtime import PARENT_ENV, launch_prefix
+from mopd.runtime import PARENT_ENV, death_with_parent_preexec, launch_prefix
 
 
 class StageError(RuntimeError):
@@ -96,7 +96,7 @@ def run_child(cmd: list[str], cwd: Path, env: dict[str, str], quiet: bool = Fals
 
     proc = subprocess.Popen(cmd, cwd=cwd, env={**env, PARENT_ENV: str(os.getpid())}, text=True,
                             stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=death_with_parent_preexec())
     got: list[int] = []
 
     def forward(signum, frame):  # only signals: the wait below goes on and reaps the group's leader

@@ -167,6 +167,23 @@ def parent_death_signal() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+def death_with_parent_preexec():
+    """A ``preexec_fn`` for a stage's ``Popen``: the child (whatever it execs: a stage module, or
+    `accelerate launch`, which calls no mopd code before starting its workers) gets SIGKILL when the
+    process that started it dies, even by SIGKILL. The ``prctl`` function is looked up here, before
+    the fork, so the child runs no import (the flow starts stages from threads). None off Linux."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    kill = int(signal.SIGKILL)
+    return lambda: prctl(1, kill, 0, 0, 0)  # PR_SET_PDEATHSIG (kept across exec)
+
+
 PARENT_ENV = "MOPD_PARENT_PID"  # set by mopd's launchers: the process a stage must not outlive
 
 
