@@ -304,9 +304,13 @@ def mopd(pipeline: str = "full", rerun: list[str] | None = None, project_dir: st
         raise ValueError(f"rerun: unknown stage(s) {unknown}; stages: {sorted(known)}")
 
     from mopd.tracking import MLflowTracker, default_tracking_uri
+    from mopd.trackstore import GAPS_FILE
 
+    # a store that cannot be reached fails the run before any stage; later, a tracking gap
+    # (mopd.trackstore): the stages' work goes on
     parent = MLflowTracker.start(EXPERIMENT, f"mopd-{pipeline}", tracking_uri=default_tracking_uri(project),
-                                 tags={"pipeline": pipeline, "kind": "pipeline"})
+                                 tags={"pipeline": pipeline, "kind": "pipeline"},
+                                 gap_file=project / ".mopd" / GAPS_FILE)
     parent.log_params({"pipeline": pipeline, "rerun": ",".join(rerun), "profile": cfg.params.profile,
                        **{f"override/{k}": v for k, v in redact_secrets(overrides).items()}})
     run_id = str(flow_run.get_id() or parent.run_id)
