@@ -29,12 +29,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_tree(out_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``out_dir`` (except result.json), keyed by relative path."""
+def hash_tree(out_dir: Path, skip: str = RESULT_FILE) -> dict[str, str]:
+    """sha256 of every file under ``out_dir`` (except the record ``skip``), keyed by relative path."""
     return {
         str(p.relative_to(out_dir)): sha256_file(p)
         for p in sorted(out_dir.rglob("*"))
-        if p.is_file() and p.name != RESULT_FILE
+        if p.is_file() and p.name != skip
     }
 
 

@@ -110,21 +110,15 @@ def _write(tmp: Path, *, key: str, step: int, model, tokenizer, optim, py_rng: r
     _write_manifest(tmp)  # last: a folder with a manifest that matches is a complete checkpoint
 
 
-def _files(folder: Path) -> dict[str, Path]:
-    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MANIFEST_FILE}
-
-
 def _write_manifest(folder: Path) -> None:
-    from mopd.artifacts import sha256_file
+    from mopd.artifacts import hash_tree
 
-    manifest = {rel: sha256_file(p) for rel, p in _files(folder).items()}
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    (folder / MANIFEST_FILE).write_text(json.dumps(hash_tree(folder, skip=MANIFEST_FILE), indent=1, sort_keys=True))
 
 
 def manifest_problem(folder: Path) -> str | None:
     """Why ``folder``'s files do not match its manifest (None when they do)."""
-    from mopd.artifacts import sha256_file
+    from mopd.artifacts import hash_tree
 
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
@@ -134,13 +128,13 @@ def manifest_problem(folder: Path) -> str | None:
         return f"{MANIFEST_FILE} unreadable: {e}"
     if not isinstance(manifest, dict):
         return f"{MANIFEST_FILE} is not a mapping"
-    files = _files(folder)
+    files = hash_tree(folder, skip=MANIFEST_FILE)
     if set(files) != set(manifest):
         return (f"files differ from {MANIFEST_FILE}: missing {sorted(set(manifest) - set(files))[:3]}, "
                 f"unlisted {sorted(set(files) - set(manifest))[:3]}")
-    for rel, p in files.items():
-        if sha256_file(p) != manifest[rel]:
-            return f"{rel} does not match its sha256 in {MANIFEST_FILE} (truncated or overwritten)"
+    changed = [rel for rel, digest in files.items() if digest != manifest[rel]]
+    if changed:
+        return f"{changed[0]} does not match its sha256 in {MANIFEST_FILE} (truncated or overwritten)"
     return None
 
 

@@ -174,20 +174,18 @@ class ModelLoadError(ValueError):
 
 def made_by(path: str | Path) -> str:
     """Which stage made the folder holding ``path``, in words (from the nearest result.json)."""
-    import json
+    from mopd.artifacts import RESULT_FILE, RecordError, load_result
 
     here = Path(path).resolve()
     for folder in [here, *here.parents][:5]:
-        record = folder / "result.json"
+        record = folder / RESULT_FILE
         if record.is_file():
             try:
-                stage = json.loads(record.read_text()).get("stage")
-            except (OSError, ValueError, AttributeError):
-                stage = None
-            if isinstance(stage, str):
-                return (f"it was made by stage {stage} ({record}); if its files were damaged since, `mopd plan` "
-                        f"calls it `run` and `mopd stage {stage} --force` makes it again")
-            return f"its record {record} is unreadable"
+                stage = load_result(folder).stage
+            except RecordError:
+                return f"its record {record} is unreadable"
+            return (f"it was made by stage {stage} ({record}); if its files were damaged since, `mopd plan` "
+                    f"calls it `run` and `mopd stage {stage} --force` makes it again")
     return "no mopd stage made it (a folder or hub id given in params.yaml)"
 
 
